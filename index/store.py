@@ -1,0 +1,349 @@
+"""Redis store: the source of truth for galleries, image metadata and vectors.
+
+The FAISS index (:mod:`index.vector_index`) is only a cache of what is written here.
+
+Key layout (all keys prefixed ``reid:``; gallery names match :data:`GALLERY_NAME_RE`,
+so they never contain ``:``)::
+
+    reid:galleries                      SET    names of all galleries
+    reid:gallery:{g}                    HASH   name, created_at (ISO 8601 UTC)
+    reid:gallery:{g}:vectors            HASH   {image id (decimal)} -> float32 vector bytes (little endian)
+    reid:gallery:{g}:image:{id}         HASH   id, gallery, external_id, camera_id, person_id,
+                                               captured_at, filename, created_at, model, dim
+    reid:events                         STREAM change log (op=put|delete|drop, gallery, id),
+                                               capped at ~100k entries, for replicas to follow
+
+Image ids are stable: the first 8 bytes of ``sha256(gallery + b"\\0" + image bytes)`` read
+big-endian with the top bit cleared (a positive signed 63-bit integer). Re-uploading the
+same bytes to the same gallery gives the same id.
+
+Writes of images (vector + metadata + gallery membership + change event) happen in one
+MULTI/EXEC transaction guarded by WATCH on the image keys (:meth:`RedisStore.put_many`), so
+a reader never sees half an image and two concurrent uploads of the same bytes report
+exactly one ``created``.
+
+Metadata values are stored and returned as strings (``camera_id`` "1" stays "1"); fields
+that were not given are absent (returned as ``None``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+__all__ = [
+    "GALLERY_NAME_RE",
+    "METADATA_FIELDS",
+    "InvalidGalleryName",
+    "RedisStore",
+    "StoredImage",
+    "image_id",
+    "validate_gallery_name",
+]
+
+PREFIX = "reid:"
+GALLERY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: user-supplied metadata fields (strings)
+METADATA_FIELDS = ("external_id", "camera_id", "person_id", "captured_at", "filename")
+EVENTS_MAXLEN = 100_000
+
+
+class InvalidGalleryName(ValueError):
+    pass
+
+
+def validate_gallery_name(name: str) -> str:
+    if not isinstance(name, str) or not GALLERY_NAME_RE.match(name):
+        raise InvalidGalleryName(
+            f"invalid gallery name {name!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def image_id(gallery: str, data: bytes) -> int:
+    """Stable positive 63-bit id of ``data`` within ``gallery``."""
+    h = hashlib.sha256(gallery.encode("utf-8") + b"\0" + bytes(data)).digest()
+    return int.from_bytes(h[:8], "big") & ((1 << 63) - 1)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _s(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    return str(v)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    id: int
+    gallery: str
+    metadata: dict[str, str | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "gallery": self.gallery, **self.metadata}
+
+
+class RedisStore:
+    """Galleries, image metadata and vectors in Redis.
+
+    ``client`` may be a ``redis.Redis`` or a URL (``redis://host:port/db``,
+    ``unix:///path/to/sock``).
+    """
+
+    def __init__(self, client: redis.Redis | str, socket_timeout: float = 5.0):
+        if isinstance(client, str):
+            client = redis.Redis.from_url(
+                client,
+                decode_responses=False,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                health_check_interval=30,
+                # Fail fast (then 503 + Retry-After upstream) instead of redis-py's multi-second default.
+                retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2),
+            )
+        self.r: redis.Redis = client
+
+    # ------------------------------------------------------------------ keys
+    @staticmethod
+    def k_galleries() -> str:
+        return PREFIX + "galleries"
+
+    @staticmethod
+    def k_gallery(g: str) -> str:
+        return f"{PREFIX}gallery:{g}"
+
+    @staticmethod
+    def k_vectors(g: str) -> str:
+        return f"{PREFIX}gallery:{g}:vectors"
+
+    @staticmethod
+    def k_image(g: str, id_: int) -> str:
+        return f"{PREFIX}gallery:{g}:image:{int(id_)}"
+
+    @staticmethod
+    def k_events() -> str:
+        return PREFIX + "events"
+
+    # ------------------------------------------------------------------ basics
+    def ping(self) -> bool:
+        return bool(self.r.ping())
+
+    def close(self) -> None:
+        try:
+            self.r.close()
+        except Exception:  # pragma: no cover - best effort
+            pass
+
+    # ------------------------------------------------------------------ galleries
+    def create_gallery(self, gallery: str) -> bool:
+        """Create the gallery if missing. Returns True if it was created."""
+        validate_gallery_name(gallery)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(self.k_galleries(), gallery)
+        pipe.hsetnx(self.k_gallery(gallery), "name", gallery)
+        pipe.hsetnx(self.k_gallery(gallery), "created_at", _now())
+        added, _, _ = pipe.execute()
+        return bool(added)
+
+    def gallery_exists(self, gallery: str) -> bool:
+        if not GALLERY_NAME_RE.match(gallery or ""):
+            return False
+        return bool(self.r.sismember(self.k_galleries(), gallery))
+
+    def list_galleries(self) -> list[str]:
+        return sorted(_s(x) for x in self.r.smembers(self.k_galleries()))
+
+    def count(self, gallery: str) -> int:
+        return int(self.r.hlen(self.k_vectors(gallery)))
+
+    def gallery_info(self, gallery: str) -> dict[str, Any] | None:
+        """``{"name", "count", "created_at"}`` or None if the gallery does not exist."""
+        if not self.gallery_exists(gallery):
+            return None
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hlen(self.k_vectors(gallery))
+        pipe.hget(self.k_gallery(gallery), "created_at")
+        n, created = pipe.execute()
+        return {"name": gallery, "count": int(n), "created_at": _s(created)}
+
+    def delete_gallery(self, gallery: str, batch: int = 500) -> bool:
+        """Delete a gallery and all its images. Returns False if it did not exist."""
+        if not self.gallery_exists(gallery):
+            return False
+        # Drop it from the listing first so nobody finds a half-deleted gallery.
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(self.k_galleries(), gallery)
+        pipe.xadd(self.k_events(), {"op": "drop", "gallery": gallery, "id": ""},
+                  maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.execute()
+        keys: list[str] = []
+        for field, _ in self.r.hscan_iter(self.k_vectors(gallery), count=batch):
+            keys.append(self.k_image(gallery, int(field)))
+            if len(keys) >= batch:
+                self.r.delete(*keys)
+                keys.clear()
+        if keys:
+            self.r.delete(*keys)
+        self.r.delete(self.k_vectors(gallery), self.k_gallery(gallery))
+        return True
+
+    # ------------------------------------------------------------------ images
+    def exists(self, gallery: str, id_: int) -> bool:
+        return bool(self.r.exists(self.k_image(gallery, id_)))
+
+    def put(
+        self,
+        gallery: str,
+        id_: int,
+        vector: np.ndarray,
+        metadata: Mapping[str, Any] | None = None,
+        model: str | None = None,
+    ) -> bool:
+        """Store one image atomically. Returns True if it already existed (nothing written).
+
+        Creates the gallery if needed.
+        """
+        return self.put_many(gallery, [(id_, vector, metadata)], model=model)[0]
+
+    def put_many(
+        self,
+        gallery: str,
+        records: list[tuple[int, np.ndarray, Mapping[str, Any] | None]],
+        model: str | None = None,
+    ) -> list[bool]:
+        """Store several images ``(id, vector, metadata)`` in ONE MULTI/EXEC transaction.
+
+        Returns, per record, whether it already existed (existing images are left untouched).
+        WATCH on the image keys makes a concurrent writer of the same id abort and retry this
+        transaction, so each id is reported ``created`` exactly once. One transaction means one
+        AOF fsync for the whole batch.
+        """
+        validate_gallery_name(gallery)
+        if not records:
+            return []
+        now = _now()
+        prepared = []
+        for id_, vector, metadata in records:
+            vec = np.ascontiguousarray(np.asarray(vector, dtype="<f4").reshape(-1))
+            meta = {k: _s(v) for k, v in (metadata or {}).items() if k in METADATA_FIELDS and v is not None}
+            meta.update({"id": str(int(id_)), "gallery": gallery, "created_at": now, "dim": str(vec.shape[0])})
+            if model:
+                meta["model"] = model
+            prepared.append((int(id_), self.k_image(gallery, id_), vec.tobytes(), meta))
+        keys = [k for _, k, _, _ in prepared]
+        existed: list[bool] = []
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            nonlocal existed
+            # Keys are WATCHed on `pipe`'s connection; read their state in one round trip on
+            # another connection (any change after WATCH still aborts EXEC).
+            check = self.r.pipeline(transaction=False)
+            for k in keys:
+                check.exists(k)
+            existed = [bool(x) for x in check.execute()]
+            pipe.multi()
+            written: set[int] = set()
+            for (id_, key, vbytes, meta), ex in zip(prepared, existed):
+                if ex or id_ in written:
+                    continue
+                written.add(id_)
+                pipe.hset(self.k_vectors(gallery), str(id_), vbytes)
+                pipe.hset(key, mapping=meta)
+                pipe.xadd(self.k_events(), {"op": "put", "gallery": gallery, "id": str(id_)},
+                          maxlen=EVENTS_MAXLEN, approximate=True)
+            if written:
+                pipe.sadd(self.k_galleries(), gallery)
+                pipe.hsetnx(self.k_gallery(gallery), "name", gallery)
+                pipe.hsetnx(self.k_gallery(gallery), "created_at", now)
+
+        self.r.transaction(txn, *keys)
+        # a duplicate id inside the batch: the second occurrence "exists"
+        seen: set[int] = set()
+        out = []
+        for (id_, _, _, _), ex in zip(prepared, existed):
+            out.append(ex or id_ in seen)
+            seen.add(id_)
+        return out
+
+    def get(self, gallery: str, id_: int) -> StoredImage | None:
+        raw = self.r.hgetall(self.k_image(gallery, id_))
+        if not raw:
+            return None
+        d = {_s(k): _s(v) for k, v in raw.items()}
+        meta: dict[str, str | None] = {f: d.get(f) for f in METADATA_FIELDS}
+        meta["created_at"] = d.get("created_at")
+        meta["model"] = d.get("model")
+        return StoredImage(id=int(id_), gallery=gallery, metadata=meta)
+
+    def get_many(self, gallery: str, ids) -> list[StoredImage | None]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hgetall(self.k_image(gallery, i))
+        out: list[StoredImage | None] = []
+        for i, raw in zip(ids, pipe.execute()):
+            if not raw:
+                out.append(None)
+                continue
+            d = {_s(k): _s(v) for k, v in raw.items()}
+            meta = {f: d.get(f) for f in METADATA_FIELDS}
+            meta["created_at"] = d.get("created_at")
+            meta["model"] = d.get("model")
+            out.append(StoredImage(id=i, gallery=gallery, metadata=meta))
+        return out
+
+    def get_vector(self, gallery: str, id_: int) -> np.ndarray | None:
+        raw = self.r.hget(self.k_vectors(gallery), str(int(id_)))
+        return None if raw is None else np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+    def delete(self, gallery: str, id_: int) -> bool:
+        """Delete one image. Returns False if it did not exist."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(self.k_vectors(gallery), str(int(id_)))
+        pipe.delete(self.k_image(gallery, id_))
+        pipe.xadd(self.k_events(), {"op": "delete", "gallery": gallery, "id": str(int(id_))},
+                  maxlen=EVENTS_MAXLEN, approximate=True)
+        n_vec, n_meta, _ = pipe.execute()
+        return bool(n_vec or n_meta)
+
+    def iter_vectors(self, gallery: str, batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(ids int64 (n,), vectors float32 (n, d))`` batches, via HSCAN (never KEYS).
+
+        Vectors of differing dimension within a batch are split into separate batches.
+        """
+        ids: list[int] = []
+        vecs: list[bytes] = []
+        for field, value in self.r.hscan_iter(self.k_vectors(gallery), count=batch):
+            if vecs and len(value) != len(vecs[0]):
+                yield _pack(ids, vecs)
+                ids, vecs = [], []
+            ids.append(int(field))
+            vecs.append(value)
+            if len(ids) >= batch:
+                yield _pack(ids, vecs)
+                ids, vecs = [], []
+        if ids:
+            yield _pack(ids, vecs)
+
+
+def _pack(ids: list[int], vecs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    d = len(vecs[0]) // 4
+    arr = np.frombuffer(b"".join(vecs), dtype="<f4").reshape(len(vecs), d).astype(np.float32)
+    return np.asarray(ids, dtype=np.int64), arr
+

@@ -1,0 +1,1 @@
+"""ReID data: dataset readers (no torch), transforms, samplers."""

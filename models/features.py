@@ -1,0 +1,35 @@
+"""Feature extraction with a torch model (training-time evaluation). The service and `reid evaluate`
+on a bundle embed with ONNX Runtime instead; both feed the same evaluator (`index.metrics`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from index.metrics import RetrievalMetrics, evaluate_features
+
+from .data.datasets import ReIDDataset, Sample
+from .data.transforms import InputSpec, TestTransform, load_rgb
+
+
+@torch.no_grad()
+def extract_features(model, samples: list[Sample], spec: InputSpec, batch_size: int = 64,
+                     device: str = "cpu", desc: str = "features") -> np.ndarray:
+    model.eval()
+    transform = TestTransform(spec)
+    chunks = []
+    for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False):
+        batch = np.stack([transform(load_rgb(s.path)) for s in samples[start:start + batch_size]])
+        chunks.append(model(torch.from_numpy(batch).to(device)).float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+def evaluate_model(model, dataset: ReIDDataset, spec: InputSpec, device: str = "cpu") -> RetrievalMetrics:
+    q = extract_features(model, dataset.query, spec, device=device, desc=f"{dataset.name} query")
+    g = extract_features(model, dataset.gallery, spec, device=device, desc=f"{dataset.name} gallery")
+    return evaluate_features(
+        q, g,
+        [s.pid for s in dataset.query], [s.pid for s in dataset.gallery],
+        [s.camid for s in dataset.query], [s.camid for s in dataset.gallery],
+    )

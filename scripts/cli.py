@@ -1,0 +1,241 @@
+"""`reid`: one command, sub-commands for every job. Thin: each one parses arguments and calls a room."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_train(args) -> int:
+    if args.method != "supervised":
+        print(f"reid train: method {args.method!r} is not available yet (supervised only)", file=sys.stderr)
+        return 2
+    from models.train import TrainConfig, train
+
+    cfg = TrainConfig()
+    for key in ("epochs", "backbone", "height", "width", "p", "k", "lr", "seed", "split", "last_stride",
+                "eval_every", "threads", "max_batches_per_epoch"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.data:
+        cfg.train_data = args.data
+    if args.eval_data is not None:
+        cfg.eval_data = args.eval_data
+    if args.pretrained is not None:
+        cfg.pretrained = {"true": True, "false": False}.get(args.pretrained.lower(), args.pretrained)
+    results = train(cfg, args.run_dir, resume=not args.no_resume)
+    print(json.dumps({name: {"mAP": m["mAP"], **m["ranks"]} for name, m in results.items()}, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from models.data.datasets import load_dataset
+    from models.export import export_bundle
+
+    dataset = load_dataset(args.check_data)
+    check_images = [s.path for s in (dataset.query + dataset.gallery + dataset.train)[:8]]
+    card = export_bundle(args.checkpoint, args.out, check_images, name=args.name, version=args.version)
+    print(f"wrote {args.out}: {card['name']} {card['version']}, dim {card['embedding_dim']}, "
+          f"check {card['export_check']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from models.data.datasets import load_dataset
+    from models.evaluate import BundleEncoder, evaluate_bundle, plot_cmc
+
+    encoder = BundleEncoder(args.bundle, threads=args.threads)
+    results = {}
+    for name in args.data:
+        for split in args.splits:
+            dataset = load_dataset(name, split)
+            metrics = evaluate_bundle(args.bundle, dataset, encoder)
+            results[dataset.name] = metrics
+            print(f"{dataset.name}: {metrics.summary()}")
+    if args.plot:
+        print(f"CMC plot: {plot_cmc(results, args.plot)}")
+    summary = {name: {"mAP": m.mAP, "mINP": m.mINP, **m.ranks, "queries": m.evaluated_queries,
+                      "skipped_queries": m.skipped_queries} for name, m in results.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.write_card:
+        from models.export import update_card_evaluation
+
+        update_card_evaluation(args.bundle, summary)
+        print(f"recorded in {Path(args.bundle) / 'model.json'}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from service.server import run
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("model_dir", args.model_dir),
+                                   ("redis_url", args.redis_url)) if v is not None}
+    run(Settings(**overrides), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from service.client import ReIDClient, metadata_for_samples
+
+    if args.dataset:
+        from models.data.datasets import load_dataset
+
+        part = getattr(load_dataset(args.dataset, args.split), args.part)
+        paths, metadata = [s.path for s in part], metadata_for_samples(part)
+    else:
+        from models.data.datasets import read_market_folder
+
+        folder = Path(args.folder)
+        samples = read_market_folder(folder)
+        if samples:
+            paths, metadata = [s.path for s in samples], metadata_for_samples(samples)
+        else:
+            paths = sorted(str(p) for p in folder.iterdir() if p.is_file())
+            metadata = [{"external_id": Path(p).name, **({"camera_id": args.camera_id} if args.camera_id else {})}
+                        for p in paths]
+    with ReIDClient(args.url, args.api_key) as client:
+        result = client.ingest(args.gallery, paths, metadata, batch_size=args.batch_size)
+    created = sum(i["status"] == "created" for i in result["items"])
+    print(f"{len(result['items'])} stored ({created} new), {len(result['errors'])} errors")
+    for error in result["errors"][:20]:
+        print(f"  {error['filename']}: {error['code']}: {error['message']}")
+    return 0 if not result["errors"] else 1
+
+
+def cmd_search(args) -> int:
+    from service.client import ReIDClient
+
+    with ReIDClient(args.url, args.api_key) as client:
+        answer = client.search(args.gallery, args.image, top_k=args.top_k, refine=args.refine,
+                               exclude_camera_id=args.exclude_camera_id)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        from scripts.demo import format_results
+
+        print(format_results(answer))
+    return 0
+
+
+def cmd_make_synthetic(args) -> int:
+    from models.synthetic import make_synthetic
+
+    summary = make_synthetic(args.out, n_train_ids=args.train_ids, n_test_ids=args.test_ids, seed=args.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from models.bench import run_bench
+
+    report = run_bench(args.bundle, args.out, quick=args.quick)
+    print(report)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from scripts.demo import run_demo
+
+    return run_demo(port=args.port, once=args.once, data_dir=args.data_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reid", description="Person re-identification: train, export, serve, search.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an embedding model (default recipe = the bundled model's)")
+    p.add_argument("--method", default="supervised", choices=["supervised", "nformer", "gracl"])
+    p.add_argument("--data", nargs="+", help="training sets: cuhk03 prid450s prid2011 viper viper-all or folders")
+    p.add_argument("--eval-data", nargs="*", help="test protocols evaluated during/after training")
+    p.add_argument("--run-dir", default="runs/default")
+    p.add_argument("--no-resume", action="store_true", help="start over even if run-dir has a checkpoint")
+    p.add_argument("--pretrained", help="true (packaged ImageNet weights), false, or a state_dict path")
+    for name, typ in (("epochs", int), ("backbone", str), ("height", int), ("width", int), ("p", int), ("k", int),
+                      ("lr", float), ("seed", int), ("split", int), ("last-stride", int), ("eval-every", int),
+                      ("threads", int), ("max-batches-per-epoch", int)):
+        p.add_argument(f"--{name}", type=typ)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a checkpoint to a model bundle (checked against ONNX Runtime)")
+    p.add_argument("--checkpoint", default="runs/default/last.pt")
+    p.add_argument("--out", default="service/default_bundle")
+    p.add_argument("--name", default="reid-default")
+    p.add_argument("--version")
+    p.add_argument("--check-data", default="prid2011", help="dataset whose real images check the export")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="mAP / CMC of a bundle on standard protocols")
+    p.add_argument("--bundle", default="service/default_bundle")
+    p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011"])
+    p.add_argument("--splits", nargs="+", type=int, default=[0])
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--plot", help="write CMC curves to this PNG")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--write-card", action="store_true", help="record the figures in the bundle's model.json")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="run the HTTP service")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir")
+    p.add_argument("--model-dir")
+    p.add_argument("--redis-url")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ingest", help="upload a folder or a dataset part to a gallery over HTTP")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key")
+    p.add_argument("--gallery", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--folder", help="images; `<pid>_c<cam>_*` names give camera and person")
+    source.add_argument("--dataset", help="a dataset name or folder (see reid train --data)")
+    p.add_argument("--part", default="gallery", choices=["gallery", "query", "train"])
+    p.add_argument("--split", type=int, default=0)
+    p.add_argument("--camera-id")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("search", help="query a gallery with one image over HTTP")
+    p.add_argument("image")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key")
+    p.add_argument("--gallery", required=True)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--refine", default="none")
+    p.add_argument("--exclude-camera-id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("make-synthetic", help="write a procedural Market-1501-layout dataset")
+    p.add_argument("out")
+    p.add_argument("--train-ids", type=int, default=60)
+    p.add_argument("--test-ids", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_synthetic)
+
+    p = sub.add_parser("bench", help="encoder throughput (ONNX Runtime vs torch eager) and search latency")
+    p.add_argument("--bundle", default="service/default_bundle")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--quick", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="start the service, ingest a sample gallery, run a query")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--once", action="store_true", help="exit after printing the answer")
+    p.add_argument("--data-dir", default="data/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`make demo` / `reid demo`: start the service on embedded defaults (its own redis-server, the bundled
+model), ingest a sample gallery, run a query, print the ranked answer and the page's URL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from models.data.datasets import ReIDDataset, load_dataset, market1501, shared_data_dir
+from service.client import ReIDClient, metadata_for_samples
+
+GALLERY = "demo"
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_dataset(data_dir: Path) -> ReIDDataset:
+    """PRID2011 split 0 (100 probes, 649 gallery) from the shared data, else a synthetic set."""
+    if shared_data_dir() is not None:
+        return load_dataset("prid2011", 0)
+    from models.synthetic import make_synthetic
+
+    root = data_dir / "synthetic"
+    if not (root / "query").is_dir():
+        print(f"../shared/data not found: generating a synthetic dataset in {root}")
+        make_synthetic(root, n_train_ids=10, n_test_ids=60, seed=0)
+    return market1501(root)
+
+
+def format_results(answer: dict, truth: str | None = None) -> str:
+    lines = [f"{'rank':>4}  {'score':>6}  {'camera':>6}  {'person':>6}  external_id"]
+    for rank, r in enumerate(answer["results"], 1):
+        mark = "  <- same person" if truth is not None and str(r.get("person_id")) == truth else ""
+        lines.append(f"{rank:>4}  {r['score']:6.3f}  {str(r.get('camera_id')):>6}  {str(r.get('person_id')):>6}  "
+                     f"{r.get('external_id')}{mark}")
+    timing = ", ".join(f"{k} {v:.1f} ms" for k, v in answer.get("timing_ms", {}).items())
+    lines.append(f"model {answer.get('model')}; {timing}")
+    return "\n".join(lines)
+
+
+def run_demo(port: int = 8000, once: bool = False, data_dir: str | Path = "data/demo") -> int:
+    data_dir = Path(data_dir).resolve()
+    dataset = demo_dataset(data_dir)
+    if not port_is_free(port):
+        new_port = free_port()
+        print(f"port {port} is busy: using {new_port}")
+        port = new_port
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "REID_DATA_DIR": str(data_dir / "service")}
+    env.pop("REID_REDIS_URL", None)  # the demo runs on embedded defaults
+    server = subprocess.Popen([sys.executable, "-m", "scripts.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env)
+    try:
+        with ReIDClient(url) as client:
+            client.wait_ready(timeout=180, process=server)
+            card = client.model()
+            print(f"service ready at {url} with model {card['name']} {card['version']}")
+            result = client.ingest(GALLERY, [s.path for s in dataset.gallery], metadata_for_samples(dataset.gallery))
+            print(f"gallery {GALLERY!r}: {client.gallery(GALLERY)['count']} images "
+                  f"({len(result['errors'])} rejected) from {dataset.name}")
+            query = dataset.query[0]
+            answer = client.search(GALLERY, query.path, top_k=10)
+            print(f"\nquery {Path(query.path).name} (person {query.pid}, camera {query.camid}); top 10:")
+            print(format_results(answer, truth=str(query.pid)))
+        print(f"\nOpen {url}/ for the web page, {url}/docs for the API.")
+        if once:
+            return 0
+        print("Serving until interrupted (Ctrl-C).")
+        server.wait()
+        return server.returncode or 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)  # graceful: the embedded redis-server is shut down too
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()

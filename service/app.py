@@ -1,0 +1,69 @@
+"""FastAPI application factory.
+
+``create_app(settings)`` wires the routes; its lifespan starts an embedded Redis when no
+``redis_url`` is configured, loads the model bundle and ONNX Runtime embedder, rebuilds the
+FAISS indexes from the store, and stops everything on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from .deps import require_api_key
+from .errors import BodySizeLimitMiddleware, install_error_handlers
+from .observability import install_metrics
+from .routes import galleries, health, search
+from .settings import Settings
+from .state import ServiceState
+
+log = logging.getLogger("reid.service")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = ServiceState(settings=settings)
+        try:
+            await run_in_threadpool(state.start)
+        except BaseException:
+            await run_in_threadpool(state.stop)
+            raise
+        app.state.reid = state
+        try:
+            yield
+        finally:
+            app.state.reid = None
+            await run_in_threadpool(state.stop)
+
+    app = FastAPI(
+        title="ReID retrieval service",
+        version="0.1.0",
+        description="Person re-identification: ingest images into named galleries, search by image.",
+        lifespan=lifespan,
+    )
+    app.state.reid = None
+    app.state.settings = settings
+    install_error_handlers(app)
+    install_metrics(app)
+    app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_upload_bytes)
+    auth = [Depends(require_api_key)]
+    app.include_router(health.router)
+    app.include_router(health.model_router, dependencies=auth)
+    app.include_router(galleries.router, dependencies=auth)
+    app.include_router(search.router, dependencies=auth)
+
+    @app.get("/", include_in_schema=False)
+    async def index_page():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    return app

@@ -1,0 +1,143 @@
+"""Model bundles: a directory with ``model.json`` (the card) and ``encoder.onnx``.
+
+The card lists the sha256 of every file it ships in ``files``; :func:`load_bundle` refuses
+a bundle whose files are missing or whose hashes do not match (:class:`BundleError`).
+
+Card fields used by the service::
+
+    name, version, embedding_dim, normalized (bool),
+    input: {height, width, channel_order: "RGB", mean: [3], std: [3]}
+    files: {"encoder.onnx": "<sha256 hex>", ...}
+
+Pixels are scaled to [0, 1] then normalised as ``(x - mean) / std``. Other fields
+(``backbone``, ``recipe``, ``training_data``, ``evaluation``, ``nformer`` ...) are free-form
+and passed through by ``GET /v1/model``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Bundle", "BundleError", "load_bundle", "sha256_file", "CARD_NAME", "ENCODER_NAME"]
+
+CARD_NAME = "model.json"
+ENCODER_NAME = "encoder.onnx"
+
+
+class BundleError(ValueError):
+    """The bundle is missing, malformed, or its card does not match its files."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    card: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.card["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.card["version"])
+
+    @property
+    def model_id(self) -> str:
+        """``name:version`` — stored with every vector and returned by search."""
+        return f"{self.name}:{self.version}"
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.card["embedding_dim"])
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.card["input"]
+
+    @property
+    def normalized(self) -> bool:
+        return bool(self.card.get("normalized", False))
+
+    @property
+    def encoder_path(self) -> Path:
+        return self.path / ENCODER_NAME
+
+    def file(self, name: str) -> Path | None:
+        """Path of an optional file listed in the card (e.g. ``nformer.onnx``), else None."""
+        return self.path / name if name in self.card.get("files", {}) else None
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise BundleError(msg)
+
+
+def validate_card(card: Any, where: str = CARD_NAME) -> None:
+    _require(isinstance(card, dict), f"{where}: the card must be a JSON object")
+    for key in ("name", "version", "input", "embedding_dim", "files"):
+        _require(key in card, f"{where}: missing required field {key!r}")
+    _require(isinstance(card["name"], str) and card["name"], f"{where}: 'name' must be a non-empty string")
+    dim = card["embedding_dim"]
+    _require(isinstance(dim, int) and not isinstance(dim, bool) and dim > 0,
+             f"{where}: 'embedding_dim' must be a positive integer, got {dim!r}")
+    inp = card["input"]
+    _require(isinstance(inp, dict), f"{where}: 'input' must be an object")
+    for key in ("height", "width"):
+        v = inp.get(key)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                 f"{where}: input.{key} must be a positive integer, got {v!r}")
+    order = inp.get("channel_order", "RGB")
+    _require(order in ("RGB", "BGR"), f"{where}: input.channel_order must be 'RGB' or 'BGR', got {order!r}")
+    for key in ("mean", "std"):
+        v = inp.get(key)
+        _require(isinstance(v, (list, tuple)) and len(v) == 3
+                 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v),
+                 f"{where}: input.{key} must be a list of 3 numbers, got {v!r}")
+    _require(all(x > 0 for x in inp["std"]), f"{where}: input.std values must be > 0")
+    files = card["files"]
+    _require(isinstance(files, dict) and ENCODER_NAME in files,
+             f"{where}: 'files' must be an object listing at least {ENCODER_NAME!r} with its sha256")
+    for name, digest in files.items():
+        _require(isinstance(name, str) and "/" not in name and "\\" not in name and name not in ("", ".", ".."),
+                 f"{where}: bad file name {name!r} in 'files'")
+        _require(isinstance(digest, str) and len(digest) == 64
+                 and all(c in "0123456789abcdef" for c in digest.lower()),
+                 f"{where}: files[{name!r}] must be a sha256 hex digest")
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Load and validate a bundle directory; with ``verify`` check every file's sha256."""
+    path = Path(path)
+    card_path = path / CARD_NAME
+    _require(path.is_dir(), f"model bundle directory not found: {path}")
+    _require(card_path.is_file(), f"model bundle {path} has no {CARD_NAME}")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{card_path}: not valid JSON: {e}") from e
+    validate_card(card, str(card_path))
+    for name, digest in card["files"].items():
+        f = path / name
+        _require(f.is_file(), f"model bundle {path}: file {name!r} listed in the card is missing")
+        if verify:
+            actual = sha256_file(f)
+            _require(actual == digest.lower(),
+                     f"model bundle {path}: sha256 of {name!r} is {actual}, but the card says {digest}; "
+                     "the card does not match its files (re-export the bundle)")
+    return Bundle(path=path.resolve(), card=card)

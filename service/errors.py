@@ -1,0 +1,132 @@
+"""Uniform JSON errors: ``{"error": {"code": "<snake_case>", "message": "..."}}``."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("reid.service")
+
+RETRY_AFTER_S = 5
+
+_DEFAULT_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+    415: "unsupported_media_type", 422: "validation_error", 429: "too_many_requests",
+    500: "internal_error", 503: "service_unavailable",
+}
+
+
+class ApiError(StarletteHTTPException):
+    """An HTTP error with a machine-readable ``code`` and optional extra body fields."""
+
+    def __init__(self, status_code: int, code: str, message: str, headers: dict | None = None,
+                 extra: dict[str, Any] | None = None):
+        super().__init__(status_code=status_code, detail=message, headers=headers)
+        self.code = code
+        self.message = message
+        self.extra = extra or {}
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}, **extra}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None,
+                   **extra: Any) -> JSONResponse:
+    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "form"))
+        parts.append(f"{loc or 'request'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc, ApiError):
+            return error_response(exc.status_code, exc.code, exc.message, exc.headers, **exc.extra)
+        code = _DEFAULT_CODES.get(exc.status_code, "error")
+        msg = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return error_response(exc.status_code, code, msg, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+                   for e in exc.errors()]
+        return error_response(422, "validation_error", _validation_message(exc), details=details)
+
+    async def _store_down(request: Request, exc: Exception):
+        log.warning("store unavailable: %s", exc)
+        return error_response(503, "store_unavailable", f"the Redis store is unavailable: {exc}",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    app.add_exception_handler(redis.exceptions.ConnectionError, _store_down)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _store_down)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal server error")
+
+
+class BodySizeLimitMiddleware:
+    """Reject bodies over ``limit`` bytes: by Content-Length up front, else while streaming."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = int(limit)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        cl = headers.get(b"content-length")
+        if cl is not None:
+            try:
+                n = int(cl)
+            except ValueError:
+                resp = error_response(400, "bad_request", "invalid Content-Length header")
+                return await resp(scope, receive, send)
+            if n > self.limit:
+                resp = error_response(413, "payload_too_large",
+                                      f"request body of {n} bytes exceeds the limit of {self.limit} bytes")
+                return await resp(scope, receive, send)
+        if cl is not None or b"chunked" not in headers.get(b"transfer-encoding", b""):
+            return await self.app(scope, receive, send)
+        # Chunked body without Content-Length: read it up to the limit first, then replay it.
+        # (Raising mid-stream would surface as a form-parsing 400 inside FastAPI.)
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client disconnected
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
+                resp = error_response(413, "payload_too_large",
+                                      f"request body exceeds the limit of {self.limit} bytes")
+                return await resp(scope, receive, send)
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay_receive():
+            if replay:
+                return replay.pop()
+            return await receive()
+
+        return await self.app(scope, replay_receive, send)

@@ -1,0 +1,89 @@
+"""Safe decoding of uploaded images.
+
+* the format is sniffed from the bytes (JPEG, PNG, WebP, BMP, GIF); anything else -> 415;
+* the pixel count is checked from the header *before* decoding (decompression bombs) -> 413;
+* corrupt or truncated data -> 422 with a clear message;
+* EXIF orientation is applied, the result is RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageError", "sniff_format", "decode_image", "SUPPORTED_FORMATS"]
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+
+@dataclass
+class ImageError(Exception):
+    status_code: int
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Format name from magic bytes, or None if not a supported image type."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:2] == b"BM" and len(data) >= 26:
+        return "BMP"
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
+    """Decode ``data`` into an RGB PIL image, or raise :class:`ImageError`."""
+    if not data:
+        raise ImageError(422, "empty_file", "the file is empty")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageError(415, "unsupported_media_type",
+                         "not a supported image (expected JPEG, PNG, WebP, BMP or GIF)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=[fmt])
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise ImageError(422, "invalid_image", f"image has invalid size {w}x{h}")
+            if w * h > max_pixels:
+                raise ImageError(413, "image_too_large",
+                                 f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+            im.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(413, "image_too_large", f"image has too many pixels: {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(422, "invalid_image", f"corrupt {fmt} data: cannot identify the image") from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        msg = str(e) or e.__class__.__name__
+        if "truncated" in msg.lower():
+            raise ImageError(422, "truncated_image", f"the {fmt} image is truncated: {msg}") from e
+        raise ImageError(422, "invalid_image", f"corrupt {fmt} data: {msg}") from e
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # malformed EXIF must not reject an otherwise good image
+        pass
+    if im.mode != "RGB":
+        if im.mode in ("RGBA", "LA", "P", "PA"):
+            im = im.convert("RGBA")
+            bg = Image.new("RGB", im.size, (255, 255, 255))
+            bg.paste(im, mask=im.getchannel("A"))
+            im = bg
+        else:
+            im = im.convert("RGB")
+    return im

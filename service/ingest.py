@@ -1,0 +1,138 @@
+"""The write path, independent of HTTP: decode -> embed -> store.put (durable) -> index.add.
+
+Re-uploads (same bytes in the same gallery) are recognised by their content-hash id before
+decoding and are never re-embedded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from index.store import image_id
+
+from .images import ImageError, decode_image
+from .state import ServiceState
+
+USER_FIELDS = ("external_id", "camera_id", "person_id", "captured_at")
+
+
+class MetadataError(ValueError):
+    pass
+
+
+@dataclass
+class IngestResult:
+    items: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _as_str(key: str, v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise MetadataError(f"metadata {key!r} must be a string or an integer, got {type(v).__name__}")
+    s = str(v)
+    if len(s) > 1024:
+        raise MetadataError(f"metadata {key!r} is longer than 1024 characters")
+    if key == "captured_at" and s:
+        try:
+            datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise MetadataError(f"captured_at {s!r} is not an ISO 8601 date-time") from None
+    return s
+
+
+def build_metadata(n_files: int, form: dict[str, Any], metadata_json: str | None) -> list[dict[str, str]]:
+    """Per-file metadata: form-level fields, overridden by the aligned ``metadata`` JSON array."""
+    if form.get("external_id") is not None and n_files > 1:
+        raise MetadataError("external_id as a form field is only allowed with a single file; "
+                            "use the metadata JSON array for several files")
+    base = {k: _as_str(k, form.get(k)) for k in USER_FIELDS}
+    per_file: list[dict[str, Any]] = [{} for _ in range(n_files)]
+    if metadata_json is not None and metadata_json.strip():
+        try:
+            arr = json.loads(metadata_json)
+        except json.JSONDecodeError as e:
+            raise MetadataError(f"metadata is not valid JSON: {e}") from None
+        if isinstance(arr, dict) and n_files == 1:
+            arr = [arr]
+        if not isinstance(arr, list):
+            raise MetadataError("metadata must be a JSON array of objects, one per file")
+        if len(arr) != n_files:
+            raise MetadataError(f"metadata has {len(arr)} entries but {n_files} file(s) were sent")
+        for i, obj in enumerate(arr):
+            if obj is None:
+                continue
+            if not isinstance(obj, dict):
+                raise MetadataError(f"metadata[{i}] must be an object")
+            unknown = set(obj) - set(USER_FIELDS)
+            if unknown:
+                raise MetadataError(f"metadata[{i}] has unknown keys {sorted(unknown)}; "
+                                    f"allowed: {list(USER_FIELDS)}")
+            per_file[i] = {k: _as_str(k, v) for k, v in obj.items()}
+    out = []
+    for m in per_file:
+        merged = {k: v for k, v in base.items() if v is not None}
+        merged.update({k: v for k, v in m.items() if v is not None})
+        out.append(merged)
+    return out
+
+
+def ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, bytes]],
+           metas: list[dict[str, str]]) -> IngestResult:
+    """Ingest ``files`` ((filename, bytes) pairs) into ``gallery``. Blocking; run in a thread."""
+    store = state.store
+    res = IngestResult()
+    ids = [image_id(gallery, data) for _, data in files]
+
+    pipe = store.r.pipeline(transaction=False)
+    for i in ids:
+        pipe.exists(store.k_image(gallery, i))
+    already = [bool(x) for x in pipe.execute()]
+
+    slots: list[tuple[int, int]] = []  # (file index, id) accepted in this request, in order
+    new: list[tuple[int, int, Any]] = []  # (file index, id, image) to embed
+    seen: set[int] = set()
+    status: dict[int, str] = {}
+    for n, ((fname, data), id_, existed) in enumerate(zip(files, ids, already)):
+        if existed or id_ in seen:
+            slots.append((n, id_))
+            status[n] = "exists"
+            continue
+        try:
+            img = decode_image(data, max_pixels=state.settings.max_image_pixels)
+        except ImageError as e:
+            res.errors.append({"index": n, "filename": fname, "code": e.code, "message": e.message})
+            continue
+        seen.add(id_)
+        slots.append((n, id_))
+        new.append((n, id_, img))
+
+    if new:
+        vecs = state.embedder.embed([img for _, _, img in new])
+        records = [(id_, vec, {**metas[n], "filename": files[n][0]}) for (n, id_, _), vec in zip(new, vecs)]
+        existed = store.put_many(gallery, records, model=state.bundle.model_id)  # durable first
+        for (n, _, _), ex in zip(new, existed):
+            status[n] = "exists" if ex else "created"
+        state.index_add(gallery, np.array([i for _, i, _ in new], np.int64), vecs)
+
+    if slots:
+        # Existing images: make sure the index has them too (reconciles a crash between
+        # store write and index add), and report their stored external_id.
+        idx = state.index_for(gallery, create=True)
+        missing = [i for n, i in slots if status[n] == "exists" and not idx.contains(i)]
+        for i in missing:
+            v = store.get_vector(gallery, i)
+            if v is not None and v.shape[0] == idx.dim:
+                idx.add([i], v[None, :])
+        stored = store.get_many(gallery, [i for _, i in slots])
+        for (n, id_), rec in zip(slots, stored):
+            ext = rec.metadata.get("external_id") if rec is not None else metas[n].get("external_id")
+            res.items.append({"index": n, "id": id_, "external_id": ext, "status": status[n]})
+    res.errors.sort(key=lambda e: e["index"])
+    return res

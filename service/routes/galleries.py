@@ -1,0 +1,112 @@
+"""Galleries and their images: ingest, list, inspect, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from index.store import GALLERY_NAME_RE
+
+from ..deps import GalleryDep, StateDep
+from ..errors import ApiError, error_body
+from ..ingest import MetadataError, build_metadata, ingest
+from ..schemas import Deleted, ErrorResponse, GalleryInfo, GalleryList, ImageInfo, UploadResponse
+
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
+
+_ERRORS = {404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+           503: {"model": ErrorResponse}}
+
+
+@router.get("", response_model=GalleryList)
+async def list_galleries(state: StateDep) -> GalleryList:
+    def work():
+        names = state.store.list_galleries()
+        pipe = state.store.r.pipeline(transaction=False)
+        for g in names:
+            pipe.hlen(state.store.k_vectors(g))
+        return [GalleryInfo(name=g, count=int(c)) for g, c in zip(names, pipe.execute())]
+
+    return GalleryList(galleries=await run_in_threadpool(work))
+
+
+@router.get("/{gallery}", response_model=GalleryInfo, responses=_ERRORS)
+async def get_gallery(gallery: GalleryDep, state: StateDep) -> GalleryInfo:
+    info = await run_in_threadpool(state.store.gallery_info, gallery)
+    if info is None:
+        raise ApiError(404, "gallery_not_found", f"gallery {gallery!r} does not exist")
+    return GalleryInfo(name=info["name"], count=info["count"])
+
+
+@router.delete("/{gallery}", response_model=Deleted, responses=_ERRORS)
+async def delete_gallery(gallery: GalleryDep, state: StateDep) -> Deleted:
+    existed = await run_in_threadpool(state.store.delete_gallery, gallery)
+    state.drop_index(gallery)
+    if not existed:
+        raise ApiError(404, "gallery_not_found", f"gallery {gallery!r} does not exist")
+    return Deleted(gallery=gallery)
+
+
+@router.post("/{gallery}/images", status_code=201, response_model=UploadResponse,
+             responses={**_ERRORS, 415: {"model": ErrorResponse}})
+async def upload_images(
+    gallery: str,
+    state: StateDep,
+    files: Annotated[list[UploadFile], File(description="one or more image files")],
+    camera_id: Annotated[str | None, Form()] = None,
+    person_id: Annotated[str | None, Form()] = None,
+    captured_at: Annotated[str | None, Form(description="ISO 8601 date-time")] = None,
+    external_id: Annotated[str | None, Form(description="only with a single file")] = None,
+    metadata: Annotated[str | None, Form(description="JSON array of objects aligned with files "
+                                                     "(keys: external_id, camera_id, person_id, "
+                                                     "captured_at)")] = None,
+):
+    """Add images to a gallery (created if needed).
+
+    Bad files are reported in ``errors`` and the good ones are kept; ``422`` only if none
+    is usable. Ids are content hashes per gallery: re-uploading the same bytes returns the
+    same id with status ``exists`` (not re-embedded; metadata of the first upload is kept).
+    """
+    if not GALLERY_NAME_RE.match(gallery):
+        raise ApiError(422, "invalid_gallery_name",
+                       f"invalid gallery name {gallery!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+                       "starting with a letter or digit")
+    limit = state.settings.max_files_per_request
+    if len(files) > limit:
+        raise ApiError(413, "too_many_files", f"{len(files)} files sent; at most {limit} per request")
+    try:
+        metas = build_metadata(len(files), {"camera_id": camera_id, "person_id": person_id,
+                                            "captured_at": captured_at, "external_id": external_id}, metadata)
+    except MetadataError as e:
+        raise ApiError(422, "invalid_metadata", str(e)) from None
+    blobs = [(f.filename, await f.read()) for f in files]
+    result = await run_in_threadpool(ingest, state, gallery, blobs, metas)
+    if not result.items:
+        return JSONResponse(
+            error_body("no_valid_images", f"none of the {len(files)} file(s) could be used: "
+                       + "; ".join(f"#{e['index']} {e['filename']}: {e['message']}" for e in result.errors),
+                       items=[], errors=result.errors),
+            status_code=422)
+    return UploadResponse(items=result.items, errors=result.errors)
+
+
+@router.get("/{gallery}/images/{image_id}", response_model=ImageInfo, responses=_ERRORS)
+async def get_image(gallery: GalleryDep, image_id: int, state: StateDep) -> ImageInfo:
+    rec = await run_in_threadpool(state.store.get, gallery, image_id)
+    if rec is None:
+        raise ApiError(404, "image_not_found", f"image {image_id} not found in gallery {gallery!r}")
+    return ImageInfo(**rec.to_dict())
+
+
+@router.delete("/{gallery}/images/{image_id}", response_model=Deleted, responses=_ERRORS)
+async def delete_image(gallery: GalleryDep, image_id: int, state: StateDep) -> Deleted:
+    existed = await run_in_threadpool(state.store.delete, gallery, image_id)
+    idx = state.indexes.get(gallery)
+    if idx is not None:
+        idx.remove([image_id])
+    if not existed:
+        raise ApiError(404, "image_not_found", f"image {image_id} not found in gallery {gallery!r}")
+    return Deleted(gallery=gallery, id=image_id)

@@ -1,0 +1,93 @@
+"""Pydantic response models (they document the API in OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable snake_case code")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class UploadItem(BaseModel):
+    index: int = Field(description="position of the file in the request")
+    id: int = Field(description="stable 63-bit image id (content hash within the gallery)")
+    external_id: str | None = None
+    status: str = Field(description="'created' or 'exists' (same bytes already in this gallery)")
+
+
+class UploadError(BaseModel):
+    index: int
+    filename: str | None = None
+    code: str
+    message: str
+
+
+class UploadResponse(BaseModel):
+    items: list[UploadItem]
+    errors: list[UploadError]
+
+
+class SearchResult(BaseModel):
+    id: int
+    score: float = Field(description="cosine similarity, higher is more similar")
+    external_id: str | None = None
+    camera_id: str | None = None
+    person_id: str | None = None
+    captured_at: str | None = None
+
+
+class SearchTiming(BaseModel):
+    decode: float
+    embed: float
+    search: float
+    total: float
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResult]
+    timing_ms: SearchTiming
+    model: str
+
+
+class GalleryInfo(BaseModel):
+    name: str
+    count: int
+
+
+class GalleryList(BaseModel):
+    galleries: list[GalleryInfo]
+
+
+class ImageInfo(BaseModel):
+    id: int
+    gallery: str
+    external_id: str | None = None
+    camera_id: str | None = None
+    person_id: str | None = None
+    captured_at: str | None = None
+    filename: str | None = None
+    created_at: str | None = None
+    model: str | None = None
+
+
+class Deleted(BaseModel):
+    deleted: bool = True
+    gallery: str
+    id: int | None = None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, Any]

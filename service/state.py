@@ -1,0 +1,152 @@
+"""Runtime state shared by the routes: settings, store, embedder, per-gallery FAISS indexes.
+
+The FAISS indexes are caches of the Redis store: built from it at start-up
+(:meth:`ServiceState.rebuild`), lazily for galleries another writer created, and kept in sync
+by the write path (store first, then index).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from index.redis_server import EmbeddedRedis
+from index.store import RedisStore
+from index.vector_index import VectorIndex
+
+from .bundle import Bundle, load_bundle
+from .embedder import Embedder
+from .settings import Settings
+
+log = logging.getLogger("reid.service")
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    store: RedisStore | None = None
+    bundle: Bundle | None = None
+    embedder: Embedder | None = None
+    redis_server: EmbeddedRedis | None = None
+    indexes: dict[str, VectorIndex] = field(default_factory=dict)
+    #: gallery -> number of stored vectors that could not be indexed (wrong dimension)
+    skipped: dict[str, int] = field(default_factory=dict)
+    startup_error: str | None = None
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        s = self.settings
+        if s.redis_url:
+            url = s.redis_url
+        else:
+            self.redis_server = EmbeddedRedis(s.redis_data_dir).start()
+            url = self.redis_server.url
+            log.info("embedded redis-server on %s (AOF in %s)", url, s.redis_data_dir)
+        self.store = RedisStore(url)
+        self.bundle = load_bundle(s.model_dir)
+        self.embedder = Embedder(self.bundle, threads=s.ort_threads, batch_size=s.embed_batch_size)
+        log.info("model %s (dim %d) on %s", self.bundle.model_id, self.embedder.dim, self.embedder.providers)
+        self._wait_for_store()
+        self.rebuild()
+
+    def _wait_for_store(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.store.ping()
+                return
+            except Exception as e:  # ConnectionError, BusyLoadingError, TimeoutError
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Redis store not reachable: {e}") from e
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self.redis_server is not None:
+            self.redis_server.stop()
+            self.redis_server = None
+
+    # ------------------------------------------------------------------ indexes
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    def _build(self, gallery: str) -> VectorIndex:
+        idx = VectorIndex(self.dim)
+        skipped = 0
+        for ids, vecs in self.store.iter_vectors(gallery):
+            if vecs.shape[1] != self.dim:
+                skipped += len(ids)
+                continue
+            idx.add(ids, vecs)
+        if skipped:
+            log.warning("gallery %s: %d stored vectors have a different dimension than model %s; "
+                        "they are not searchable (re-ingest them)", gallery, skipped, self.bundle.model_id)
+        self.skipped[gallery] = skipped
+        return idx
+
+    def rebuild(self) -> None:
+        """(Re)build every gallery's index from the store."""
+        t0 = time.perf_counter()
+        indexes = {g: self._build(g) for g in self.store.list_galleries()}
+        with self._lock:
+            self.indexes = indexes
+        log.info("rebuilt %d gallery index(es), %d vectors, in %.2fs", len(indexes),
+                 sum(len(i) for i in indexes.values()), time.perf_counter() - t0)
+
+    def index_for(self, gallery: str, create: bool = False) -> VectorIndex | None:
+        """The gallery's index; built from the store if the gallery exists there but not here."""
+        with self._lock:
+            idx = self.indexes.get(gallery)
+            if idx is not None:
+                return idx
+            if self.store.gallery_exists(gallery):
+                idx = self._build(gallery)
+            elif create:
+                idx = VectorIndex(self.dim)
+            else:
+                return None
+            self.indexes[gallery] = idx
+            return idx
+
+    def drop_index(self, gallery: str) -> None:
+        with self._lock:
+            self.indexes.pop(gallery, None)
+            self.skipped.pop(gallery, None)
+
+    def sync_status(self) -> tuple[bool, list[str]]:
+        """Compare every index with the store's counts. Returns (in_sync, problems)."""
+        galleries = self.store.list_galleries()
+        pipe = self.store.r.pipeline(transaction=False)
+        for g in galleries:
+            pipe.hlen(self.store.k_vectors(g))
+        counts = dict(zip(galleries, (int(n) for n in pipe.execute())))
+        problems = []
+        for g in counts:
+            if g not in self.indexes:  # created by another writer: build it now from the store
+                self.index_for(g)
+        with self._lock:
+            for g, n in counts.items():
+                idx = self.indexes.get(g)
+                have = len(idx) if idx is not None else 0
+                if have != n:
+                    problems.append(f"gallery {g}: index has {have} vectors, store has {n}"
+                                    + (f" ({self.skipped[g]} from another model)" if self.skipped.get(g) else ""))
+            for g in set(self.indexes) - set(counts):
+                if len(self.indexes[g]):
+                    problems.append(f"gallery {g}: in the index but not in the store")
+        return (not problems, problems)
+
+    def index_add(self, gallery: str, ids: np.ndarray, vecs: np.ndarray) -> None:
+        idx = self.index_for(gallery, create=True)
+        idx.add(ids, vecs)
+
+
+def new_state(settings: Settings | None = None) -> ServiceState:
+    return ServiceState(settings=settings or Settings())

@@ -1,0 +1,123 @@
+import threading
+
+import numpy as np
+import pytest
+
+from index.store import InvalidGalleryName, RedisStore, image_id, validate_gallery_name
+
+
+@pytest.fixture
+def store(redis_url):
+    s = RedisStore(redis_url)
+    yield s
+    s.close()
+
+
+def vec(seed, d=8):
+    return np.random.default_rng(seed).normal(size=d).astype(np.float32)
+
+
+def test_image_id_stable_positive_and_per_gallery():
+    a = image_id("g1", b"hello")
+    assert a == image_id("g1", b"hello")
+    assert 0 < a < 2**63
+    assert a != image_id("g2", b"hello")
+    assert a != image_id("g1", b"hello!")
+
+
+@pytest.mark.parametrize("name", ["a", "Gallery_1.v2-x", "0" * 64])
+def test_valid_gallery_names(name):
+    assert validate_gallery_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "_a", "-a", "a b", "a:b", "a/b", "a" * 65, "é"])
+def test_invalid_gallery_names(name):
+    with pytest.raises(InvalidGalleryName):
+        validate_gallery_name(name)
+
+
+def test_put_get_exists_delete(store, gallery_name):
+    g = gallery_name
+    i = image_id(g, b"img1")
+    assert not store.gallery_exists(g)
+    assert store.put(g, i, vec(1), {"camera_id": 3, "person_id": "p7", "external_id": "e1",
+                                    "captured_at": "2024-01-02T03:04:05Z", "bogus": "x"},
+                     model="m:1") is False
+    assert store.gallery_exists(g) and g in store.list_galleries()
+    assert store.exists(g, i)
+    rec = store.get(g, i)
+    assert rec.id == i and rec.metadata["camera_id"] == "3" and rec.metadata["person_id"] == "p7"
+    assert rec.metadata["external_id"] == "e1" and rec.metadata["model"] == "m:1"
+    assert rec.metadata["created_at"] and "bogus" not in rec.metadata
+    np.testing.assert_array_equal(store.get_vector(g, i), vec(1))
+    # second put of the same id reports existing and does not overwrite
+    assert store.put(g, i, vec(2), {"camera_id": "9"}) is True
+    assert store.get(g, i).metadata["camera_id"] == "3"
+    np.testing.assert_array_equal(store.get_vector(g, i), vec(1))
+    assert store.gallery_info(g)["count"] == 1
+    assert store.delete(g, i) is True
+    assert store.delete(g, i) is False
+    assert store.get(g, i) is None and store.get_vector(g, i) is None
+    assert store.gallery_info(g)["count"] == 0
+    assert store.gallery_info("does-not-exist-xyz") is None
+
+
+def test_iter_vectors_batches_everything(store, gallery_name):
+    g = gallery_name
+    ids = [image_id(g, str(n).encode()) for n in range(257)]
+    for n, i in enumerate(ids):
+        store.put(g, i, vec(n))
+    seen = {}
+    batches = 0
+    for bid, bvec in store.iter_vectors(g, batch=50):
+        assert bid.dtype == np.int64 and bvec.dtype == np.float32 and bvec.shape == (len(bid), 8)
+        batches += 1
+        seen.update(zip(bid.tolist(), bvec))
+    assert batches >= 6 and set(seen) == set(ids)
+    np.testing.assert_array_equal(seen[ids[5]], vec(5))
+
+
+def test_delete_gallery_removes_all_keys(store, gallery_name):
+    g = gallery_name
+    for n in range(30):
+        store.put(g, image_id(g, bytes([n])), vec(n), {"camera_id": "1"})
+    assert store.delete_gallery(g, batch=7) is True
+    assert not store.gallery_exists(g)
+    assert list(store.r.scan_iter(match=f"reid:gallery:{g}*")) == []
+    assert store.delete_gallery(g) is False
+
+
+def test_concurrent_puts_of_same_image_create_once(store, gallery_name):
+    g = gallery_name
+    i = image_id(g, b"same")
+    results = []
+    barrier = threading.Barrier(8)
+
+    def worker():
+        s = RedisStore(store.r)  # redis-py clients are thread-safe (connection pool)
+        barrier.wait()
+        results.append(s.put(g, i, vec(0)))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] + [True] * 7
+
+
+def test_ping(store):
+    assert store.ping() is True
+
+
+def test_put_many_one_transaction_reports_existing(store, gallery_name):
+    g = gallery_name
+    store.put(g, 1, vec(1), {"camera_id": "a"})
+    out = store.put_many(g, [(1, vec(9), {"camera_id": "z"}), (2, vec(2), {"camera_id": "b"}),
+                             (3, vec(3), None), (2, vec(8), None)])
+    assert out == [True, False, False, True]
+    assert store.count(g) == 3
+    assert store.get(g, 1).metadata["camera_id"] == "a"
+    np.testing.assert_array_equal(store.get_vector(g, 2), vec(2))
+    events = store.r.xrange(store.k_events())
+    assert [e[1][b"id"] for e in events if e[1][b"gallery"] == g.encode()] == [b"1", b"2", b"3"]
