@@ -90,7 +90,7 @@ def evaluate_rankings(
     ranks = np.arange(1, max_rank + 1)
     cmc = (first_hit[:, None] <= ranks[None, :]).mean(axis=0)
 
-    precision_at_hit = np.where(matches, hits_before / position, 0.0)
+    precision_at_hit = np.divide(hits_before, position, out=np.zeros(position.shape), where=matches)
     ap = precision_at_hit.sum(axis=1) / num_rel
     last_hit = np.where(matches, position, 0).max(axis=1)
     inp = num_rel / last_hit

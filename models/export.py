@@ -78,6 +78,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
 
     out_dir = Path(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by other users (the container)
     try:
         onnx_path = staging / "encoder.onnx"
         export_onnx(encoder, spec, onnx_path)

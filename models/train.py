@@ -40,16 +40,22 @@ class TrainConfig:
     p: int = 8
     k: int = 4
     epochs: int = 6
-    lr: float = 3.5e-4
+    lr: float = 3.5e-4  # head (BNNeck + classifier)
+    # Pretrained backbone at a tenth of the head's rate: Adam moves every weight by ~lr per step, and
+    # EfficientNet-Lite's weights are small (mean |w| ~0.05), so 3.5e-4 erased the ImageNet features.
+    backbone_lr_factor: float = 0.1
+    # First epochs train only the new head (torchreid's "fixbase"): gradients from a random 1,408-way
+    # classifier are noise that would wreck the pretrained features before the head means anything.
+    freeze_backbone_epochs: int = 2
     weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    decay_epochs: list[int] = field(default_factory=lambda: [4])
+    warmup_epochs: float = 1
+    decay_epochs: list[int] = field(default_factory=lambda: [5])
     decay_factor: float = 0.1
     triplet_margin: float = 0.3
     label_smoothing: float = 0.1
     center_weight: float = 5e-4
     center_lr: float = 0.5
-    eval_every: int = 0  # epochs; 0 = only after the last epoch
+    eval_every: int = 2  # epochs; 0 = only after the last epoch
     seed: int = 0
     threads: int = 2  # torch intra-op threads; 0 = leave torch's default
     max_batches_per_epoch: int = 0  # 0 = full epochs; small values make quick smoke runs
@@ -132,7 +138,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
     ce = CrossEntropyLabelSmooth(len(label_names), cfg.label_smoothing)
     triplet = BatchHardTripletLoss(cfg.triplet_margin)
     center = CenterLoss(len(label_names), model.embedding_dim).to(ctx.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    optimizer = torch.optim.Adam([
+        {"params": model.backbone.parameters(), "lr_scale": cfg.backbone_lr_factor},
+        {"params": head, "lr_scale": 1.0},
+    ], lr=cfg.lr, weight_decay=cfg.weight_decay)
     center_optimizer = torch.optim.SGD(center.parameters(), lr=cfg.center_lr)
 
     start_epoch = 0
@@ -147,7 +157,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
         if ctx.is_main:
             print(f"resumed from {checkpoint_path} at epoch {start_epoch}")
 
-    net = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
+    if ctx.is_main and start_epoch == 0:
+        (run_dir / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    def wrap(frozen: bool):
+        """(Re)wrap for DDP whenever the set of trained parameters changes."""
+        for param in model.backbone.parameters():
+            param.requires_grad_(not frozen)
+        return torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
+
     sampler = PKBatchSampler([s.pid for s in samples], cfg.p, cfg.k, cfg.seed, ctx.rank, ctx.world_size)
     data = ImageSamples(samples, TrainTransform(spec, seed=cfg.seed * 1000 + ctx.rank))
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=0)
@@ -158,7 +175,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
     evaluation: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
+        frozen = epoch < cfg.freeze_backbone_epochs
+        net = wrap(frozen)
         net.train()
+        if frozen:
+            model.backbone.eval()  # keep the pretrained BN statistics while only the head learns
         batches = len(sampler) if not cfg.max_batches_per_epoch else min(len(sampler), cfg.max_batches_per_epoch)
         totals = {"loss": 0.0, "id": 0.0, "triplet": 0.0, "center": 0.0, "acc": 0.0}
         started = time.time()
@@ -167,7 +188,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
             if step >= batches:
                 break
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * learning_rate_factor(epoch + step / batches, cfg)
+                group["lr"] = cfg.lr * group["lr_scale"] * learning_rate_factor(epoch + step / batches, cfg)
             images, labels = images.to(ctx.device), labels.to(ctx.device)
             features, logits = net(images)
             id_loss, tri_loss = ce(logits, labels), triplet(features, labels)
@@ -186,7 +207,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
             for key, value in (("loss", loss.item()), ("id", id_loss.item()), ("triplet", tri_loss.item()),
                                ("center", center_loss.item()), ("acc", acc)):
                 totals[key] += value
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}", lr=f"{optimizer.param_groups[-1]['lr']:.1e}")
         record = {k: ctx.mean(v / max(1, batches)) for k, v in totals.items()}
         record.update(epoch=epoch + 1, seconds=round(time.time() - started, 1),
                       images_per_second=round(batches * cfg.p * cfg.k / (time.time() - started), 2))

@@ -14,6 +14,7 @@ from models.backbones import build_backbone
 from models.data.datasets import market1501
 from models.data.sampler import PKBatchSampler
 from models.data.transforms import InputSpec, TestTransform, TrainTransform
+from index.metrics import evaluate_features
 from models.features import evaluate_model
 from models.losses import BatchHardTripletLoss, CenterLoss, CrossEntropyLabelSmooth
 from models.reid_model import ReIDModel
@@ -26,13 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(root, n_train_ids=24, n_test_ids=20, cameras=3, images_per_id_per_cam=3, seed=1)
+    make_synthetic(root, n_train_ids=40, n_test_ids=20, cameras=3, images_per_id_per_cam=3, seed=1)
     return root
 
 
 def tiny_config(root, **overrides) -> TrainConfig:
-    cfg = TrainConfig(train_data=[str(root)], eval_data=[str(root)], height=96, width=48, p=8, k=4,
-                      epochs=4, warmup_epochs=1, decay_epochs=[3], max_batches_per_epoch=8, lr=1e-3, threads=2)
+    """A ResNet-18 from scratch at 64x32: small enough to learn visibly in about a minute on 2 cores."""
+    cfg = TrainConfig(train_data=[str(root)], eval_data=[str(root)], backbone="resnet18", pretrained=False,
+                      height=64, width=32, p=8, k=4, epochs=8, warmup_epochs=0.5, decay_epochs=[],
+                      freeze_backbone_epochs=0, backbone_lr_factor=1.0, lr=1e-3, eval_every=0, threads=2)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -109,26 +112,36 @@ def test_learning_rate_schedule():
     assert learning_rate_factor(6.5, cfg) == pytest.approx(0.01)
 
 
+def chance_map(dataset, trials: int = 5) -> float:
+    """mAP of random features: what 'above chance' is measured against."""
+    rng = np.random.default_rng(0)
+    q, g = dataset.query, dataset.gallery
+    return float(np.mean([
+        evaluate_features(rng.standard_normal((len(q), 8)), rng.standard_normal((len(g), 8)),
+                          [s.pid for s in q], [s.pid for s in g], [s.camid for s in q], [s.camid for s in g]).mAP
+        for _ in range(trials)
+    ]))
+
+
 def test_tiny_training_run_learns(synthetic, tmp_path):
     cfg = tiny_config(synthetic)
     dataset = market1501(synthetic)
-    torch.manual_seed(0)
-    untrained = ReIDModel(cfg.backbone, 24, pretrained=True, last_stride=1)
-    before = evaluate_model(untrained, dataset, cfg.input_spec(untrained.backbone))
-    after = train(cfg, tmp_path / "run", resume=False)[dataset.name]
+    torch.manual_seed(cfg.seed)
+    untrained = ReIDModel(cfg.backbone, 40, pretrained=False, last_stride=cfg.last_stride)
+    before = evaluate_model(untrained, dataset, cfg.input_spec(untrained.backbone)).mAP
+    after = train(cfg, tmp_path / "run", resume=False)[dataset.name]["mAP"]
 
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log]
-    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
-    n_ids = len({s.pid for s in dataset.gallery if s.pid > 0})
-    chance = 1 / n_ids
-    assert after["mAP"] > before.mAP + 0.05, (before.mAP, after["mAP"])
-    assert after["mAP"] > 5 * chance, after["mAP"]
+    assert len(losses) == cfg.epochs and losses[-1] < 0.7 * losses[0], losses
+    chance = chance_map(dataset)
+    assert after > before + 0.05, (before, after)
+    assert after > 2.5 * chance, (chance, after)
 
     # resume: a finished run does not train again, and the checkpoint reloads for export
     assert train(cfg, tmp_path / "run", resume=True) == {}
     model, spec, state = load_trained_model(tmp_path / "run" / "last.pt")
-    assert state["epoch"] == 4 and (spec.height, spec.width) == (96, 48)
+    assert state["epoch"] == cfg.epochs and (spec.height, spec.width) == (64, 32)
 
 
 def test_two_process_ddp_matches_one_process(synthetic, tmp_path):
@@ -136,6 +149,8 @@ def test_two_process_ddp_matches_one_process(synthetic, tmp_path):
     def run(nproc, run_dir):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "scripts.cli", "train", "--data", str(synthetic), "--eval-data", "--run-dir", str(run_dir),
+               "--backbone", "resnet18", "--pretrained", "false", "--freeze-backbone-epochs", "0",
+               "--backbone-lr-factor", "1", "--warmup-epochs", "0.5",
                "--height", "64", "--width", "32", "--epochs", "3", "--max-batches-per-epoch", "6",
                "--threads", "1", "--p", "8", "--k", "4", "--lr", "0.001", "--no-resume"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}

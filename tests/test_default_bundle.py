@@ -1,0 +1,20 @@
+"""The bundle that ships with the repository: small, intact, documented."""
+
+import json
+
+from models.export import sha256_file
+from service.bundle import load_bundle
+from service.settings import DEFAULT_BUNDLE_DIR
+
+
+def test_default_bundle_is_intact_and_documented():
+    bundle = load_bundle(DEFAULT_BUNDLE_DIR)  # refuses a card that does not match its files
+    card = json.loads((DEFAULT_BUNDLE_DIR / "model.json").read_text())
+    size = sum(p.stat().st_size for p in DEFAULT_BUNDLE_DIR.iterdir())
+    assert size < 25 * 1024 * 1024
+    assert card["files"]["encoder.onnx"] == sha256_file(DEFAULT_BUNDLE_DIR / "encoder.onnx")
+    assert bundle.embedding_dim == card["embedding_dim"]
+    for protocol in ("cuhk03/split0", "prid450s/split0", "prid2011/split0"):
+        figures = card["evaluation"][protocol]
+        assert {"mAP", "rank1", "rank5", "rank10"} <= set(figures)
+    assert set(card["training_data"]["datasets"]) == {"cuhk03", "prid450s", "prid2011", "viper-all"}
