@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .vector_index import l2_normalize
+
 JUNK_IDS = (-1, 0)
 
 
@@ -45,9 +47,7 @@ class RetrievalMetrics:
 
 def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """1 - cosine similarity, rows L2-normalised here so callers may pass raw features."""
-    q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
-    return 1.0 - q.astype(np.float32) @ g.astype(np.float32).T
+    return 1.0 - l2_normalize(query) @ l2_normalize(gallery).T
 
 
 def evaluate_rankings(

@@ -76,7 +76,7 @@ def cmd_serve(args) -> int:
 
     overrides = {k: v for k, v in (("data_dir", args.data_dir), ("model_dir", args.model_dir),
                                    ("redis_url", args.redis_url)) if v is not None}
-    run(Settings(**overrides), host=args.host, port=args.port)
+    run(Settings(**overrides), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--model-dir")
     p.add_argument("--redis-url")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ingest", help="upload a folder or a dataset part to a gallery over HTTP")

@@ -61,7 +61,8 @@ def run_demo(port: int = 8000, once: bool = False, data_dir: str | Path = "data/
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "REID_DATA_DIR": str(data_dir / "service")}
     env.pop("REID_REDIS_URL", None)  # the demo runs on embedded defaults
-    server = subprocess.Popen([sys.executable, "-m", "scripts.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "scripts.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                               "--log-level", "warning"],
                               env=env)
     try:
         with ReIDClient(url) as client:

@@ -15,14 +15,11 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from index.vector_index import l2_normalize
+
 from .bundle import Bundle, BundleError, load_bundle
 
 __all__ = ["Embedder", "preprocess", "l2_normalize"]
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)).astype(np.float32)
 
 
 def preprocess(image: Image.Image | np.ndarray, card_input: dict[str, Any]) -> np.ndarray:

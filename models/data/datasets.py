@@ -91,19 +91,28 @@ def custom_folder(root: str | Path) -> ReIDDataset:
     return ds
 
 
-def prid450s(root: str | Path, split: int = 0) -> ReIDDataset:
-    """450 ids, one image per camera (`IIIICCC.png`, 001 = A, 002 = B); 225/225; probe A, gallery B."""
-    root = Path(root)
-    samples = [Sample(str(p), int(p.stem[:4]), int(p.stem[4:])) for p in _images(root)]
-    train_ids, test_ids = split_identities([s.pid for s in samples], 225, split)
+def _probe_a_gallery_b(name: str, samples: list[Sample], n_train: int, split: int, protocol: str) -> ReIDDataset:
+    """Single-shot two-camera protocol: split identities, probe = camera 1 (A), gallery = camera 2 (B)."""
+    train_ids, test_ids = split_identities([s.pid for s in samples], n_train, split)
     train_set, test_set = set(train_ids), set(test_ids)
     return ReIDDataset(
-        name=f"prid450s/split{split}",
+        name=f"{name}/split{split}",
         train=[s for s in samples if s.pid in train_set],
         query=[s for s in samples if s.pid in test_set and s.camid == 1],
         gallery=[s for s in samples if s.pid in test_set and s.camid == 2],
-        protocol="prid450s: 225 train / 225 test ids, probe camera A, gallery camera B",
+        protocol=protocol,
     )
+
+
+def _id_then_camera_files(root: Path) -> list[Sample]:
+    """`IIIICCC.png` / `IIIICCCC.png`: 4-digit identity, then the camera number."""
+    return [Sample(str(p), int(p.stem[:4]), int(p.stem[4:])) for p in _images(Path(root))]
+
+
+def prid450s(root: str | Path, split: int = 0) -> ReIDDataset:
+    """450 ids, one image per camera (`IIIICCC.png`, 001 = A, 002 = B); 225/225; probe A, gallery B."""
+    return _probe_a_gallery_b("prid450s", _id_then_camera_files(root), 225, split,
+                              "prid450s: 225 train / 225 test ids, probe camera A, gallery camera B")
 
 
 def prid2011(root: str | Path, split: int = 0) -> ReIDDataset:
@@ -128,17 +137,8 @@ def prid2011(root: str | Path, split: int = 0) -> ReIDDataset:
 
 def viper(root: str | Path, split: int = 0) -> ReIDDataset:
     """This half of VIPeR: 316 ids (`IIIICCCC.png`, 0001 = A, 0002 = B); 158/158; probe A, gallery B."""
-    root = Path(root)
-    samples = [Sample(str(p), int(p.stem[:4]), int(p.stem[4:])) for p in _images(root)]
-    train_ids, test_ids = split_identities([s.pid for s in samples], 158, split)
-    train_set, test_set = set(train_ids), set(test_ids)
-    return ReIDDataset(
-        name=f"viper/split{split}",
-        train=[s for s in samples if s.pid in train_set],
-        query=[s for s in samples if s.pid in test_set and s.camid == 1],
-        gallery=[s for s in samples if s.pid in test_set and s.camid == 2],
-        protocol="viper (half): 158 train / 158 test ids, probe A, gallery B",
-    )
+    return _probe_a_gallery_b("viper", _id_then_camera_files(root), 158, split,
+                              "viper (half): 158 train / 158 test ids, probe A, gallery B")
 
 
 def viper_all(root: str | Path) -> ReIDDataset:
