@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from index.metrics import RetrievalMetrics, evaluate_features
+from index.metrics import JUNK_IDS, RetrievalMetrics, evaluate_features
 
 from .data.datasets import ReIDDataset, Sample
 from .data.transforms import InputSpec, TestTransform, load_rgb
@@ -38,17 +38,57 @@ class BundleEncoder:
         return np.concatenate(chunks)
 
 
-def evaluate_bundle(bundle_dir: str | Path, dataset: ReIDDataset, encoder: BundleEncoder | None = None) -> RetrievalMetrics:
+def embed_protocol(encoder: BundleEncoder, dataset: ReIDDataset) -> tuple[np.ndarray, np.ndarray]:
     if not dataset.query or not dataset.gallery:
         raise ValueError(f"{dataset.name} has no query/gallery split to evaluate")
-    encoder = encoder or BundleEncoder(bundle_dir)
-    q = encoder.embed(dataset.query, f"{dataset.name} query")
-    g = encoder.embed(dataset.gallery, f"{dataset.name} gallery")
+    return (encoder.embed(dataset.query, f"{dataset.name} query"),
+            encoder.embed(dataset.gallery, f"{dataset.name} gallery"))
+
+
+def evaluate_bundle(bundle_dir: str | Path, dataset: ReIDDataset, encoder: BundleEncoder | None = None,
+                    ranklist: str | Path | None = None) -> RetrievalMetrics:
+    """Metrics of the bundle on the dataset's protocol; optionally a rank-list picture."""
+    q, g = embed_protocol(encoder or BundleEncoder(bundle_dir), dataset)
+    if ranklist:
+        plot_ranklist(q, g, dataset, ranklist)
     return evaluate_features(
         q, g,
         [s.pid for s in dataset.query], [s.pid for s in dataset.gallery],
         [s.camid for s in dataset.query], [s.camid for s in dataset.gallery],
     )
+
+
+def plot_ranklist(q: np.ndarray, g: np.ndarray, dataset: ReIDDataset, path: str | Path, queries: int = 8,
+                  top_k: int = 10, thumb: tuple[int, int] = (48, 96)) -> Path:
+    """A grid: each row one query, then its top-k gallery images (same-identity-same-camera entries
+    and junk skipped, as in the protocol), framed green for the right person, red otherwise."""
+    from PIL import Image, ImageDraw
+
+    w, h = thumb
+    rows = dataset.query[:queries]
+    canvas = Image.new("RGB", ((top_k + 1) * (w + 6) + 8, len(rows) * (h + 8)), "white")
+    draw = ImageDraw.Draw(canvas)
+    scores = q[: len(rows)] @ g.T
+    for r, query in enumerate(rows):
+        y = r * (h + 8) + 4
+        canvas.paste(load_rgb(query.path).resize(thumb), (2, y))
+        draw.rectangle([1, y - 1, w + 2, y + h], outline="black", width=2)
+        shown = 0
+        for j in np.argsort(-scores[r]):
+            cand = dataset.gallery[j]
+            if cand.pid in JUNK_IDS or (cand.pid == query.pid and cand.camid == query.camid):
+                continue
+            x = (shown + 1) * (w + 6) + 8
+            canvas.paste(load_rgb(cand.path).resize(thumb), (x, y))
+            draw.rectangle([x - 2, y - 2, x + w + 1, y + h + 1], outline="green" if cand.pid == query.pid else "red",
+                           width=3)
+            shown += 1
+            if shown == top_k:
+                break
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
 
 
 def plot_cmc(results: dict[str, RetrievalMetrics], path: str | Path, max_rank: int = 20) -> Path:

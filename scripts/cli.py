@@ -53,7 +53,8 @@ def cmd_evaluate(args) -> int:
     for name in args.data:
         for split in args.splits:
             dataset = load_dataset(name, split)
-            metrics = evaluate_bundle(args.bundle, dataset, encoder)
+            ranklist = Path(args.ranklists) / f"{dataset.name.replace('/', '-')}.png" if args.ranklists else None
+            metrics = evaluate_bundle(args.bundle, dataset, encoder, ranklist=ranklist)
             results[dataset.name] = metrics
             print(f"{dataset.name}: {metrics.summary()}")
     if args.plot:
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", type=int, default=[0])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--plot", help="write CMC curves to this PNG")
+    p.add_argument("--ranklists", help="folder for rank-list pictures (first queries and their top 10)")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--write-card", action="store_true", help="record the figures in the bundle's model.json")
     p.set_defaults(func=cmd_evaluate)
