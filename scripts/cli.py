@@ -23,6 +23,8 @@ def cmd_train(args) -> int:
             setattr(cfg, key, value)
     if args.data:
         cfg.train_data = args.data
+    if args.decay_epochs is not None:
+        cfg.decay_epochs = args.decay_epochs
     if args.eval_data is not None:
         cfg.eval_data = args.eval_data
     if args.pretrained is not None:
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/default")
     p.add_argument("--no-resume", action="store_true", help="start over even if run-dir has a checkpoint")
     p.add_argument("--pretrained", help="true (packaged ImageNet weights), false, or a state_dict path")
+    p.add_argument("--decay-epochs", nargs="*", type=int, help="epochs at which the learning rate drops 10x")
     for name, typ in (("epochs", int), ("backbone", str), ("height", int), ("width", int), ("p", int), ("k", int),
                       ("lr", float), ("seed", int), ("split", int), ("last-stride", int), ("eval-every", int),
                       ("threads", int), ("max-batches-per-epoch", int), ("freeze-backbone-epochs", int),
