@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from index.redis_server import free_port
 from models.data.datasets import ReIDDataset, load_dataset, market1501, shared_data_dir
 from service.client import ReIDClient, metadata_for_samples
 
@@ -19,12 +20,6 @@ GALLERY = "demo"
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_dataset(data_dir: Path) -> ReIDDataset:

@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from index.redis_server import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_once_prints_a_ranked_answer_and_the_url(tmp_path):
-    from scripts.demo import free_port
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
     done = subprocess.run([sys.executable, "-m", "scripts.cli", "demo", "--once", "--port", str(free_port()),
                            "--data-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,

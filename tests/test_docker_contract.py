@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from index.redis_server import free_port
 
 yaml = pytest.importorskip("yaml", reason="PyYAML (dev extra) is needed to read docker-compose.yml")
 
@@ -87,12 +88,6 @@ def healthcheck_cmd(parsed) -> list[str]:
     m = re.search(r"\bCMD\s+(\[.*\])\s*$", hc)
     assert m, f"HEALTHCHECK must use the exec form CMD [...]: {hc}"
     return exec_form(m.group(1))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reid_executable() -> Path | None:
