@@ -160,6 +160,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
 
     if ctx.is_main and start_epoch == 0:
         (run_dir / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+
     def wrap(frozen: bool):
         """(Re)wrap for DDP whenever the set of trained parameters changes."""
         for param in model.backbone.parameters():
