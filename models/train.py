@@ -175,10 +175,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
               + "; ".join(ds.describe() for ds in train_sets))
 
     evaluation: dict = {}
+    net, net_frozen = None, None
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         frozen = epoch < cfg.freeze_backbone_epochs
-        net = wrap(frozen)
+        if frozen != net_frozen:
+            net, net_frozen = wrap(frozen), frozen
         net.train()
         if frozen:
             model.backbone.eval()  # keep the pretrained BN statistics while only the head learns
