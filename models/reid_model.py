@@ -1,4 +1,7 @@
-"""Backbone + global average pooling + BNNeck (Luo et al. 2019).
+"""Backbone + global average pooling (+ optional linear projection) + BNNeck (Luo et al. 2019).
+
+The projection is NFormer's encoder (`Baseline` in the official code: 2048 -> 256): the Neighbor Transformer
+works on the projected features, and a 256-d index is five times cheaper to search than 1280-d.
 
 Training returns (pre-BN feature for the metric losses, logits for the ID loss); inference returns the
 post-BN feature, which is what gets exported and searched."""
@@ -12,10 +15,14 @@ from .backbones import build_backbone
 
 
 class ReIDModel(nn.Module):
-    def __init__(self, backbone: str, num_classes: int, pretrained=False, last_stride: int = 1):
+    def __init__(self, backbone: str, num_classes: int, pretrained=False, last_stride: int = 1,
+                 embedding_dim: int = 0):
         super().__init__()
         self.backbone = build_backbone(backbone, pretrained=pretrained, last_stride=last_stride)
         dim = self.backbone.out_channels
+        # 0 keeps the backbone's width; otherwise Linear(width -> embedding_dim) with bias, default init
+        self.projection = nn.Linear(dim, embedding_dim) if embedding_dim else nn.Identity()
+        dim = embedding_dim or dim
         self.bottleneck = nn.BatchNorm1d(dim)
         self.bottleneck.bias.requires_grad_(False)  # BNNeck: no shift, as in the strong baseline
         self.classifier = nn.Linear(dim, num_classes, bias=False)
@@ -23,7 +30,7 @@ class ReIDModel(nn.Module):
         self.embedding_dim = dim
 
     def forward(self, images: torch.Tensor):
-        global_feature = self.backbone(images).mean(dim=(2, 3))
+        global_feature = self.projection(self.backbone(images).mean(dim=(2, 3)))
         bn_feature = self.bottleneck(global_feature)
         if self.training:
             return global_feature, self.classifier(bn_feature)

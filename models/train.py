@@ -34,6 +34,7 @@ class TrainConfig:
     backbone: str = "efficientnet_lite0"
     pretrained: str | bool = True
     last_stride: int = 1  # the ReID convention: the last stage keeps its resolution
+    embedding_dim: int = 256  # NFormer's width (the official encoder projects 2048 -> 256); 0 = backbone width
     # 128x64 rather than 256x128: ~4x faster on 2 CPU cores, and the shared images are 48-64 px wide
     # (PRID450S excepted), so a larger input only upsamples
     height: int = 128
@@ -133,7 +134,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
 
     train_sets = [load_dataset(name, cfg.split) for name in cfg.train_data]
     samples, label_names = combine_for_training(train_sets)
-    model = ReIDModel(cfg.backbone, len(label_names), cfg.pretrained, cfg.last_stride).to(ctx.device)
+    model = ReIDModel(cfg.backbone, len(label_names), cfg.pretrained, cfg.last_stride,
+                      cfg.embedding_dim).to(ctx.device)
     spec = cfg.input_spec(model.backbone)
 
     ce = CrossEntropyLabelSmooth(len(label_names), cfg.label_smoothing)
@@ -251,7 +253,8 @@ def save_checkpoint(path: Path, model, center, optimizer, center_optimizer, epoc
 def load_trained_model(checkpoint: str | Path, device: str = "cpu") -> tuple[ReIDModel, InputSpec, dict]:
     state = torch.load(checkpoint, map_location=device, weights_only=False)
     cfg = state["config"]
-    model = ReIDModel(cfg["backbone"], state["num_classes"], pretrained=False, last_stride=cfg["last_stride"])
+    model = ReIDModel(cfg["backbone"], state["num_classes"], pretrained=False, last_stride=cfg["last_stride"],
+                      embedding_dim=cfg.get("embedding_dim", 0))
     model.load_state_dict(state["model"])
     model.eval()
     inp = state["input"]

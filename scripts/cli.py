@@ -17,7 +17,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig()
     for key in ("epochs", "backbone", "height", "width", "p", "k", "lr", "seed", "split", "last_stride",
                 "eval_every", "threads", "max_batches_per_epoch", "freeze_backbone_epochs",
-                "backbone_lr_factor", "warmup_epochs"):
+                "backbone_lr_factor", "warmup_epochs", "embedding_dim"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="true (packaged ImageNet weights), false, or a state_dict path")
     p.add_argument("--decay-epochs", nargs="*", type=int, help="epochs at which the learning rate drops 10x")
     for name, typ in (("epochs", int), ("backbone", str), ("height", int), ("width", int), ("p", int), ("k", int),
-                      ("lr", float), ("seed", int), ("split", int), ("last-stride", int), ("eval-every", int),
+                      ("embedding-dim", int), ("lr", float), ("seed", int), ("split", int), ("last-stride", int), ("eval-every", int),
                       ("threads", int), ("max-batches-per-epoch", int), ("freeze-backbone-epochs", int),
                       ("backbone-lr-factor", float), ("warmup-epochs", float)):
         p.add_argument(f"--{name}", type=typ)
