@@ -78,3 +78,76 @@ class NeighborTransformer:
         landmarks = sample_landmarks(n, self.spec.layers, self.spec.landmarks, self.spec.landmark_seed)
         return self.session.run(["refined"], {"features": features, "neighbors": neighbors,
                                               "landmarks": landmarks})[0]
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class Refiner:
+    """Scores queries against gallery features under one of `MODES`.
+
+    `nformer` maps L2-normalised features [N,D] to refined, L2-normalised [N,D] (a `NeighborTransformer`, or
+    any callable with that contract, e.g. the torch module during training). `candidates` is K of `local` and
+    `kreciprocal` (0 = the whole gallery); `expand` adds each candidate's own `expand` nearest gallery
+    neighbours to the set `local` refines."""
+
+    def __init__(self, nformer=None, candidates: int = 200, expand: int = 0,
+                 k1: int = 20, k2: int = 6, lambda_value: float = 0.3):
+        self.nformer, self.candidates, self.expand = nformer, candidates, expand
+        self.k1, self.k2, self.lambda_value = k1, k2, lambda_value
+
+    def similarities(self, mode: str, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+        """[Q,G], higher = more alike. Outside the candidate set of `local`/`kreciprocal`, gallery entries keep
+        their cosine, shifted below every candidate (the ranking a service returns past its K)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown refine mode {mode!r}; one of {', '.join(MODES)}")
+        query, gallery = _normalize(np.asarray(query, np.float32)), _normalize(np.asarray(gallery, np.float32))
+        cosine = query @ gallery.T
+        if mode == "none" or len(gallery) == 0:
+            return cosine
+        if mode == "kreciprocal" and not self.candidates:  # the classic: all queries and the whole gallery
+            from .rerank import k_reciprocal_rerank
+
+            return 1.0 - k_reciprocal_rerank(query, gallery, self.k1, self.k2, self.lambda_value)
+        if mode == "joint":
+            refined = self._run(np.concatenate([query, gallery]))
+            return refined[: len(query)] @ refined[len(query):].T
+        out = cosine - 10.0  # cosine lies in [-1, 1], candidate scores too: -10 puts the rest below them
+        for qi in range(len(query)):
+            candidates = self.candidate_ids(cosine[qi], gallery)
+            out[qi, candidates] = self.rerank(mode, query[qi:qi + 1], gallery[candidates])[0]
+        return out
+
+    def candidate_ids(self, cosine_row: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+        k = len(cosine_row) if not self.candidates else min(self.candidates, len(cosine_row))
+        top = np.argpartition(-cosine_row, k - 1)[:k] if k < len(cosine_row) else np.arange(len(cosine_row))
+        top = top[np.argsort(-cosine_row[top], kind="stable")]
+        if self.expand:
+            neighbours = topk_neighbors_of(gallery[top], gallery, self.expand + 1)
+            top = np.concatenate([top, np.setdiff1d(np.unique(neighbours), top)])
+        return top
+
+    def rerank(self, mode: str, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """[Q,C] refined similarities of queries to candidate features (what the service calls after FAISS)."""
+        if mode == "local":
+            refined = self._run(np.concatenate([query, candidates]))
+            return refined[: len(query)] @ refined[len(query):].T
+        if mode == "kreciprocal":
+            from .rerank import k_reciprocal_rerank
+
+            # distance in [0, ~1.3] -> similarity in the cosine's range, higher = better
+            return 1.0 - k_reciprocal_rerank(query, candidates, self.k1, self.k2, self.lambda_value)
+        return query @ candidates.T
+
+    def _run(self, features: np.ndarray) -> np.ndarray:
+        if self.nformer is None:
+            raise ValueError("this model bundle has no nformer.onnx: only refine=none and kreciprocal")
+        return self.nformer(features)
+
+
+def topk_neighbors_of(rows: np.ndarray, base: np.ndarray, k: int) -> np.ndarray:
+    """[R,k] indices into `base` of each row's k most similar entries."""
+    sims = rows @ base.T
+    k = min(k, base.shape[0])
+    return np.argpartition(-sims, k - 1, axis=1)[:, :k]

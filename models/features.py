@@ -15,9 +15,11 @@ from .data.transforms import InputSpec, TestTransform, load_rgb
 
 @torch.no_grad()
 def extract_features(model, samples: list[Sample], spec: InputSpec, batch_size: int = 64,
-                     device: str = "cpu", desc: str = "features") -> np.ndarray:
+                     device: str = "cpu", desc: str = "features", transform=None) -> np.ndarray:
+    """Eval-mode features; `transform` defaults to the test transform (NFormer's feature bank passes the
+    training augmentation)."""
     model.eval()
-    transform = TestTransform(spec)
+    transform = transform or TestTransform(spec)
     chunks = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False):
         batch = np.stack([transform(load_rgb(s.path)) for s in samples[start:start + batch_size]])

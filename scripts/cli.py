@@ -9,9 +9,11 @@ from pathlib import Path
 
 
 def cmd_train(args) -> int:
-    if args.method != "supervised":
-        print(f"reid train: method {args.method!r} is not available yet (supervised only)", file=sys.stderr)
+    if args.method == "gracl":
+        print("reid train: method 'gracl' is not available yet", file=sys.stderr)
         return 2
+    if args.method == "nformer" and args.encoder:
+        return train_stage2(args, args.encoder)  # stage 2 on an existing encoder checkpoint
     from models.train import TrainConfig, train
 
     cfg = TrainConfig()
@@ -31,6 +33,24 @@ def cmd_train(args) -> int:
         cfg.pretrained = {"true": True, "false": False}.get(args.pretrained.lower(), args.pretrained)
     results = train(cfg, args.run_dir, resume=not args.no_resume)
     print(json.dumps({name: {"mAP": m["mAP"], **m["ranks"]} for name, m in results.items()}, indent=2))
+    if args.method == "nformer":
+        return train_stage2(args, Path(args.run_dir) / "last.pt")
+    return 0
+
+
+def train_stage2(args, encoder_checkpoint) -> int:
+    from models.nformer_train import NFormerTrainConfig, train_nformer
+
+    cfg = NFormerTrainConfig()
+    for key in ("nformer_epochs", "sequence_length", "steps_per_epoch", "nformer_lr", "input_norm", "seed",
+                "threads", "landmarks", "topk"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(cfg, key.removeprefix("nformer_") if key.startswith("nformer_") else key, value)
+    if args.eval_data is not None:
+        cfg.eval_data = args.eval_data
+    results = train_nformer(encoder_checkpoint, args.run_dir, cfg, resume=not args.no_resume)
+    print(json.dumps(results, indent=2))
     return 0
 
 
@@ -160,9 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if run-dir has a checkpoint")
     p.add_argument("--pretrained", help="true (packaged ImageNet weights), false, or a state_dict path")
     p.add_argument("--decay-epochs", nargs="*", type=int, help="epochs at which the learning rate drops 10x")
+    p.add_argument("--encoder", help="--method nformer: run stage 2 only, on this encoder checkpoint")
+    for name, typ in (("nformer-epochs", int), ("sequence-length", int), ("steps-per-epoch", int),
+                      ("nformer-lr", float), ("landmarks", int), ("topk", int)):
+        p.add_argument(f"--{name}", type=typ, help="NFormer stage 2")
+    p.add_argument("--input-norm", choices=["l2", "raw"], help="NFormer stage 2 input convention")
     for name, typ in (("epochs", int), ("backbone", str), ("height", int), ("width", int), ("p", int), ("k", int),
-                      ("embedding-dim", int), ("lr", float), ("seed", int), ("split", int), ("last-stride", int), ("eval-every", int),
-                      ("threads", int), ("max-batches-per-epoch", int), ("freeze-backbone-epochs", int),
+                      ("embedding-dim", int), ("lr", float), ("seed", int), ("split", int), ("last-stride", int),
+                      ("eval-every", int), ("threads", int), ("max-batches-per-epoch", int), ("freeze-backbone-epochs", int),
                       ("backbone-lr-factor", float), ("warmup-epochs", float)):
         p.add_argument(f"--{name}", type=typ)
     p.set_defaults(func=cmd_train)
