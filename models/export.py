@@ -2,8 +2,12 @@
 output `features` [B,D], L2-normalised) and the `model.json` card with preprocessing, dims, recipe,
 training data, evaluation figures and the sha256 of each file.
 
-The export is checked: torch and ONNX Runtime must agree at batch 1 and 8 on real images (rtol 1e-3,
-atol 1e-5), otherwise no bundle is written."""
+With an NFormer stage-2 checkpoint the bundle also gets `nformer.onnx`: inputs `features` [N,D] (L2-normalised),
+`neighbors` [N,k'] (each row's top-k' by cosine, itself included, k' = min(k, N)) and `landmarks` [layers,L']
+(L' = min(L, N)); output `refined` [N,D], L2-normalised. N, k' and L' are dynamic.
+
+The export is checked: torch and ONNX Runtime must agree on the encoder at batch 1 and 8 on real images, and
+on the NFormer at several N (below and above k), rtol 1e-3, atol 1e-5; otherwise no bundle is written."""
 
 from __future__ import annotations
 
@@ -19,7 +23,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from index.refine import sample_landmarks, topk_neighbors
+
 from .data.transforms import InputSpec, TestTransform, load_rgb
+from .nformer import ExportableNFormer
+from .nformer_train import load_trained_nformer
 from .reid_model import NormalizedEncoder
 from .train import load_trained_model
 
@@ -66,8 +74,62 @@ def check_onnx_matches_torch(encoder, onnx_path: Path, images: np.ndarray) -> di
     return report
 
 
+NFORMER_CHECK_SIZES = (1, 2, 7, 20, 64, 301)
+
+
+def export_nformer(nformer, path: Path) -> None:
+    n, k, layers, count = 64, nformer.cfg.topk, nformer.cfg.layers, nformer.cfg.landmarks
+    features = torch.nn.functional.normalize(torch.randn(n, nformer.cfg.dim), dim=1)
+    neighbors = torch.from_numpy(topk_neighbors(features.numpy(), k))
+    landmarks = torch.from_numpy(sample_landmarks(n, layers, count))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ExportableNFormer(nformer), (features, neighbors, landmarks), str(path),
+            input_names=["features", "neighbors", "landmarks"], output_names=["refined"],
+            dynamic_axes={"features": {0: "n"}, "neighbors": {0: "n", 1: "k"}, "landmarks": {1: "l"},
+                          "refined": {0: "n"}},
+            opset_version=17, dynamo=False,
+        )
+
+
+def check_nformer_matches_torch(nformer, onnx_path: Path, sizes=NFORMER_CHECK_SIZES, seed: int = 0) -> dict:
+    """Clustered random features (so reciprocal neighbourhoods are non-trivial) at each N."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    exportable, rng, report = ExportableNFormer(nformer), np.random.default_rng(seed), {}
+    for n in sizes:
+        centres = rng.standard_normal((max(1, n // 5), nformer.cfg.dim))
+        x = centres[rng.integers(len(centres), size=n)] + 0.5 * rng.standard_normal((n, nformer.cfg.dim))
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        inputs = {"features": x, "neighbors": topk_neighbors(x, nformer.cfg.topk),
+                  "landmarks": sample_landmarks(n, nformer.cfg.layers, nformer.cfg.landmarks)}
+        with torch.no_grad():
+            expected = exportable(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+        got = session.run(["refined"], inputs)[0]
+        max_abs = float(np.abs(got - expected).max())
+        report[f"n{n}_max_abs_diff"] = max_abs
+        if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL):
+            raise ExportMismatch(f"nformer.onnx differs from torch at N={n}: max |diff| {max_abs:.2e}")
+    return report
+
+
+def nformer_card(nformer, state: dict, parity: dict) -> dict:
+    return {
+        **nformer.cfg.card(),
+        "inputs": {"features": "[N, D] float32, L2-normalised encoder features",
+                   "neighbors": "[N, k'] int64, each row's top-k' by cosine (itself included), k' = min(topk, N)",
+                   "landmarks": "[layers, L'] int64, distinct token indices per layer, L' = min(landmarks, N)"},
+        "output": "refined [N, D], L2-normalised post-BN NFormer features",
+        "landmark_rule": "numpy default_rng(landmark_seed).choice(N, L', replace=False), once per layer",
+        "stage2": state["config"],
+        "stage2_epochs_trained": state["epoch"],
+        "export_check": {"rtol": RTOL, "atol": ATOL, **parity},
+    }
+
+
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: list[str], name: str = "reid-model",
-                  version: str | None = None, extra_card: dict | None = None) -> dict:
+                  version: str | None = None, extra_card: dict | None = None,
+                  nformer_checkpoint: str | Path | None = None) -> dict:
     """Write the bundle to `out_dir` (replacing it only once everything checked out). Returns the card."""
     if not check_images:
         raise ValueError("export needs real images to check ONNX Runtime against torch")
@@ -101,6 +163,17 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
             "files": {"encoder.onnx": sha256_file(onnx_path)},
             **(extra_card or {}),
         }
+        if nformer_checkpoint:
+            nformer = load_trained_nformer(nformer_checkpoint)
+            if nformer.cfg.dim != model.embedding_dim:
+                raise ValueError(f"NFormer width {nformer.cfg.dim} != encoder embedding {model.embedding_dim}")
+            nformer_path = staging / "nformer.onnx"
+            export_nformer(nformer, nformer_path)
+            parity = check_nformer_matches_torch(nformer, nformer_path)
+            state = torch.load(nformer_checkpoint, map_location="cpu", weights_only=False)
+            card["nformer"] = nformer_card(nformer, state, parity)
+            card["outputs"]["nformer.onnx"] = card["nformer"]["output"]
+            card["files"]["nformer.onnx"] = sha256_file(nformer_path)
         (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

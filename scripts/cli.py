@@ -60,7 +60,8 @@ def cmd_export(args) -> int:
 
     dataset = load_dataset(args.check_data)
     check_images = [s.path for s in (dataset.query + dataset.gallery + dataset.train)[:8]]
-    card = export_bundle(args.checkpoint, args.out, check_images, name=args.name, version=args.version)
+    card = export_bundle(args.checkpoint, args.out, check_images, name=args.name, version=args.version,
+                         nformer_checkpoint=args.nformer)
     print(f"wrote {args.out}: {card['name']} {card['version']}, dim {card['embedding_dim']}, "
           f"check {card['export_check']}")
     return 0
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="reid-default")
     p.add_argument("--version")
     p.add_argument("--check-data", default="prid2011", help="dataset whose real images check the export")
+    p.add_argument("--nformer", help="NFormer stage-2 checkpoint (nformer.pt) to export as nformer.onnx")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="mAP / CMC of a bundle on standard protocols")
