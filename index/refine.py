@@ -97,6 +97,9 @@ class Refiner:
         self.nformer, self.candidates, self.expand = nformer, candidates, expand
         self.k1, self.k2, self.lambda_value = k1, k2, lambda_value
 
+    def with_candidates(self, candidates: int) -> "Refiner":
+        return Refiner(self.nformer, candidates, self.expand, self.k1, self.k2, self.lambda_value)
+
     def similarities(self, mode: str, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
         """[Q,G], higher = more alike. Outside the candidate set of `local`/`kreciprocal`, gallery entries keep
         their cosine, shifted below every candidate (the ranking a service returns past its K)."""

@@ -34,7 +34,8 @@ def encoder_throughput(bundle_dir: Path, batch_sizes=(1, 8, 32), seconds: float 
     h, w = card["input"]["height"], card["input"]["width"]
     session = ort.InferenceSession(str(bundle_dir / "encoder.onnx"), providers=["CPUExecutionProvider"])
     results = {"onnxruntime": {}, "torch_eager": {}}
-    model = NormalizedEncoder(ReIDModel(card["backbone"], 1, last_stride=card["recipe"]["last_stride"])).eval()
+    model = NormalizedEncoder(ReIDModel(card["backbone"], 1, last_stride=card["recipe"]["last_stride"],
+                                        embedding_dim=card["recipe"].get("embedding_dim", 0))).eval()
     for batch in batch_sizes:
         x = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
         results["onnxruntime"][batch] = _rate(lambda: session.run(["features"], {"images": x}), batch, seconds)

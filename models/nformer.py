@@ -226,7 +226,8 @@ class ExportableNFormer(nn.Module):
 
     def __init__(self, nformer: NFormer):
         super().__init__()
-        self.nformer = nformer.eval()
+        self.nformer = nformer
+        self.eval()  # the exporter restores the wrapper's mode afterwards: make that mode eval
 
     def forward(self, features, neighbors, landmarks):
         refined = self.nformer(features[None], landmarks=landmarks, neighbors=neighbors[None])[0]

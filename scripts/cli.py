@@ -72,6 +72,8 @@ def cmd_evaluate(args) -> int:
     from models.evaluate import BundleEncoder, evaluate_bundle, plot_cmc
 
     encoder = BundleEncoder(args.bundle, threads=args.threads)
+    if args.refine:
+        return evaluate_refinement(args, encoder)
     results = {}
     for name in args.data:
         for split in args.splits:
@@ -82,8 +84,7 @@ def cmd_evaluate(args) -> int:
             print(f"{dataset.name}: {metrics.summary()}")
     if args.plot:
         print(f"CMC plot: {plot_cmc(results, args.plot)}")
-    summary = {name: {"mAP": m.mAP, "mINP": m.mINP, **m.ranks, "queries": m.evaluated_queries,
-                      "skipped_queries": m.skipped_queries} for name, m in results.items()}
+    summary = {name: metrics_summary(m) for name, m in results.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     if args.write_card:
@@ -91,6 +92,59 @@ def cmd_evaluate(args) -> int:
 
         update_card_evaluation(args.bundle, summary)
         print(f"recorded in {Path(args.bundle) / 'model.json'}")
+    return 0
+
+
+def metrics_summary(m) -> dict:
+    return {"mAP": m.mAP, "mINP": m.mINP, **m.ranks, "queries": m.evaluated_queries,
+            "skipped_queries": m.skipped_queries}
+
+
+def evaluate_refinement(args, encoder) -> int:
+    """Every refine mode on every protocol (same split, same model), optionally per-query latency at
+    several gallery sizes and the joint-refinement cost at large N; one markdown report."""
+    import numpy as np
+
+    from models.data.datasets import load_dataset
+    from models.evaluate import embed_protocol
+    from models.refine_eval import (bundle_refiner, evaluate_modes, joint_cost, latency_markdown,
+                                    refinement_latency, results_markdown)
+
+    refiner = bundle_refiner(args.bundle, threads=args.threads)
+    results, real = {}, []
+    for name in args.data:
+        for split in args.splits:
+            dataset = load_dataset(name, split)
+            q, g = embed_protocol(encoder, dataset)
+            real += [q, g]
+            results[dataset.name] = evaluate_modes(refiner, dataset, q, g, args.refine, args.candidates)
+            for label, m in results[dataset.name].items():
+                print(f"{dataset.name} {label}: {m.summary()}")
+    report = {"refinement": {name: {label: metrics_summary(m) for label, m in by.items()}
+                             for name, by in results.items()}}
+    markdown = ["## Refinement modes (rank-1 / mAP, %)", "", results_markdown(results)]
+    if args.latency_sizes:
+        latency = refinement_latency(refiner, np.concatenate(real), sizes=args.latency_sizes, candidates=args.candidates)
+        report["refinement_latency_ms"] = latency
+        markdown += ["## Per-query latency (p50; exact search + refinement; joint uses a cached gallery k-NN graph)",
+                     "", latency_markdown(latency)]
+    if args.joint_cost:
+        cost = joint_cost(args.bundle, args.joint_cost, threads=args.threads or 2)
+        report["joint_cost"] = {"n": args.joint_cost, **cost}
+        markdown += [f"## Joint refinement of N = {args.joint_cost:,} features", "",
+                     "| path | seconds | peak RSS |", "|---|---|---|"]
+        markdown += [f"| {p} | {c.get('seconds', float('nan')):.1f} | {c.get('peak_rss_mb', float('nan')):.0f} MB |"
+                     if "error" not in c else f"| {p} | failed: {c['error']} | |" for p, c in cost.items()]
+    text = "\n".join(markdown) + "\n"
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.write_card:
+        from models.export import update_card_evaluation
+
+        update_card_evaluation(args.bundle, report)
     return 0
 
 
@@ -211,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranklists", help="folder for rank-list pictures (first queries and their top 10)")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--write-card", action="store_true", help="record the figures in the bundle's model.json")
+    p.add_argument("--refine", nargs="+", choices=["none", "joint", "local", "kreciprocal"],
+                   help="evaluate these refinement modes (local at every --candidates K)")
+    p.add_argument("--candidates", nargs="+", type=int, default=[50, 100, 200, 500], help="K of local")
+    p.add_argument("--latency-sizes", nargs="*", type=int, help="also time each mode at these gallery sizes")
+    p.add_argument("--joint-cost", type=int, help="also measure joint refinement at this N, sparse vs dense")
+    p.add_argument("--markdown", help="write the refinement report (markdown) here")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="run the HTTP service")
