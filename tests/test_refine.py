@@ -86,9 +86,7 @@ def test_modes_keep_their_contracts(nformer_onnx):
         # candidates in cosine order: landmarks are token positions, so the order is part of the input
         expected = refiner.rerank("local", query[qi:qi + 1], gallery[top20])[0]
         np.testing.assert_allclose(local[qi, top20], expected, rtol=1e-5, atol=1e-6)
-    # K = whole gallery, one query: local is joint with that one query
-    whole = refiner.with_candidates(0).similarities("local", query[:1], gallery)
-    np.testing.assert_allclose(whole, refiner.similarities("joint", query[:1], gallery), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(local, refiner.similarities("local", query, gallery))  # repeatable
     with pytest.raises(ValueError, match="nformer"):
         Refiner(None).similarities("joint", query, gallery)
     with pytest.raises(ValueError, match="unknown refine mode"):
