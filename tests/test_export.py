@@ -35,7 +35,7 @@ def test_export_writes_a_checked_bundle_the_service_loads(checkpoint, tmp_path):
     assert card["files"]["encoder.onnx"] == sha256_file(out / "encoder.onnx")
     assert card["input"] == {"height": 64, "width": 32, "channel_order": "RGB", "scale": "1/255",
                              "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-    assert card["embedding_dim"] == 1280 and card["normalized"] is True
+    assert card["embedding_dim"] == 256 and card["normalized"] is True  # the projection of the recipe
     assert card["export_check"]["batch8_max_abs_diff"] < 1e-4
     assert json.loads((out / "model.json").read_text()) == card
 
@@ -43,7 +43,7 @@ def test_export_writes_a_checked_bundle_the_service_loads(checkpoint, tmp_path):
     session = ort.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 3, 17):
         feats = session.run(["features"], {"images": np.zeros((batch, 3, 64, 32), np.float32)})[0]
-        assert feats.shape == (batch, 1280)
+        assert feats.shape == (batch, 256)
         assert np.allclose(np.linalg.norm(feats, axis=1), 1, atol=1e-5)
     model, spec, _ = load_trained_model(ckpt)
     from models.data.transforms import TestTransform, load_rgb

@@ -1,0 +1,66 @@
+"""NFormer stage 2 end to end on synthetic data: `reid train --method nformer` (stage 1 then stage 2),
+resume, export with `nformer.onnx`, and the exported graph refining like the trained torch module."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from index.refine import NeighborTransformer, NFormerSpec
+from models.nformer_train import draw_sequence, load_trained_nformer, torch_refiner_function
+from models.synthetic import make_synthetic
+from service.bundle import load_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reid(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "scripts.cli", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_draw_sequence_takes_a_neighbourhood_of_the_anchor():
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((1000, 8)).astype(np.float32)
+    seq = draw_sequence(bank, 100, rng)
+    assert len(seq) == len(set(seq)) == 100
+    assert len(draw_sequence(bank[:50], 100, rng)) == 50  # a bank smaller than the sequence: all of it
+
+
+def test_nformer_method_trains_both_stages_resumes_and_exports(tmp_path):
+    data = tmp_path / "data"
+    make_synthetic(data, n_train_ids=24, n_test_ids=12, cameras=3, images_per_id_per_cam=2, seed=5)
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--eval-data", str(data), "--run-dir", str(run), "--threads", "2",
+              "--nformer-epochs", "2", "--sequence-length", "96", "--steps-per-epoch", "6", "--nformer-lr", "1e-3"]
+    reid("train", "--method", "nformer", "--backbone", "resnet18", "--pretrained", "false", "--height", "64",
+         "--width", "32", "--embedding-dim", "32", "--epochs", "1", "--max-batches-per-epoch", "6", *common)
+    log = [json.loads(line) for line in (run / "nformer_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert log[-1]["loss"] < log[0]["loss"], "stage 2 learns"
+    evaluation = log[-1]["eval"]["market:data"]
+    assert set(evaluation) == {"none", "joint"} and evaluation["joint"] != evaluation["none"]
+
+    before = (run / "nformer.pt").stat().st_mtime_ns
+    reid("train", "--method", "nformer", "--encoder", str(run / "last.pt"), *common)  # already done: resumes
+    assert (run / "nformer.pt").stat().st_mtime_ns == before
+
+    reid("export", "--checkpoint", str(run / "last.pt"), "--nformer", str(run / "nformer.pt"),
+         "--out", str(tmp_path / "bundle"), "--check-data", str(data), "--name", "tiny-nformer")
+    bundle = load_bundle(tmp_path / "bundle")  # the service's loader verifies every sha256
+    card = bundle.card
+    assert set(card["files"]) == {"encoder.onnx", "nformer.onnx"}
+    assert card["nformer"]["dim"] == card["embedding_dim"] == 32
+    assert card["nformer"]["stage2"]["input_norm"] == "l2"
+    assert max(v for k, v in card["nformer"]["export_check"].items() if k.endswith("diff")) < 1e-4
+
+    nformer = load_trained_nformer(run / "nformer.pt")
+    onnx = NeighborTransformer(bundle.file("nformer.onnx"), NFormerSpec.from_card(card["nformer"]), threads=1)
+    x = torch.nn.functional.normalize(torch.randn(40, 32), dim=1).numpy()
+    np.testing.assert_allclose(onnx(x), torch_refiner_function(nformer)(x), rtol=1e-4, atol=1e-5)
