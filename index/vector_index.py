@@ -111,6 +111,34 @@ class VectorIndex:
         with self._lock:
             return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
+    def vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """The stored (L2-normalised) vectors of ``ids``, in that order: ``(vectors [n, dim], found [n] bool)``.
+
+        Ids that are not in the index (e.g. deleted since a search returned them) get a zero row and
+        ``found=False``, so a caller can drop them instead of failing the request.
+        """
+        ids = self._check_ids(ids)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        found = np.ones(len(ids), bool)
+        with self._lock:
+            try:
+                if len(ids):
+                    out[:] = self._index.reconstruct_batch(ids)
+            except RuntimeError:  # some id is gone: go one by one
+                for row, id_ in enumerate(ids):
+                    try:
+                        out[row] = self._index.reconstruct(int(id_))
+                    except RuntimeError:
+                        found[row] = False
+        return out, found
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, vectors)`` of the whole index, in insertion order, read under one lock (so they match)."""
+        with self._lock:
+            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            vecs = self._index.index.reconstruct_n(0, len(ids)) if len(ids) else np.zeros((0, self.dim), np.float32)
+        return ids, np.ascontiguousarray(vecs, dtype=np.float32)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by cosine similarity.
 

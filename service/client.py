@@ -86,15 +86,36 @@ class ReIDClient:
                 bar.update(len(chunk))
         return {"items": items, "errors": errors}
 
-    def search(self, gallery: str, image: str | Path | bytes, top_k: int = 10, refine: str = "none",
-               exclude_camera_id: str | None = None) -> dict:
-        content = image if isinstance(image, bytes) else Path(image).read_bytes()
-        name = "query" if isinstance(image, bytes) else Path(image).name
-        data = {"top_k": str(top_k), "refine": refine}
+    @staticmethod
+    def _search_form(top_k: int, refine: str | None, candidates: int | None, exclude_camera_id: str | None) -> dict:
+        data = {"top_k": str(top_k)}
+        if refine is not None:  # None: the server's default (REID_REFINE_DEFAULT)
+            data["refine"] = refine
+        if candidates is not None:
+            data["candidates"] = str(candidates)
         if exclude_camera_id is not None:
             data["exclude_camera_id"] = str(exclude_camera_id)
+        return data
+
+    def search(self, gallery: str, image: str | Path | bytes, top_k: int = 10, refine: str | None = "none",
+               exclude_camera_id: str | None = None, candidates: int | None = None) -> dict:
+        """One query. `refine`: none, local, joint or kreciprocal (None = the server's default); `candidates`:
+        K of local/kreciprocal (None = the server's)."""
+        content = image if isinstance(image, bytes) else Path(image).read_bytes()
+        name = "query" if isinstance(image, bytes) else Path(image).name
+        data = self._search_form(top_k, refine, candidates, exclude_camera_id)
         response = self.http.post(f"/v1/galleries/{gallery}/search", files={"file": (name, content)}, data=data)
         return self._check(response)
+
+    def search_batch(self, gallery: str, paths: list[str | Path | bytes], top_k: int = 10,
+                     refine: str | None = "none", candidates: int | None = None,
+                     exclude_camera_id: str | None = None) -> dict:
+        """Several queries refined together (POST .../search:batch); answers ``{"queries": [...], ...}``."""
+        files = [("files", (f"query{i}" if isinstance(im, bytes) else Path(im).name,
+                            im if isinstance(im, bytes) else Path(im).read_bytes()))
+                 for i, im in enumerate(paths)]
+        data = self._search_form(top_k, refine, candidates, exclude_camera_id)
+        return self._check(self.http.post(f"/v1/galleries/{gallery}/search:batch", files=files, data=data))
 
 
 def metadata_for_samples(samples: Iterable) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 
 
 class ErrorDetail(BaseModel):
@@ -37,7 +37,9 @@ class UploadResponse(BaseModel):
 
 class SearchResult(BaseModel):
     id: int
-    score: float = Field(description="cosine similarity, higher is more similar")
+    score: float = Field(description="ranking score of the refine mode, higher is more similar "
+                                     "(refine=none: the cosine similarity)")
+    cosine: float = Field(description="plain cosine similarity of the encoder features")
     external_id: str | None = None
     camera_id: str | None = None
     person_id: str | None = None
@@ -47,14 +49,40 @@ class SearchResult(BaseModel):
 class SearchTiming(BaseModel):
     decode: float
     embed: float
-    search: float
+    search: float = Field(description="FAISS search, store look-ups and candidate vectors")
+    refine: float | None = Field(None, description="refinement (absent for refine=none)")
     total: float
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_refine(self, handler):
+        # refine=none answers keep exactly the timing keys they always had
+        out = handler(self)
+        if out.get("refine") is None:
+            out.pop("refine", None)
+        return out
 
 
 class SearchResponse(BaseModel):
     results: list[SearchResult]
     timing_ms: SearchTiming
     model: str
+    refine: str = Field(description="refine mode used")
+    candidates: int | None = Field(None, description="local/kreciprocal: gallery candidates refined per query "
+                                                     "(max(K, top_k), before any expansion); else null")
+
+
+class QueryResults(BaseModel):
+    index: int = Field(description="position of the query file in the request")
+    filename: str | None = None
+    results: list[SearchResult]
+
+
+class BatchSearchResponse(BaseModel):
+    queries: list[QueryResults]
+    timing_ms: SearchTiming
+    model: str
+    refine: str
+    candidates: int | None = None
 
 
 class GalleryInfo(BaseModel):

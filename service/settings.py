@@ -4,14 +4,17 @@
     REID_REDIS_URL=redis://host:6379/0 external Redis; unset = start an embedded redis-server
     REID_MODEL_DIR=path/to/bundle      model bundle (model.json + encoder.onnx); default: bundled one
     REID_API_KEY=secret                optional: /v1/* then requires the X-API-Key header
+    REID_REFINE_DEFAULT=none           search-time refinement when a request names none (none/local/joint/kreciprocal)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from index.refine import MODES
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
 
@@ -32,10 +35,28 @@ class Settings(BaseSettings):
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = ORT default)")
     embed_batch_size: int = Field(32, gt=0)
 
+    # Search-time refinement (index/refine.py). The default stays "none": it becomes "local" only once local
+    # is measured better than none on the shared protocols (the model owner decides, not the service).
+    refine_default: str = Field("none", description=f"refine mode when a request names none; one of {MODES}")
+    refine_candidates: int = Field(200, ge=1, le=2000, description="K: FAISS candidates that local/kreciprocal "
+                                                                  "refine (a request may override it)")
+    refine_expand: int = Field(0, ge=0, le=100, description="local: also refine each candidate's own nearest "
+                                                          "gallery neighbours (0 = off)")
+    joint_max_gallery: int = Field(20000, gt=0, description="joint refuses galleries larger than this (its cost "
+                                                            "grows with the gallery; use local)")
+    max_batch_queries: int = Field(32, gt=0, description="max query images per search:batch request")
+
     api_key: str | None = Field(None, description="If set, /v1/* requires header X-API-Key with this value")
 
     host: str = "127.0.0.1"
     port: int = 8000
+
+    @field_validator("refine_default")
+    @classmethod
+    def _known_mode(cls, v: str) -> str:
+        if v not in MODES:
+            raise ValueError(f"refine_default must be one of {', '.join(MODES)}, got {v!r}")
+        return v
 
     @property
     def redis_data_dir(self) -> Path:

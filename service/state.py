@@ -1,4 +1,4 @@
-"""Runtime state shared by the routes: settings, store, embedder, per-gallery FAISS indexes.
+"""Runtime state shared by the routes: settings, store, embedder, refiner, per-gallery FAISS indexes.
 
 The FAISS indexes are caches of the Redis store: built from it at start-up
 (:meth:`ServiceState.rebuild`), lazily for galleries another writer created, and kept in sync
@@ -15,14 +15,46 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from index.redis_server import EmbeddedRedis
+from index.refine import NeighborTransformer, NFormerSpec, Refiner
 from index.store import RedisStore
 from index.vector_index import VectorIndex
 
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle, BundleError, load_bundle
 from .embedder import Embedder
 from .settings import Settings
 
 log = logging.getLogger("reid.service")
+
+#: refine modes that run the bundle's nformer.onnx (the others work with any bundle)
+NFORMER_MODES = ("joint", "local")
+NFORMER_FILE = "nformer.onnx"
+
+
+def load_refiner(bundle: Bundle, settings: Settings) -> Refiner:
+    """A `Refiner` with the bundle's NFormer when it ships ``nformer.onnx`` (else NFormer-less)."""
+    path = bundle.file(NFORMER_FILE)
+    nformer = None
+    if path is not None:
+        entry = bundle.card.get("nformer")
+        if not isinstance(entry, dict):
+            raise BundleError(f"model bundle {bundle.path} ships {NFORMER_FILE} but its card has no 'nformer' entry")
+        try:
+            spec = NFormerSpec.from_card(entry)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"model bundle {bundle.path}: bad 'nformer' card entry: {e!r}") from e
+        if spec.dim != bundle.embedding_dim:
+            raise BundleError(f"model bundle {bundle.path}: nformer dim {spec.dim} != embedding_dim "
+                              f"{bundle.embedding_dim}")
+        try:
+            nformer = NeighborTransformer(path, spec, threads=settings.ort_threads)
+            # Fail at load time, not on the first request, if the graph disagrees with its card.
+            probe = np.eye(3, spec.dim, dtype=np.float32)
+            out = nformer(probe)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BundleError(f"cannot run {path}: {e}") from e
+        if out.shape != probe.shape:
+            raise BundleError(f"{path} outputs shape {out.shape} for input {probe.shape}")
+    return Refiner(nformer, candidates=settings.refine_candidates, expand=settings.refine_expand)
 
 
 @dataclass
@@ -31,6 +63,10 @@ class ServiceState:
     store: RedisStore | None = None
     bundle: Bundle | None = None
     embedder: Embedder | None = None
+    #: search-time refinement; its ``nformer`` is None when the bundle has no nformer.onnx
+    refiner: Refiner = field(default_factory=Refiner)
+    #: the refine mode of requests that name none (settings.refine_default, or "none" if the bundle cannot)
+    refine_default: str = "none"
     redis_server: EmbeddedRedis | None = None
     indexes: dict[str, VectorIndex] = field(default_factory=dict)
     #: gallery -> number of stored vectors that could not be indexed (wrong dimension)
@@ -51,6 +87,15 @@ class ServiceState:
         self.bundle = load_bundle(s.model_dir)
         self.embedder = Embedder(self.bundle, threads=s.ort_threads, batch_size=s.embed_batch_size)
         log.info("model %s (dim %d) on %s", self.bundle.model_id, self.embedder.dim, self.embedder.providers)
+        self.refiner = load_refiner(self.bundle, s)
+        self.refine_default = s.refine_default
+        if self.refine_default in NFORMER_MODES and not self.has_nformer:
+            # Keep serving: a default the bundle cannot honour must not turn every search into an error.
+            log.warning("REID_REFINE_DEFAULT=%s but model %s has no %s: searches default to refine=none",
+                        s.refine_default, self.bundle.model_id, NFORMER_FILE)
+            self.refine_default = "none"
+        log.info("refinement: nformer %s, default refine=%s, K=%d", "loaded" if self.has_nformer else "absent",
+                 self.refine_default, s.refine_candidates)
         self._wait_for_store()
         self.rebuild()
 
@@ -71,6 +116,10 @@ class ServiceState:
         if self.redis_server is not None:
             self.redis_server.stop()
             self.redis_server = None
+
+    @property
+    def has_nformer(self) -> bool:
+        return self.refiner.nformer is not None
 
     # ------------------------------------------------------------------ indexes
     @property

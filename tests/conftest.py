@@ -214,3 +214,35 @@ def server_factory(make_settings):
 def live_server(server_factory) -> str:
     """Base URL of a running server (tmp data_dir, session Redis, tiny bundle)."""
     return server_factory().url
+
+
+def add_nformer(bundle_dir: Path, seed: int = 0, heads: int = 2, layers: int = 2, topk: int = 5, landmarks: int = 3,
+                noise: float = 0.2) -> Path:
+    """Add a small NFormer (``nformer.onnx`` exported with torch, plus the card's ``nformer`` entry and sha256)
+    to a bundle written by :func:`write_tiny_bundle`. Its weights are pushed off the near-identity init so that
+    refinement visibly changes rankings. Imports torch: tests only (the service never does)."""
+    import torch
+
+    from models.export import export_nformer, sha256_file
+    from models.nformer import NFormer, NFormerConfig
+
+    bundle_dir = Path(bundle_dir)
+    card = json.loads((bundle_dir / "model.json").read_text())
+    torch.manual_seed(seed)
+    model = NFormer(NFormerConfig(dim=card["embedding_dim"], heads=heads, layers=layers, topk=topk,
+                                  landmarks=landmarks, dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    model.eval()
+    export_nformer(model, bundle_dir / "nformer.onnx")
+    card["nformer"] = {**model.cfg.card()}
+    card["files"]["nformer.onnx"] = sha256_file(bundle_dir / "nformer.onnx")
+    (bundle_dir / "model.json").write_text(json.dumps(card, indent=2))
+    return bundle_dir
+
+
+@pytest.fixture(scope="session")
+def nformer_bundle(tmp_path_factory) -> Path:
+    """The tiny encoder bundle plus a tiny random ``nformer.onnx`` (refine=local/joint available)."""
+    return add_nformer(write_tiny_bundle(tmp_path_factory.mktemp("tiny-nformer-bundle"), name="tiny-nformer"))

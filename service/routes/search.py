@@ -1,83 +1,308 @@
-"""Search a gallery with one query image."""
+"""Search a gallery with one query image (``/search``) or several (``/search:batch``), optionally refined.
+
+Refine modes (index/refine.py; the bundle's ``nformer.onnx`` runs local and joint):
+
+- ``none``: FAISS cosine ranking.
+- ``local``: FAISS top-K candidates (K = max(candidates, top_k)) among the images that pass
+  ``exclude_camera_id``, then NFormer over the queries plus those candidates; re-ranked by the cosine
+  of the refined features. A batch refines all its queries plus the union of their candidates in one pass.
+- ``kreciprocal``: k-reciprocal re-ranking of each query's own K candidates.
+- ``joint``: NFormer over the queries plus the whole gallery (the paper's protocol; for galleries up to
+  ``joint_max_gallery``); ``exclude_camera_id`` then drops results.
+
+Each result has ``score`` (the mode's ranking score) and ``cosine`` (the plain encoder cosine).
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+import numpy as np
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
+
+from index.refine import MODES
+from index.store import StoredImage
+from index.vector_index import VectorIndex
 
 from ..deps import GalleryDep, StateDep
 from ..errors import ApiError
 from ..images import ImageError, decode_image
-from ..schemas import ErrorResponse, SearchResponse, SearchResult, SearchTiming
-from ..state import ServiceState
+from ..schemas import (BatchSearchResponse, ErrorResponse, QueryResults, SearchResponse, SearchResult,
+                       SearchTiming)
+from ..state import NFORMER_FILE, NFORMER_MODES, ServiceState
 
 router = APIRouter(prefix="/v1/galleries", tags=["search"])
 
-SUPPORTED_REFINE = ("none",)
+SUPPORTED_REFINE = MODES
+MAX_CANDIDATES = 2000
+_ERRORS = {c: {"model": ErrorResponse} for c in (404, 413, 415, 422, 503)}
 
 
-def _search(state: ServiceState, gallery: str, data: bytes, top_k: int,
-            exclude_camera_id: str | None) -> SearchResponse:
-    t0 = time.perf_counter()
-    try:
-        img = decode_image(data, max_pixels=state.settings.max_image_pixels)
-    except ImageError as e:
-        raise ApiError(e.status_code, e.code, e.message) from None
-    t1 = time.perf_counter()
-    q = state.embedder.embed([img])
-    t2 = time.perf_counter()
-    idx = state.index_for(gallery)
-    results: list[SearchResult] = []
-    if idx is not None and len(idx):
-        n = len(idx)
-        # When filtering, search deeper (and deeper again) so that top_k results still come back.
-        k = min(n, top_k if exclude_camera_id is None else top_k * 2 + 16)
+@dataclass
+class Params:
+    top_k: int
+    refine: str
+    candidates: int | None  # K of local/kreciprocal; None for none/joint
+    exclude_camera_id: str | None
+
+
+@dataclass
+class Hit:
+    id: int
+    cosine: float
+    rec: StoredImage
+
+
+def _ms(a: float, b: float) -> float:
+    return round((b - a) * 1000.0, 3)
+
+
+def _result(hit_id: int, score: float, cosine: float, rec: StoredImage) -> SearchResult:
+    m = rec.metadata
+    return SearchResult(id=int(hit_id), score=float(score), cosine=float(cosine), external_id=m.get("external_id"),
+                        camera_id=m.get("camera_id"), person_id=m.get("person_id"), captured_at=m.get("captured_at"))
+
+
+def _keep(rec: StoredImage | None, exclude_camera_id: str | None) -> bool:
+    """The record still exists (not deleted meanwhile) and is not from the excluded camera."""
+    return rec is not None and (exclude_camera_id is None or rec.metadata.get("camera_id") != exclude_camera_id)
+
+
+def _hits(state: ServiceState, gallery: str, idx: VectorIndex, queries: np.ndarray, want: int,
+          exclude_camera_id: str | None) -> list[list[Hit]]:
+    """Per query, the first ``want`` gallery entries by cosine that pass the filters, best first.
+
+    One FAISS search for all queries; a query whose filtered hits fall short searches deeper (x4) alone."""
+    n = len(idx)
+    # When filtering, search deeper (and deeper again) so that `want` hits still come back.
+    k = min(n, want if exclude_camera_id is None else want * 2 + 16)
+    scores, ids = idx.search(queries, k)
+    out = []
+    for qi in range(len(queries)):
+        s, i, kk = scores[qi], ids[qi], k
         while True:
-            scores, ids = idx.search(q, k)
-            recs = state.store.get_many(gallery, ids[0])
-            results = []
-            for s, i, rec in zip(scores[0], ids[0], recs):
-                if rec is None:  # deleted meanwhile
-                    continue
-                m = rec.metadata
-                if exclude_camera_id is not None and m.get("camera_id") == exclude_camera_id:
-                    continue
-                results.append(SearchResult(id=int(i), score=float(s), external_id=m.get("external_id"),
-                                            camera_id=m.get("camera_id"), person_id=m.get("person_id"),
-                                            captured_at=m.get("captured_at")))
-                if len(results) == top_k:
-                    break
-            if len(results) >= top_k or k >= n:
+            recs = state.store.get_many(gallery, i)
+            hits = []
+            for score, id_, rec in zip(s, i, recs):
+                if _keep(rec, exclude_camera_id):
+                    hits.append(Hit(int(id_), float(score), rec))
+                    if len(hits) == want:
+                        break
+            if len(hits) >= want or kk >= n:
                 break
-            k = min(n, k * 4)
+            kk = min(n, kk * 4)
+            s, i = (a[0] for a in idx.search(queries[qi:qi + 1], kk))
+        out.append(hits)
+    return out
+
+
+def _expand(state: ServiceState, gallery: str, idx: VectorIndex, hits: list[Hit], vecs: np.ndarray,
+            expand: int, exclude_camera_id: str | None) -> list[Hit]:
+    """Each hit's own ``expand`` nearest gallery neighbours not already among ``hits`` (first-seen order),
+    filtered like the hits. Their ``cosine`` is left 0: the refined modes compute every cosine themselves."""
+    _, nb = idx.search(vecs, expand + 1)
+    seen, new = {h.id for h in hits}, []
+    for i in map(int, nb.ravel()):
+        if i >= 0 and i not in seen:
+            seen.add(i)
+            new.append(i)
+    return [Hit(i, 0.0, rec) for i, rec in zip(new, state.store.get_many(gallery, new))
+            if _keep(rec, exclude_camera_id)]
+
+
+def _ranked(order_scores: np.ndarray, cosines: np.ndarray, hits: list[Hit], top_k: int) -> list[SearchResult]:
+    order = np.argsort(-order_scores, kind="stable")[:top_k]
+    return [_result(hits[j].id, order_scores[j], cosines[j], hits[j].rec) for j in order]
+
+
+Candidates = list[tuple[list[Hit], np.ndarray]]  # per query: its hits and their index vectors
+
+
+def _candidates(state: ServiceState, gallery: str, idx: VectorIndex, queries: np.ndarray, p: Params) -> Candidates:
+    """local/kreciprocal: per query its K candidates (plus expansion) and their index vectors."""
+    out = []
+    for hits in _hits(state, gallery, idx, queries, p.candidates, p.exclude_camera_id):
+        vecs, found = idx.vectors([h.id for h in hits])
+        if state.settings.refine_expand and hits:
+            extra = _expand(state, gallery, idx, hits, vecs, state.settings.refine_expand, p.exclude_camera_id)
+            extra_vecs, extra_found = idx.vectors([h.id for h in extra])
+            hits, vecs, found = hits + extra, np.concatenate([vecs, extra_vecs]), np.concatenate([found, extra_found])
+        out.append(([h for h, f in zip(hits, found) if f], vecs[found]))  # drop ids deleted meanwhile
+    return out
+
+
+def _rank(state: ServiceState, gallery: str, queries: np.ndarray,
+          p: Params) -> tuple[list[list[SearchResult]], float, float]:
+    """Results per query, the search time and the refine time (seconds)."""
+    t0 = time.perf_counter()
+    nq = len(queries)
+    idx = state.index_for(gallery)
+    if idx is None or not len(idx):
+        return [[] for _ in range(nq)], time.perf_counter() - t0, 0.0
+    if p.refine == "joint" and len(idx) > state.settings.joint_max_gallery:
+        raise ApiError(422, "gallery_too_large_for_joint",
+                       f"gallery {gallery!r} has {len(idx)} images; refine=joint refines the whole gallery and is "
+                       f"limited to {state.settings.joint_max_gallery} (REID_JOINT_MAX_GALLERY): use refine=local")
+
+    if p.refine == "none":
+        results = [[_result(h.id, h.cosine, h.cosine, h.rec) for h in hits]
+                   for hits in _hits(state, gallery, idx, queries, p.top_k, p.exclude_camera_id)]
+        return results, time.perf_counter() - t0, 0.0
+
+    if p.refine == "joint":
+        ids, gallery_vecs = idx.items()
+        t1 = time.perf_counter()
+        sims = state.refiner.similarities("joint", queries, gallery_vecs)
+        t2 = time.perf_counter()
+        cosines = queries @ gallery_vecs.T
+        results = []
+        for qi in range(nq):
+            # walk the refined ranking, fetching records a chunk at a time, until top_k pass the filters
+            order, got, start = np.argsort(-sims[qi], kind="stable"), [], 0
+            chunk = p.top_k if p.exclude_camera_id is None else p.top_k * 2 + 16
+            while len(got) < p.top_k and start < len(order):
+                part = order[start:start + chunk]
+                for j, rec in zip(part, state.store.get_many(gallery, ids[part])):
+                    if _keep(rec, p.exclude_camera_id) and len(got) < p.top_k:
+                        got.append(_result(ids[j], sims[qi, j], cosines[qi, j], rec))
+                start, chunk = start + len(part), chunk * 4
+            results.append(got)
+        return results, (t1 - t0) + (time.perf_counter() - t2), t2 - t1
+
+    per_query = _candidates(state, gallery, idx, queries, p)
+    t1 = time.perf_counter()
+    results = []
+    if p.refine == "local":
+        # One NFormer pass: all queries + the union of their candidates (first-seen order), as the paper
+        # refines a query batch together; every query is then ranked over the whole union.
+        union: dict[int, int] = {}
+        hits, rows = [], []
+        for qhits, qvecs in per_query:
+            for h, v in zip(qhits, qvecs):
+                if h.id not in union:
+                    union[h.id] = len(hits)
+                    hits.append(h)
+                    rows.append(v)
+        vecs = np.stack(rows) if rows else np.zeros((0, idx.dim), np.float32)
+        sims = state.refiner.rerank("local", queries, vecs) if len(hits) else np.zeros((nq, 0), np.float32)
+        cosines = queries @ vecs.T
+        results = [_ranked(sims[qi], cosines[qi], hits, p.top_k) for qi in range(nq)]
+    else:  # kreciprocal: each query on its own candidates
+        for qi, (qhits, qvecs) in enumerate(per_query):
+            q = queries[qi:qi + 1]
+            sims = state.refiner.rerank("kreciprocal", q, qvecs)[0] if qhits else np.zeros(0, np.float32)
+            results.append(_ranked(sims, (q @ qvecs.T)[0], qhits, p.top_k))
+    return results, t1 - t0, time.perf_counter() - t1
+
+
+def _decode(state: ServiceState, blobs: list[tuple[str | None, bytes]], batch: bool) -> list:
+    """Decode every file or fail the whole request, naming the bad file in a batch (all or nothing)."""
+    images = []
+    for i, (name, data) in enumerate(blobs):
+        try:
+            images.append(decode_image(data, max_pixels=state.settings.max_image_pixels))
+        except ImageError as e:
+            if not batch:
+                raise ApiError(e.status_code, e.code, e.message) from None
+            raise ApiError(e.status_code, e.code, f"file #{i} ({name!r}): {e.message}",
+                           extra={"index": i, "filename": name}) from None
+    return images
+
+
+def _run(state: ServiceState, gallery: str, blobs: list[tuple[str | None, bytes]], p: Params, batch: bool):
+    t0 = time.perf_counter()
+    images = _decode(state, blobs, batch)
+    t1 = time.perf_counter()
+    queries = state.embedder.embed(images)
+    t2 = time.perf_counter()
+    results, search_s, refine_s = _rank(state, gallery, queries, p)
     t3 = time.perf_counter()
-    ms = lambda a, b: round((b - a) * 1000.0, 3)  # noqa: E731
-    return SearchResponse(
-        results=results,
-        timing_ms=SearchTiming(decode=ms(t0, t1), embed=ms(t1, t2), search=ms(t2, t3), total=ms(t0, t3)),
-        model=state.bundle.model_id,
-    )
+    timing = SearchTiming(decode=_ms(t0, t1), embed=_ms(t1, t2), search=round(search_s * 1000.0, 3),
+                          refine=None if p.refine == "none" else round(refine_s * 1000.0, 3), total=_ms(t0, t3))
+    return results, timing
 
 
-@router.post("/{gallery}/search", response_model=SearchResponse,
-             responses={c: {"model": ErrorResponse} for c in (404, 413, 415, 422, 503)})
+def _params(state: ServiceState, top_k: int, refine: str | None, candidates: int | None,
+            exclude_camera_id: str | None) -> Params:
+    s = state.settings
+    if not 1 <= top_k <= s.max_top_k:
+        raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {s.max_top_k}, got {top_k}")
+    refine = refine or state.refine_default
+    if refine not in SUPPORTED_REFINE:
+        raise ApiError(422, "unsupported_refine",
+                       f"refine={refine!r} is not supported; supported: {', '.join(SUPPORTED_REFINE)}")
+    if refine in NFORMER_MODES and not state.has_nformer:
+        available = ", ".join(m for m in SUPPORTED_REFINE if m not in NFORMER_MODES)
+        raise ApiError(422, "refine_unavailable",
+                       f"refine={refine} needs the NFormer, but model {state.bundle.model_id} has no {NFORMER_FILE}; "
+                       f"available: {available}")
+    if candidates is not None and not 1 <= candidates <= MAX_CANDIDATES:
+        raise ApiError(422, "invalid_candidates", f"candidates must be between 1 and {MAX_CANDIDATES}, "
+                                                  f"got {candidates}")
+    k = None
+    if refine in ("local", "kreciprocal"):
+        k = max(candidates or s.refine_candidates, top_k)
+    return Params(top_k, refine, k, exclude_camera_id or None)
+
+
+def _observe(request: Request, p: Params, timing: SearchTiming) -> None:
+    hist = getattr(request.app.state, "refine_seconds", None)
+    if hist is not None and timing.refine is not None:
+        hist.labels(p.refine).observe(timing.refine / 1000.0)
+
+
+_REFINE_DOC = (f"re-ranking mode, one of {', '.join(MODES)}; default: REID_REFINE_DEFAULT "
+               f"(local and joint need a bundle with {NFORMER_FILE})")
+_CANDIDATES_DOC = (f"local/kreciprocal: K FAISS candidates to refine (1..{MAX_CANDIDATES}); "
+                   "default REID_REFINE_CANDIDATES")
+
+
+@router.post("/{gallery}/search", response_model=SearchResponse, responses=_ERRORS)
 async def search(
+    request: Request,
     gallery: GalleryDep,
     state: StateDep,
     file: Annotated[UploadFile, File(description="query image")],
     top_k: Annotated[int, Form()] = 10,
-    refine: Annotated[str, Form(description="re-ranking mode; supported: none")] = "none",
+    refine: Annotated[str | None, Form(description=_REFINE_DOC)] = None,
+    candidates: Annotated[int | None, Form(description=_CANDIDATES_DOC)] = None,
     exclude_camera_id: Annotated[str | None, Form(description="drop results from this camera")] = None,
 ) -> SearchResponse:
-    """Top-k most similar gallery images (cosine similarity), best first."""
-    if not 1 <= top_k <= state.settings.max_top_k:
-        raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {state.settings.max_top_k}, "
-                                             f"got {top_k}")
-    if refine not in SUPPORTED_REFINE:
-        raise ApiError(422, "unsupported_refine",
-                       f"refine={refine!r} is not supported; supported: {', '.join(SUPPORTED_REFINE)}")
+    """Top-k most similar gallery images, best first (by ``score``, the refine mode's score)."""
+    p = _params(state, top_k, refine, candidates, exclude_camera_id)
     data = await file.read()
-    return await run_in_threadpool(_search, state, gallery, data, top_k, exclude_camera_id or None)
+    results, timing = await run_in_threadpool(_run, state, gallery, [(file.filename, data)], p, False)
+    _observe(request, p, timing)
+    return SearchResponse(results=results[0], timing_ms=timing, model=state.bundle.model_id, refine=p.refine,
+                          candidates=p.candidates)
+
+
+@router.post("/{gallery}/search:batch", response_model=BatchSearchResponse,
+             responses={**_ERRORS, 400: {"model": ErrorResponse}})
+async def search_batch(
+    request: Request,
+    gallery: GalleryDep,
+    state: StateDep,
+    files: Annotated[list[UploadFile], File(description="query images (repeat the field)")],
+    top_k: Annotated[int, Form()] = 10,
+    refine: Annotated[str | None, Form(description=_REFINE_DOC)] = None,
+    candidates: Annotated[int | None, Form(description=_CANDIDATES_DOC)] = None,
+    exclude_camera_id: Annotated[str | None, Form(description="drop results from this camera")] = None,
+) -> BatchSearchResponse:
+    """Several query images in one request, refined together (joint: all queries + the whole gallery in one
+    NFormer pass; local: all queries + the union of their candidates). Any bad file fails the request."""
+    p = _params(state, top_k, refine, candidates, exclude_camera_id)
+    limit = state.settings.max_batch_queries
+    if len(files) > limit:
+        raise ApiError(413, "too_many_queries", f"{len(files)} query images sent; at most {limit} per request "
+                                                "(REID_MAX_BATCH_QUERIES)")
+    blobs = [(f.filename, await f.read()) for f in files]
+    results, timing = await run_in_threadpool(_run, state, gallery, blobs, p, True)
+    _observe(request, p, timing)
+    return BatchSearchResponse(
+        queries=[QueryResults(index=i, filename=name, results=r)
+                 for i, ((name, _), r) in enumerate(zip(blobs, results))],
+        timing_ms=timing, model=state.bundle.model_id, refine=p.refine, candidates=p.candidates)
