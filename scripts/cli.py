@@ -191,7 +191,7 @@ def cmd_search(args) -> int:
 
     with ReIDClient(args.url, args.api_key) as client:
         answer = client.search(args.gallery, args.image, top_k=args.top_k, refine=args.refine,
-                               exclude_camera_id=args.exclude_camera_id)
+                               candidates=args.candidates, exclude_camera_id=args.exclude_camera_id)
     if args.json:
         print(json.dumps(answer, indent=2))
     else:
@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key")
     p.add_argument("--gallery", required=True)
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--refine", default="none")
+    p.add_argument("--refine", choices=["none", "joint", "local", "kreciprocal"],
+                   help="re-ranking mode (default: the server's REID_REFINE_DEFAULT)")
+    p.add_argument("--candidates", type=int, help="K of local/kreciprocal (default: the server's)")
     p.add_argument("--exclude-camera-id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
