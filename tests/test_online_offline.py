@@ -1,12 +1,14 @@
 """Online equals offline: the PRID2011 split-0 protocol through the HTTP API (real uvicorn, real Redis,
-the bundled model) gives the same rank-1 and mAP as `reid evaluate` on the same split."""
+the bundled model) gives the same rank-1 and mAP as `reid evaluate` on the same split, and the refined
+modes rank as `reid evaluate --refine` does (one code path: index/refine.py over nformer.onnx)."""
 
 import numpy as np
 import pytest
 
 from index.metrics import evaluate_rankings
 from models.data.datasets import load_dataset
-from models.evaluate import evaluate_bundle
+from models.evaluate import BundleEncoder, embed_protocol, evaluate_bundle
+from models.refine_eval import bundle_refiner
 from service.client import ReIDClient, metadata_for_samples
 from service.settings import DEFAULT_BUNDLE_DIR
 from tests.shared_data import require_shared_data
@@ -21,7 +23,7 @@ def prid2011():
 def test_http_search_reproduces_offline_evaluation(prid2011, server_factory):
     offline = evaluate_bundle(DEFAULT_BUNDLE_DIR, prid2011)
 
-    server = server_factory(model_dir=DEFAULT_BUNDLE_DIR, ort_threads=0)
+    server = server_factory(model_dir=DEFAULT_BUNDLE_DIR, ort_threads=0, max_batch_queries=100)
     gallery = prid2011.gallery
     with ReIDClient(server.url) as client:
         ingested = client.ingest("prid2011", [s.path for s in gallery], metadata_for_samples(gallery), progress=False)
@@ -34,6 +36,9 @@ def test_http_search_reproduces_offline_evaluation(prid2011, server_factory):
             assert len(answer["results"]) == len(gallery)
             for result in answer["results"]:
                 distmat[row, column[result["id"]]] = 1.0 - result["score"]
+        local = [[column[r["id"]] for r in client.search("prid2011", q.path, top_k=50, refine="local",
+                                                        candidates=50)["results"]] for q in prid2011.query]
+        joint = client.search_batch("prid2011", [q.path for q in prid2011.query], top_k=10, refine="joint")
 
     online = evaluate_rankings(distmat, np.array([s.pid for s in prid2011.query]), np.array([s.pid for s in gallery]),
                                np.array([s.camid for s in prid2011.query]), np.array([s.camid for s in gallery]))
@@ -41,3 +46,13 @@ def test_http_search_reproduces_offline_evaluation(prid2011, server_factory):
     assert abs(online.ranks["rank1"] - offline.ranks["rank1"]) <= 0.001
     assert abs(online.mAP - offline.mAP) <= 0.001
     assert offline.ranks["rank1"] > 0.05  # a trained model, far above the 1/649 of chance
+
+    # the refined modes: the same rankings as the offline evaluation's code path
+    q, g = embed_protocol(BundleEncoder(DEFAULT_BUNDLE_DIR), prid2011)
+    refiner = bundle_refiner(DEFAULT_BUNDLE_DIR)
+    offline_local = np.argsort(-refiner.with_candidates(50).similarities("local", q, g), axis=1)[:, :50]
+    offline_joint = np.argsort(-refiner.similarities("joint", q, g), axis=1)[:, :10]
+    online_joint = [[column[r["id"]] for r in answer["results"]] for answer in joint["queries"]]
+    assert np.mean([a[0] == b[0] for a, b in zip(local, offline_local)]) >= 0.99
+    assert np.mean([a[:10] == list(b[:10]) for a, b in zip(local, offline_local)]) >= 0.95
+    assert np.mean([a[0] == b[0] for a, b in zip(online_joint, offline_joint)]) >= 0.99
