@@ -29,18 +29,19 @@ def sample_landmarks(n: int, layers: int, count: int, seed: int = 0) -> np.ndarr
     return np.stack([rng.choice(n, size=min(count, n), replace=False) for _ in range(layers)]).astype(np.int64)
 
 
-def topk_neighbors(features: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
-    """[N,k] indices of each row's k most similar rows by inner product (cosine for normalised rows), itself
-    included, best first. Row chunks keep memory at chunk x N."""
-    n = len(features)
-    k = min(k, n)
-    out = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, chunk):
-        sims = features[start:start + chunk] @ features.T
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(sims), 1))
-        order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1, kind="stable")
-        out[start:start + chunk] = np.take_along_axis(part, order, axis=1)
-    return out
+def topk_neighbors(features: np.ndarray, k: int, base: np.ndarray | None = None,
+                   with_similarities: bool = False):
+    """[N,k] indices of each row's k most similar rows of `base` (default: the rows themselves, so each
+    row's first neighbour is itself) by inner product, best first; FAISS's exact search works in blocks,
+    so memory stays O(N*k) whatever N. Optionally also the similarities."""
+    import faiss
+
+    base = features if base is None else base
+    k = min(k, len(base))
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(np.ascontiguousarray(base, dtype=np.float32))
+    sims, ids = index.search(np.ascontiguousarray(features, dtype=np.float32), k)
+    return (ids, sims) if with_similarities else ids
 
 
 @dataclass
@@ -127,7 +128,7 @@ class Refiner:
         top = np.argpartition(-cosine_row, k - 1)[:k] if k < len(cosine_row) else np.arange(len(cosine_row))
         top = top[np.argsort(-cosine_row[top], kind="stable")]
         if self.expand:
-            neighbours = topk_neighbors_of(gallery[top], gallery, self.expand + 1)
+            neighbours = topk_neighbors(gallery[top], self.expand + 1, base=gallery)
             top = np.concatenate([top, np.setdiff1d(np.unique(neighbours), top)])
         return top
 
@@ -147,10 +148,3 @@ class Refiner:
         if self.nformer is None:
             raise ValueError("this model bundle has no nformer.onnx: only refine=none and kreciprocal")
         return self.nformer(features)
-
-
-def topk_neighbors_of(rows: np.ndarray, base: np.ndarray, k: int) -> np.ndarray:
-    """[R,k] indices into `base` of each row's k most similar entries."""
-    sims = rows @ base.T
-    k = min(k, base.shape[0])
-    return np.argpartition(-sims, k - 1, axis=1)[:, :k]

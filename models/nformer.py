@@ -86,12 +86,14 @@ class LandmarkAgentAttention(nn.Module):
             if trace is not None:
                 trace.update(logits=logits, attention=attention)
         else:
-            batch = torch.arange(b, device=x.device)[:, None, None]
-            r_at_neighbors = r.permute(0, 3, 1, 2)[batch, neighbors]  # [B,N,k,H,L]
-            logits = torch.einsum("bhnl,bnkhl->bhnk", p, r_at_neighbors) * scale
-            attention = logits.masked_fill(~reciprocal[:, None], float("-inf")).softmax(-1)  # [B,H,N,k]
-            v_at_neighbors = v.permute(0, 2, 1, 3)[batch, neighbors]  # [B,N,k,H,dh]
-            heads_out = torch.einsum("bhnk,bnkhd->bhnd", attention, v_at_neighbors)
+            # gather each token's k neighbours per head: [B,H,N,k,*]; batched matmuls, no transposed copies
+            batch = torch.arange(b, device=x.device)[:, None, None, None]
+            heads = torch.arange(self.heads, device=x.device)[None, :, None, None]
+            at = (batch, heads, neighbors[:, None])
+            r_at_neighbors = r.transpose(-1, -2)[at]  # [B,H,N,k,L]
+            logits = (r_at_neighbors @ p.unsqueeze(-1)).squeeze(-1) * scale  # [B,H,N,k]
+            attention = logits.masked_fill(~reciprocal[:, None], float("-inf")).softmax(-1)
+            heads_out = (attention.unsqueeze(-2) @ v[at]).squeeze(-2)  # [B,H,N,dh]
             if trace is not None:
                 dense_attention = torch.zeros(b, self.heads, n, n, dtype=x.dtype, device=x.device)
                 index = neighbors[:, None].expand(b, self.heads, n, neighbors.shape[-1])

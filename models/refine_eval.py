@@ -77,7 +77,7 @@ def joint_neighbors(query: np.ndarray, gallery: np.ndarray, gallery_top: tuple[n
     per query batch suffices (no N^2 work at request time)."""
     q, g = len(query), len(gallery)
     top_idx, top_sim = gallery_top
-    q_rows = topk_neighbors(np.concatenate([query, gallery]), k)[:q]  # only the query rows are needed
+    q_rows = topk_neighbors(query, k, base=np.concatenate([query, gallery]))
     q_to_g = gallery @ query.T  # [G,Q]
     cand_idx = np.concatenate([top_idx + q, np.broadcast_to(np.arange(q), (g, q))], axis=1)
     cand_sim = np.concatenate([top_sim, q_to_g], axis=1)
@@ -85,11 +85,9 @@ def joint_neighbors(query: np.ndarray, gallery: np.ndarray, gallery_top: tuple[n
     return np.concatenate([q_rows, np.take_along_axis(cand_idx, order, axis=1)])
 
 
-def gallery_graph(gallery: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    idx = topk_neighbors(gallery, k, chunk)
-    sims = np.concatenate([np.take_along_axis(gallery[s:s + chunk] @ gallery.T, idx[s:s + chunk], axis=1)
-                           for s in range(0, len(gallery), chunk)])
-    return idx, sims
+def gallery_graph(gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each gallery entry's k nearest gallery entries and their similarities (built once per gallery)."""
+    return topk_neighbors(gallery, k, with_similarities=True)
 
 
 def refinement_latency(refiner: Refiner, real: np.ndarray, sizes=(1_000, 10_000, 100_000), queries: int = 20,
@@ -98,9 +96,8 @@ def refinement_latency(refiner: Refiner, real: np.ndarray, sizes=(1_000, 10_000,
     plus the refinement. `joint` uses a cached gallery k-NN graph (built once per gallery, reported apart)."""
     import faiss
 
-    rng = np.random.default_rng(1)
     out: dict = {}
-    for size in sizes:
+    for size in tqdm(sizes, desc="refinement latency", unit="gallery"):
         gallery = sample_gallery(real, size)
         index = faiss.IndexFlatIP(gallery.shape[1])
         index.add(gallery)
@@ -144,13 +141,17 @@ def refinement_latency(refiner: Refiner, real: np.ndarray, sizes=(1_000, 10_000,
 
 
 JOINT_COST_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 path, n, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 x = rng.standard_normal((n, dim)).astype(np.float32)
 x /= np.linalg.norm(x, axis=1, keepdims=True)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def high_water_mb():  # VmHWM: this process's peak RSS (ru_maxrss would carry the forking parent's peak over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+before = high_water_mb()
 started = time.perf_counter()
 if path == "dense":
     import torch
@@ -163,8 +164,7 @@ else:
     spec = NFormerSpec(**json.loads(sys.argv[5]))
     NeighborTransformer(sys.argv[6], spec, threads=int(sys.argv[4]))(x)
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "baseline_rss_mb": before / 1024}))
+print(json.dumps({"seconds": seconds, "peak_rss_mb": high_water_mb(), "baseline_rss_mb": before}))
 """
 
 
