@@ -38,6 +38,13 @@ ROW_CHUNK = 1024
 BLOCK_BUDGET = 2_000_000
 
 
+def _stack_normalized(query, gallery, k1, k2, lambda_value) -> tuple[np.ndarray, int, int]:
+    """Checked parameters; [queries; gallery], L2-normalised, with the two counts."""
+    _check_params(k1, k2, lambda_value)
+    query, gallery = l2_normalize(np.atleast_2d(query)), l2_normalize(np.atleast_2d(gallery))
+    return np.concatenate([query, gallery]), len(query), len(gallery)
+
+
 def k_reciprocal_rerank(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2: int = 6,
                         lambda_value: float = 0.3) -> np.ndarray:
     """Final distance matrix [Q, G] (smaller = more similar) of k-reciprocal re-ranking over the query+gallery
@@ -47,12 +54,9 @@ def k_reciprocal_rerank(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     squared Euclidean distance (see the module docstring) and `jaccard` the Jaccard distance of the
     k-reciprocal encodings V (k1 nearest neighbours, 1/2 k1 expansion, Gaussian weights, local query
     expansion over the k2 nearest neighbours). Memory O((Q+G) * k) plus one block of rows; V in float32."""
-    _check_params(k1, k2, lambda_value)
-    query, gallery = l2_normalize(np.atleast_2d(query)), l2_normalize(np.atleast_2d(gallery))
-    num_q, num_g = len(query), len(gallery)
+    feats, num_q, num_g = _stack_normalized(query, gallery, k1, k2, lambda_value)
     if num_q == 0 or num_g == 0:
         return np.zeros((num_q, num_g), np.float32)
-    feats = np.concatenate([query, gallery])
     n = len(feats)
     k_full, k_half = min(k1 + 1, n), min(_half(k1) + 1, n)
     k_qe = min(k2, n)
@@ -77,12 +81,9 @@ def k_reciprocal_rerank_dense(query: np.ndarray, gallery: np.ndarray, k1: int = 
     `v_dtype` (keyword only) is the precision of V and of the Jaccard accumulation: float16 as the reference;
     float64 gives the exact algorithm, which `k_reciprocal_rerank` matches to float32 rounding (~1e-7),
     whereas float16 alone moves the distances by up to a few 1e-3."""
-    _check_params(k1, k2, lambda_value)
-    query, gallery = l2_normalize(np.atleast_2d(query)), l2_normalize(np.atleast_2d(gallery))
-    num_q, num_g = len(query), len(gallery)
+    feats, num_q, num_g = _stack_normalized(query, gallery, k1, k2, lambda_value)
     if num_q == 0 or num_g == 0:
         return np.zeros((num_q, num_g), np.float32)
-    feats = np.concatenate([query, gallery])
     n = len(feats)
 
     dist = _squared_distances(feats, feats)
