@@ -35,7 +35,8 @@ def tiny_config(root, **overrides) -> TrainConfig:
     """A ResNet-18 from scratch at 64x32: small enough to learn visibly in about a minute on 2 cores."""
     cfg = TrainConfig(train_data=[str(root)], eval_data=[str(root)], backbone="resnet18", pretrained=False,
                       height=64, width=32, p=8, k=4, epochs=8, warmup_epochs=0.5, decay_epochs=[],
-                      freeze_backbone_epochs=0, backbone_lr_factor=1.0, lr=1e-3, eval_every=0, threads=2)
+                      freeze_backbone_epochs=0, backbone_lr_factor=1.0, lr=1e-3, eval_every=0, threads=2,
+                      embedding_dim=0)  # the pooled 512-d feature: the projection is exercised elsewhere
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
