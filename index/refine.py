@@ -129,7 +129,9 @@ class Refiner:
         top = top[np.argsort(-cosine_row[top], kind="stable")]
         if self.expand:
             neighbours = topk_neighbors(gallery[top], self.expand + 1, base=gallery)
-            top = np.concatenate([top, np.setdiff1d(np.unique(neighbours), top)])
+            seen = set(top.tolist())  # new neighbours in first-seen order, as the service adds them
+            extra = [i for i in neighbours.ravel().tolist() if not (i in seen or seen.add(i))]
+            top = np.concatenate([top, np.asarray(extra, dtype=top.dtype)])
         return top
 
     def rerank(self, mode: str, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
