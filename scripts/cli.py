@@ -10,8 +10,7 @@ from pathlib import Path
 
 def cmd_train(args) -> int:
     if args.method == "gracl":
-        print("reid train: method 'gracl' is not available yet", file=sys.stderr)
-        return 2
+        return train_unsupervised(args)
     if args.method == "nformer" and args.encoder:
         return train_stage2(args, args.encoder)  # stage 2 on an existing encoder checkpoint
     from models.train import TrainConfig, train
@@ -35,6 +34,31 @@ def cmd_train(args) -> int:
     print(json.dumps({name: {"mAP": m["mAP"], **m["ranks"]} for name, m in results.items()}, indent=2))
     if args.method == "nformer":
         return train_stage2(args, Path(args.run_dir) / "last.pt")
+    return 0
+
+
+def train_unsupervised(args) -> int:
+    from models.gracl.train import GRACLConfig, train_gracl
+
+    cfg = GRACLConfig()
+    if args.data:
+        cfg.data = args.data
+    if args.eval_data is not None:
+        cfg.eval_data = args.eval_data
+    if args.encoder:
+        cfg.init_checkpoint = args.encoder
+    for key in ("epochs", "backbone", "height", "width", "p", "k", "lr", "seed", "split", "threads",
+                "eval_every", "embedding_dim", "eps", "min_samples", "w_centroid", "w_inter", "w_intra",
+                "inter_rule", "intra_rule", "inter_update", "intra_update", "batches_per_epoch"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.decay_epochs is not None:
+        cfg.decay_epochs = args.decay_epochs
+    if args.pretrained is not None:
+        cfg.pretrained = {"true": True, "false": False}.get(args.pretrained.lower(), args.pretrained)
+    results = train_gracl(cfg, args.run_dir, resume=not args.no_resume)
+    print(json.dumps({name: {"mAP": m["mAP"], **m["ranks"]} for name, m in results.items()}, indent=2))
     return 0
 
 
@@ -235,7 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if run-dir has a checkpoint")
     p.add_argument("--pretrained", help="true (packaged ImageNet weights), false, or a state_dict path")
     p.add_argument("--decay-epochs", nargs="*", type=int, help="epochs at which the learning rate drops 10x")
-    p.add_argument("--encoder", help="--method nformer: run stage 2 only, on this encoder checkpoint")
+    p.add_argument("--encoder", help="--method nformer: run stage 2 only, on this encoder checkpoint; "
+                                     "--method gracl: start from this encoder")
+    for name, typ in (("eps", float), ("min-samples", int), ("w-centroid", float), ("w-inter", float),
+                      ("w-intra", float), ("batches-per-epoch", int)):
+        p.add_argument(f"--{name}", type=typ, help="GRACL")
+    for name in ("inter-rule", "intra-rule", "inter-update", "intra-update"):
+        p.add_argument(f"--{name}", help="GRACL proxy choice (see models/gracl/memory.py)")
     for name, typ in (("nformer-epochs", int), ("sequence-length", int), ("steps-per-epoch", int),
                       ("nformer-lr", float), ("landmarks", int), ("topk", int)):
         p.add_argument(f"--{name}", type=typ, help="NFormer stage 2")

@@ -56,3 +56,40 @@ class PKBatchSampler:
 
     def __len__(self) -> int:
         return len(self._all_batches())
+
+
+class CameraBalancedSampler:
+    """Batches of P pseudo-identities x K images for unsupervised training, K drawn across as many cameras
+    as the identity spans (cluster-contrast's RandomMultipleGallerySampler idea: positives from other
+    cameras teach view invariance). Labels change every epoch, so the sampler is rebuilt each epoch and
+    yields a fixed number of batches."""
+
+    def __init__(self, labels, cameras, p: int = 16, k: int = 4, batches: int = 100, seed: int = 0):
+        self.p, self.k, self.batches = p, k, batches
+        self.rng = np.random.default_rng(seed)
+        self.by_label: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for index, (label, camera) in enumerate(zip(labels, cameras)):
+            if label >= 0:  # outliers sit the epoch out
+                self.by_label[int(label)][int(camera)].append(index)
+        self.labels = sorted(self.by_label)
+        if len(self.labels) < p:
+            raise ValueError(f"P x K sampling needs at least P={p} pseudo-identities, got {len(self.labels)}")
+
+    def _pick(self, label: int) -> list[int]:
+        by_camera = [self.rng.permutation(v).tolist() for v in self.by_label[label].values()]
+        self.rng.shuffle(by_camera)
+        picked, round_ = [], 0
+        while len(picked) < self.k and any(len(c) > round_ for c in by_camera):
+            picked += [c[round_] for c in by_camera if len(c) > round_][: self.k - len(picked)]
+            round_ += 1
+        if len(picked) < self.k:  # fewer than K images: repeat some
+            picked += self.rng.choice(picked, size=self.k - len(picked)).tolist()
+        return picked
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            chosen = self.rng.choice(self.labels, size=self.p, replace=False)
+            yield [i for label in chosen for i in self._pick(int(label))]
+
+    def __len__(self) -> int:
+        return self.batches

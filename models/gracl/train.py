@@ -1,0 +1,167 @@
+"""Unsupervised training with GRACL (spec `../shared/specs/GRACL.md`) on top of cluster-contrast: each
+epoch, features of every unlabeled training image -> k-reciprocal Jaccard distance -> DBSCAN pseudo-labels
+(outliers sit the epoch out) -> cluster memories (centroid, inter-ID and intra-ID relation-aware proxies)
+-> camera-balanced P x K batches against those memories.
+
+Labels in the training data are never used for training: only, where present, to report how good the
+pseudo-labels are (NMI, ARI, pairwise precision) and to evaluate on a labeled protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data.datasets import Sample, load_dataset
+from ..data.sampler import CameraBalancedSampler
+from ..data.transforms import InputSpec, TrainTransform
+from ..features import evaluate_model, extract_features
+from ..reid_model import ReIDModel
+from ..train import ImageSamples, load_trained_model
+from .memory import GRACLLoss
+from .pseudo_labels import cluster_stats, pseudo_labels
+
+
+@dataclass
+class GRACLConfig:
+    data: list[str] = field(default_factory=lambda: ["viper"])  # datasets or folders; labels ignored
+    split: int = 0
+    eval_data: list[str] = field(default_factory=list)
+    init_checkpoint: str = ""  # start from a trained encoder (adaptation); empty = ImageNet backbone
+    backbone: str = "efficientnet_lite0"
+    pretrained: str | bool = True
+    embedding_dim: int = 256
+    height: int = 128
+    width: int = 64
+    epochs: int = 10
+    batches_per_epoch: int = 50
+    p: int = 16
+    k: int = 4
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    decay_epochs: list[int] = field(default_factory=lambda: [8])
+    # pseudo-labels (cluster-contrast's values)
+    eps: float = 0.6
+    min_samples: int = 4
+    k1: int = 30
+    k2: int = 6
+    # memories and losses; w_centroid=1, w_inter=w_intra=0 is the cluster-contrast baseline
+    tau: float = 0.05
+    momentum: float = 0.1
+    w_centroid: float = 0.0
+    w_inter: float = 1.0
+    w_intra: float = 1.0
+    inter_rule: str = "hardest_negative"
+    intra_rule: str = "mean_similarity"
+    inter_update: str = "outward"
+    intra_update: str = "hard"
+    eval_every: int = 5
+    seed: int = 0
+    threads: int = 2
+
+
+def training_samples(cfg: GRACLConfig):
+    """Every training image of the given sets; identities kept only for pseudo-label statistics."""
+    samples = []
+    for name in cfg.data:
+        dataset = load_dataset(name, cfg.split)
+        offset = len({s.pid for s in samples}) and max(s.pid for s in samples) + 1
+        samples += [Sample(s.path, s.pid + offset, s.camid) for s in dataset.train]
+    return samples
+
+
+def build_model(cfg: GRACLConfig) -> tuple[ReIDModel, InputSpec]:
+    if cfg.init_checkpoint:
+        model, spec, _ = load_trained_model(cfg.init_checkpoint)
+        return model, spec
+    model = ReIDModel(cfg.backbone, 1, cfg.pretrained, embedding_dim=cfg.embedding_dim)
+    return model, InputSpec(cfg.height, cfg.width, tuple(model.backbone.input_mean), tuple(model.backbone.input_std))
+
+
+def normalized_features(model: ReIDModel, images: torch.Tensor) -> torch.Tensor:
+    """The training-mode embedding: post-BNNeck (batch statistics), L2-normalised, as cluster-contrast."""
+    global_feature, _ = model(images)
+    return F.normalize(model.bottleneck(global_feature), dim=1)
+
+
+def train_gracl(cfg: GRACLConfig, run_dir: str | Path, resume: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    samples = training_samples(cfg)
+    true_ids = np.array([s.pid for s in samples])
+    cameras = [s.camid for s in samples]
+    model, spec = build_model(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_epoch, checkpoint_path, log_path = 0, run_dir / "last.pt", run_dir / "log.jsonl"
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"]
+    elif log_path.exists():
+        log_path.unlink()
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    data = ImageSamples(samples, TrainTransform(spec, seed=cfg.seed))
+    evaluation: dict = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.time()
+        features = extract_features(model, samples, spec, desc=f"features {epoch + 1}/{cfg.epochs}")
+        features /= np.linalg.norm(features, axis=1, keepdims=True)
+        labels = pseudo_labels(features, cfg.eps, cfg.min_samples, cfg.k1, cfg.k2)
+        stats = cluster_stats(labels, true_ids)
+        record = {"epoch": epoch + 1, "clusters": stats.as_dict()}
+        num_clusters = int(labels.max()) + 1
+        if num_clusters < cfg.p:
+            record["skipped"] = f"{num_clusters} clusters < P={cfg.p}: no training this epoch"
+            print(json.dumps(record))
+        else:
+            criterion = GRACLLoss.build(
+                torch.from_numpy(features), torch.from_numpy(labels), num_clusters, w_centroid=cfg.w_centroid,
+                w_inter=cfg.w_inter, w_intra=cfg.w_intra, inter_rule=cfg.inter_rule, intra_rule=cfg.intra_rule,
+                inter_update=cfg.inter_update, intra_update=cfg.intra_update, tau=cfg.tau, momentum=cfg.momentum)
+            # this epoch's pseudo-labels stand where identities would (decoded images stay cached)
+            data.samples = [Sample(s.path, int(label), s.camid) for s, label in zip(samples, labels)]
+            sampler = CameraBalancedSampler(labels, cameras, cfg.p, cfg.k, cfg.batches_per_epoch, cfg.seed * 1000 + epoch)
+            loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=0)
+            lr = cfg.lr * 0.1 ** sum(epoch >= e for e in cfg.decay_epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            totals: dict[str, float] = {}
+            bar = tqdm(loader, total=len(sampler), desc=f"gracl epoch {epoch + 1}/{cfg.epochs}")
+            for images, y, _ in bar:
+                f = normalized_features(model, images)
+                loss, parts = criterion(f, y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                criterion.update(f.detach(), y)
+                for key, value in {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}.items():
+                    totals[key] = totals.get(key, 0.0) + value / len(sampler)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            record.update(totals)
+        record["seconds"] = round(time.time() - started, 1)
+        if cfg.eval_data and (epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+            evaluation = {name: evaluate_model(model, load_dataset(name, cfg.split), spec).as_dict()
+                          for name in cfg.eval_data}
+            record["eval"] = evaluation
+        print(json.dumps({k: v for k, v in record.items() if k != "eval"}))
+        with open(log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        tmp = checkpoint_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                    "config": {**asdict(cfg), "train_data": cfg.data, "last_stride": 1,
+                               "backbone": cfg.backbone, "embedding_dim": model.embedding_dim},
+                    "input": spec.card(), "num_classes": 1, "label_names": [], "method": "gracl"}, tmp)
+        os.replace(tmp, checkpoint_path)
+    return evaluation
