@@ -77,12 +77,17 @@ def training_samples(cfg: GRACLConfig):
     return samples
 
 
-def build_model(cfg: GRACLConfig) -> tuple[ReIDModel, InputSpec]:
+def build_model(cfg: GRACLConfig) -> tuple[ReIDModel, InputSpec, dict]:
+    """The encoder to train, its input spec, and the architecture fields a checkpoint needs to rebuild it."""
     if cfg.init_checkpoint:
-        model, spec, _ = load_trained_model(cfg.init_checkpoint)
-        return model, spec
-    model = ReIDModel(cfg.backbone, 1, cfg.pretrained, embedding_dim=cfg.embedding_dim)
-    return model, InputSpec(cfg.height, cfg.width, tuple(model.backbone.input_mean), tuple(model.backbone.input_std))
+        model, spec, state = load_trained_model(cfg.init_checkpoint)
+        arch = {"backbone": state["config"]["backbone"], "last_stride": state["config"]["last_stride"],
+                "embedding_dim": state["config"].get("embedding_dim", 0)}
+    else:
+        model = ReIDModel(cfg.backbone, 1, cfg.pretrained, embedding_dim=cfg.embedding_dim)
+        spec = InputSpec(cfg.height, cfg.width, tuple(model.backbone.input_mean), tuple(model.backbone.input_std))
+        arch = {"backbone": cfg.backbone, "last_stride": 1, "embedding_dim": cfg.embedding_dim}
+    return model, spec, arch
 
 
 def normalized_features(model: ReIDModel, images: torch.Tensor) -> torch.Tensor:
@@ -100,7 +105,7 @@ def train_gracl(cfg: GRACLConfig, run_dir: str | Path, resume: bool = True) -> d
     samples = training_samples(cfg)
     true_ids = np.array([s.pid for s in samples])
     cameras = [s.camid for s in samples]
-    model, spec = build_model(cfg)
+    model, spec, arch = build_model(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, checkpoint_path, log_path = 0, run_dir / "last.pt", run_dir / "log.jsonl"
     if resume and checkpoint_path.exists():
@@ -160,8 +165,8 @@ def train_gracl(cfg: GRACLConfig, run_dir: str | Path, resume: bool = True) -> d
             log.write(json.dumps(record) + "\n")
         tmp = checkpoint_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                    "config": {**asdict(cfg), "train_data": cfg.data, "last_stride": 1,
-                               "backbone": cfg.backbone, "embedding_dim": model.embedding_dim},
-                    "input": spec.card(), "num_classes": 1, "label_names": [], "method": "gracl"}, tmp)
+                    "config": {**asdict(cfg), **arch, "train_data": cfg.data},
+                    "input": spec.card(), "num_classes": model.classifier.out_features, "label_names": [],
+                    "method": "gracl"}, tmp)
         os.replace(tmp, checkpoint_path)
     return evaluation
