@@ -300,6 +300,20 @@ def _query_expansion(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray
     return new_indptr, np.concatenate(idx_chunks), np.concatenate(val_chunks)
 
 
+def shared_minima(indptr, indices, values, rows, inverted, start: int, stop: int, width: int) -> np.ndarray:
+    """sum(min(V_i, V_j)) for rows i in [start, stop) against the rows j of an inverted index
+    (col_count, col_ptr, holder_rows, holder_vals: column -> rows holding it), flattened [(stop-start) * width].
+    Only columns both rows hold contribute, so the terms are gathered, not a dense product."""
+    col_count, col_ptr, holder_rows, holder_vals = inverted
+    e0, e1 = indptr[start], indptr[stop]
+    cols = indices[e0:e1]
+    lengths = col_count[cols]
+    pos = _ranges(col_ptr[cols], lengths)
+    local = np.repeat(rows[e0:e1] - start, lengths)
+    mins = np.minimum(np.repeat(values[e0:e1], lengths), holder_vals[pos])
+    return np.bincount(local * width + holder_rows[pos], weights=mins, minlength=(stop - start) * width)
+
+
 def _final_distance(feats: np.ndarray, row_max: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
                     values: np.ndarray, num_q: int, lambda_value: float) -> np.ndarray:
     """Jaccard distance of each query row to each gallery row, mixed with the original distance.
@@ -325,14 +339,8 @@ def _final_distance(feats: np.ndarray, row_max: np.ndarray, indptr: np.ndarray, 
 
     out = np.empty((num_q, num_g), dtype=np.float32)
     for start, stop in _blocks(pair_cost, BLOCK_BUDGET, max_rows=max(1, BLOCK_BUDGET // num_g)):
-        e0, e1 = indptr[start], indptr[stop]
-        cols = indices[e0:e1]
-        lengths = col_count[cols]
-        pos = _ranges(col_ptr[cols], lengths)
-        local_q = np.repeat(q_rows[e0:e1] - start, lengths)
-        mins = np.minimum(np.repeat(values[e0:e1], lengths), holder_vals[pos])
-        temp_min = np.bincount(local_q * num_g + holder_rows[pos], weights=mins,
-                               minlength=(stop - start) * num_g).reshape(stop - start, num_g)
+        temp_min = shared_minima(indptr, indices, values, q_rows, (col_count, col_ptr, holder_rows, holder_vals),
+                                 start, stop, num_g).reshape(stop - start, num_g)
         jaccard = 1.0 - temp_min / (2.0 - temp_min)
         original = _squared_distances(query[start:stop], gallery) / scale[start:stop, None]
         out[start:stop] = jaccard * (1.0 - lambda_value) + original * lambda_value

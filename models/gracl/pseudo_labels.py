@@ -31,7 +31,7 @@ import numpy as np
 
 from index.refine import topk_neighbors
 from index.rerank import (BLOCK_BUDGET, _blocks, _expand_sets, _gaussian_weights, _half, _query_expansion,
-                          _ranges, _reciprocal_sets)
+                          _reciprocal_sets, shared_minima)
 from index.vector_index import l2_normalize
 
 # ------------------------------------------------------------------------------------- Jaccard distance
@@ -99,13 +99,8 @@ def _pairwise_jaccard(indptr: np.ndarray, indices: np.ndarray, values: np.ndarra
 
     counts, idx_chunks, dist_chunks = [], [], []
     for start, stop in _blocks(pair_cost, BLOCK_BUDGET, max_rows=max(1, BLOCK_BUDGET // n)):
-        e0, e1 = indptr[start], indptr[stop]
-        cols = indices[e0:e1]
-        lengths = col_count[cols]
-        pos = _ranges(col_ptr[cols], lengths)
-        local = np.repeat(rows[e0:e1] - start, lengths)
-        mins = np.minimum(np.repeat(values[e0:e1], lengths), holder_vals[pos])
-        shared = np.bincount(local * n + holder_rows[pos], weights=mins, minlength=(stop - start) * n)
+        shared = shared_minima(indptr, indices, values, rows, (col_count, col_ptr, holder_rows, holder_vals),
+                               start, stop, n)
         keys = np.flatnonzero(shared)  # V entries are > 0, so a shared column always leaves a trace
         dist = np.maximum(1.0 - shared[keys] / (2.0 - shared[keys]), 0.0).astype(np.float32)
         if max_distance < 1.0:
