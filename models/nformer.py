@@ -12,6 +12,7 @@ Tokens are images: no positional encoding, no class token, D -> D."""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -142,7 +143,7 @@ class NFormer(nn.Module):
         block = Block(cfg)
         self._init_block(block)
         # the official layers are deep copies of one block: all start with identical weights
-        self.blocks = nn.ModuleList([block] + [_copy(block) for _ in range(cfg.layers - 1)])
+        self.blocks = nn.ModuleList([block] + [copy.deepcopy(block) for _ in range(cfg.layers - 1)])
         self.bottleneck = nn.BatchNorm1d(cfg.dim)
         self.bottleneck.bias.requires_grad_(False)
         self.classifier = nn.Linear(cfg.dim, cfg.num_classes, bias=False) if cfg.num_classes else None
@@ -184,12 +185,6 @@ class NFormer(nn.Module):
                 raise RuntimeError("NFormer built without a classifier (num_classes=0) cannot train")
             return self.classifier(features), x
         return features
-
-
-def _copy(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
 
 
 # The official state_dict names (modeling/nformer.py, GPT-style Conv1D weights stored [in, out]) mapped onto

@@ -29,12 +29,17 @@ def cmd_train(args) -> int:
     if args.eval_data is not None:
         cfg.eval_data = args.eval_data
     if args.pretrained is not None:
-        cfg.pretrained = {"true": True, "false": False}.get(args.pretrained.lower(), args.pretrained)
+        cfg.pretrained = parse_pretrained(args.pretrained)
     results = train(cfg, args.run_dir, resume=not args.no_resume)
     print(json.dumps({name: {"mAP": m["mAP"], **m["ranks"]} for name, m in results.items()}, indent=2))
     if args.method == "nformer":
         return train_stage2(args, Path(args.run_dir) / "last.pt")
     return 0
+
+
+def parse_pretrained(value: str) -> str | bool:
+    """`--pretrained`: true (packaged ImageNet weights), false, or a state_dict path."""
+    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def train_unsupervised(args) -> int:
@@ -56,7 +61,7 @@ def train_unsupervised(args) -> int:
     if args.decay_epochs is not None:
         cfg.decay_epochs = args.decay_epochs
     if args.pretrained is not None:
-        cfg.pretrained = {"true": True, "false": False}.get(args.pretrained.lower(), args.pretrained)
+        cfg.pretrained = parse_pretrained(args.pretrained)
     results = train_gracl(cfg, args.run_dir, resume=not args.no_resume)
     print(json.dumps({name: {"mAP": m["mAP"], **m["ranks"]} for name, m in results.items()}, indent=2))
     return 0

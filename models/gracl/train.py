@@ -72,7 +72,7 @@ def training_samples(cfg: GRACLConfig):
     samples = []
     for name in cfg.data:
         dataset = load_dataset(name, cfg.split)
-        offset = len({s.pid for s in samples}) and max(s.pid for s in samples) + 1
+        offset = max((s.pid for s in samples), default=-1) + 1  # keep the sets' identities apart
         samples += [Sample(s.path, s.pid + offset, s.camid) for s in dataset.train]
     return samples
 
