@@ -6,7 +6,7 @@ SERVE_STAMP := $(VENV)/.serve-installed
 DEV_STAMP   := $(VENV)/.dev-installed
 ARGS   ?=
 
-.PHONY: demo test train-default refinement-report bench serve clean-venv
+.PHONY: demo test train-default refinement-report gracl-viper gracl-imagenet bench serve clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -44,6 +44,29 @@ refinement-report: $(DEV_STAMP)
 		--refine none joint local kreciprocal --candidates 50 100 200 500 \
 		--latency-sizes 1000 10000 100000 --joint-cost 20000 \
 		--markdown docs/refinement-default.md --json runs/default/refinement.json --write-card
+
+# GRACL, README "Adapting to new cameras": a supervised source model (the default recipe on the PRID data
+# only), adapted on the *images* of VIPeR's split-0 training half (labels unused), evaluated on the other half;
+# before / cluster-contrast / GRACL and the ablation, seeds 0-2 (each run resumable). Recipe chosen on split 1.
+GRACL_VIPER = --data viper --eval-data viper --source runs/prid-only/last.pt --epochs 6 --batches-per-epoch 10 \
+	--p 16 --k 2 --min-samples 2 --k1 10 --k2 2 --eps 0.3 --lr 3.5e-5 --decay-epochs --freeze-bn
+GRACL_ABLATION = "centroid + intra" "centroid + inter" "centroid + inter + intra" "weights 1 + 1" \
+	"inter rule knn_mean" "inter rule centroid" "intra rule centroid" "intra loss pull" "proxies per epoch only" \
+	"intra update mean"
+gracl-viper: $(DEV_STAMP)
+	test -f runs/prid-only/last.pt || $(PY) -m scripts.cli train --data prid450s prid2011 --eval-data viper \
+		--run-dir runs/prid-only
+	$(PY) -m scripts.cli gracl-experiment $(GRACL_VIPER) --variants cluster-contrast gracl $(GRACL_ABLATION) \
+		--seeds 0 1 2 --out runs/gracl-viper --markdown docs/gracl-viper.md \
+		--title "PRID -> VIPeR adaptation (split 0, probe A / gallery B)"
+
+# GRACL with no labels anywhere: from ImageNet weights on PRID450S's split-0 training images, evaluated on
+# the PRID450S protocol (README "Unsupervised from ImageNet").
+gracl-imagenet: $(DEV_STAMP)
+	$(PY) -m scripts.cli gracl-experiment --data prid450s --eval-data prid450s --pretrained true --epochs 10 \
+		--decay-epochs 8 --batches-per-epoch 20 --p 16 --k 2 --min-samples 2 --k1 10 --k2 2 --eps 0.3 \
+		--variants cluster-contrast gracl --seeds 0 1 2 --out runs/gracl-imagenet-prid450s \
+		--markdown docs/gracl-imagenet.md --title "Unsupervised from ImageNet, PRID450S split 0"
 
 bench: $(DEV_STAMP)
 	$(PY) -m scripts.cli bench $(ARGS)

@@ -10,6 +10,11 @@ so they never contain ``:``)::
     reid:gallery:{g}:vectors            HASH   {image id (decimal)} -> float32 vector bytes (little endian)
     reid:gallery:{g}:image:{id}         HASH   id, gallery, external_id, camera_id, person_id,
                                                captured_at, filename, created_at, model, dim
+    reid:gallery:{g}:images             HASH   {image id} -> the original image bytes as uploaded
+                                               (kept to adapt a model and to re-embed; optional)
+    reid:gallery:{g}:vectors:staged     HASH   like :vectors, written by a model activation before it
+                                               replaces :vectors in one transaction
+    reid:active_bundle                  STRING id of the model bundle whose vectors the store holds
     reid:events                         STREAM change log (op=put|delete|drop, gallery, id),
                                                capped at ~100k entries, for replicas to follow
 
@@ -17,7 +22,7 @@ Image ids are stable: the first 8 bytes of ``sha256(gallery + b"\\0" + image byt
 big-endian with the top bit cleared (a positive signed 63-bit integer). Re-uploading the
 same bytes to the same gallery gives the same id.
 
-Writes of images (vector + metadata + gallery membership + change event) happen in one
+Writes of images (vector + metadata + image bytes + gallery membership + change event) happen in one
 MULTI/EXEC transaction guarded by WATCH on the image keys (:meth:`RedisStore.put_many`), so
 a reader never sees half an image and two concurrent uploads of the same bytes report
 exactly one ``created``.
@@ -32,7 +37,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import redis
@@ -44,6 +49,7 @@ __all__ = [
     "METADATA_FIELDS",
     "InvalidGalleryName",
     "RedisStore",
+    "StagingStale",
     "StoredImage",
     "image_id",
     "validate_gallery_name",
@@ -58,6 +64,10 @@ EVENTS_MAXLEN = 100_000
 
 class InvalidGalleryName(ValueError):
     pass
+
+
+class StagingStale(RuntimeError):
+    """The staged vectors no longer cover exactly the gallery's images (a write happened meanwhile)."""
 
 
 def validate_gallery_name(name: str) -> str:
@@ -135,8 +145,20 @@ class RedisStore:
         return f"{PREFIX}gallery:{g}:image:{int(id_)}"
 
     @staticmethod
+    def k_images(g: str) -> str:
+        return f"{PREFIX}gallery:{g}:images"
+
+    @staticmethod
+    def k_staged(g: str) -> str:
+        return f"{PREFIX}gallery:{g}:vectors:staged"
+
+    @staticmethod
     def k_events() -> str:
         return PREFIX + "events"
+
+    @staticmethod
+    def k_active_bundle() -> str:
+        return PREFIX + "active_bundle"
 
     # ------------------------------------------------------------------ basics
     def ping(self) -> bool:
@@ -198,7 +220,8 @@ class RedisStore:
                 keys.clear()
         if keys:
             self.r.delete(*keys)
-        self.r.delete(self.k_vectors(gallery), self.k_gallery(gallery))
+        self.r.delete(self.k_vectors(gallery), self.k_images(gallery), self.k_staged(gallery),
+                      self.k_gallery(gallery))
         return True
 
     # ------------------------------------------------------------------ images
@@ -224,9 +247,11 @@ class RedisStore:
         gallery: str,
         records: list[tuple[int, np.ndarray, Mapping[str, Any] | None]],
         model: str | None = None,
+        images: Sequence[bytes | None] | None = None,
     ) -> list[bool]:
         """Store several images ``(id, vector, metadata)`` in ONE MULTI/EXEC transaction.
 
+        ``images``, aligned with ``records``, are the original bytes to keep (None: keep none).
         Returns, per record, whether it already existed (existing images are left untouched).
         WATCH on the image keys makes a concurrent writer of the same id abort and retry this
         transaction, so each id is reported ``created`` exactly once. One transaction means one
@@ -235,6 +260,9 @@ class RedisStore:
         validate_gallery_name(gallery)
         if not records:
             return []
+        if images is not None and len(images) != len(records):
+            raise ValueError(f"got {len(images)} images for {len(records)} records")
+        blobs = list(images) if images is not None else [None] * len(records)
         now = _now()
         prepared = []
         for id_, vector, metadata in records:
@@ -257,12 +285,14 @@ class RedisStore:
             existed = [bool(x) for x in check.execute()]
             pipe.multi()
             written: set[int] = set()
-            for (id_, key, vbytes, meta), ex in zip(prepared, existed):
+            for (id_, key, vbytes, meta), ex, blob in zip(prepared, existed, blobs):
                 if ex or id_ in written:
                     continue
                 written.add(id_)
                 pipe.hset(self.k_vectors(gallery), str(id_), vbytes)
                 pipe.hset(key, mapping=meta)
+                if blob is not None:
+                    pipe.hset(self.k_images(gallery), str(id_), bytes(blob))
                 pipe.xadd(self.k_events(), {"op": "put", "gallery": gallery, "id": str(id_)},
                           maxlen=EVENTS_MAXLEN, approximate=True)
             if written:
@@ -317,9 +347,10 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.hdel(self.k_vectors(gallery), str(int(id_)))
         pipe.delete(self.k_image(gallery, id_))
+        pipe.hdel(self.k_images(gallery), str(int(id_)))
         pipe.xadd(self.k_events(), {"op": "delete", "gallery": gallery, "id": str(int(id_))},
                   maxlen=EVENTS_MAXLEN, approximate=True)
-        n_vec, n_meta, _ = pipe.execute()
+        n_vec, n_meta, _, _ = pipe.execute()
         return bool(n_vec or n_meta)
 
     def iter_vectors(self, gallery: str, batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -340,6 +371,95 @@ class RedisStore:
                 ids, vecs = [], []
         if ids:
             yield _pack(ids, vecs)
+
+    # ------------------------------------------------------------------ image bytes
+    def count_images(self, gallery: str) -> int:
+        """Images of the gallery whose bytes are kept."""
+        return int(self.r.hlen(self.k_images(gallery)))
+
+    def get_image_bytes(self, gallery: str, ids: Iterable[int]) -> list[bytes | None]:
+        ids = [str(int(i)) for i in ids]
+        return list(self.r.hmget(self.k_images(gallery), ids)) if ids else []
+
+    def iter_images(self, gallery: str, batch: int = 64) -> Iterator[list[tuple[int, bytes, str | None]]]:
+        """Yield batches of ``(id, image bytes, camera_id)`` of the images whose bytes are kept (HSCAN)."""
+        seen: set[int] = set()  # HSCAN may return an entry twice while Redis rehashes
+        chunk: list[tuple[int, bytes]] = []
+        for field, data in self.r.hscan_iter(self.k_images(gallery), count=batch):
+            id_ = int(field)
+            if id_ in seen:
+                continue
+            seen.add(id_)
+            chunk.append((id_, data))
+            if len(chunk) >= batch:
+                yield self._with_cameras(gallery, chunk)
+                chunk = []
+        if chunk:
+            yield self._with_cameras(gallery, chunk)
+
+    def _with_cameras(self, gallery: str, chunk: list[tuple[int, bytes]]) -> list[tuple[int, bytes, str | None]]:
+        pipe = self.r.pipeline(transaction=False)
+        for id_, _ in chunk:
+            pipe.hmget(self.k_image(gallery, id_), "id", "camera_id")
+        # an image deleted since the scan has no metadata any more: leave it out
+        return [(id_, data, _s(camera)) for (id_, data), (present, camera) in zip(chunk, pipe.execute())
+                if present is not None]
+
+    # ------------------------------------------------------------------ re-embedding (model activation)
+    def active_bundle(self) -> str | None:
+        return _s(self.r.get(self.k_active_bundle()))
+
+    def vector_ids(self, gallery: str) -> set[int]:
+        return {int(x) for x in self.r.hkeys(self.k_vectors(gallery))}
+
+    def staged_ids(self, gallery: str) -> set[int]:
+        return {int(x) for x in self.r.hkeys(self.k_staged(gallery))}
+
+    def clear_staged(self, gallery: str) -> None:
+        self.r.delete(self.k_staged(gallery))
+
+    def stage_vectors(self, gallery: str, ids, vectors: np.ndarray) -> None:
+        vecs = np.ascontiguousarray(np.asarray(vectors, dtype="<f4"))
+        if len(ids):
+            self.r.hset(self.k_staged(gallery), mapping={str(int(i)): v.tobytes() for i, v in zip(ids, vecs)})
+
+    def unstage(self, gallery: str, ids) -> None:
+        ids = [str(int(i)) for i in ids]
+        if ids:
+            self.r.hdel(self.k_staged(gallery), *ids)
+
+    def commit_staged(self, galleries: Mapping[str, int], model: str, bundle_id: str,
+                      watch: Sequence[str] = (), precondition: Callable[[Any], None] | None = None) -> None:
+        """Replace every gallery's vectors by its staged ones and record ``bundle_id`` as active, in ONE
+        transaction. ``galleries`` maps each gallery to its new vector dimension.
+
+        Raises :class:`StagingStale` (nothing written) unless the galleries are exactly the store's and
+        each one's staged ids are exactly its images. ``precondition(pipe)`` may read the ``watch`` keys
+        and raise to abort; a change to any of them before EXEC makes the check run again.
+        """
+        names = sorted(galleries)
+        keys = [self.k_galleries(), *watch, *(self.k_vectors(g) for g in names), *(self.k_staged(g) for g in names)]
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            current = sorted(_s(x) for x in pipe.smembers(self.k_galleries()))
+            if current != names:
+                raise StagingStale(f"galleries changed: staged {names}, store has {current}")
+            ids: dict[str, list[bytes]] = {}
+            for g in names:
+                ids[g] = pipe.hkeys(self.k_staged(g))
+                if set(ids[g]) != set(pipe.hkeys(self.k_vectors(g))):
+                    raise StagingStale(f"gallery {g}: images changed since they were staged")
+            if precondition is not None:
+                precondition(pipe)
+            pipe.multi()
+            for g in names:
+                if ids[g]:
+                    pipe.rename(self.k_staged(g), self.k_vectors(g))
+                for i in ids[g]:
+                    pipe.hset(self.k_image(g, int(i)), mapping={"model": model, "dim": str(galleries[g])})
+            pipe.set(self.k_active_bundle(), bundle_id)
+
+        self.r.transaction(txn, *keys)
 
 
 def _pack(ids: list[int], vecs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,9 @@ With an NFormer stage-2 checkpoint the bundle also gets `nformer.onnx`: inputs `
 `neighbors` [N,k'] (each row's top-k' by cosine, itself included, k' = min(k, N)) and `landmarks` [layers,L']
 (L' = min(L, N)); output `refined` [N,D], L2-normalised. N, k' and L' are dynamic.
 
+With `include_weights` (the default) the bundle also carries `weights.pt`: the encoder's torch weights, so
+that `reid adapt` can fine-tune a deployed bundle. Serving never reads it.
+
 The export is checked: torch and ONNX Runtime must agree on the encoder at batch 1 and 8 on real images, and
 on the NFormer at several N (below and above k), rtol 1e-3, atol 1e-5; otherwise no bundle is written."""
 
@@ -33,6 +36,7 @@ from .train import load_trained_model
 
 RTOL, ATOL = 1e-3, 1e-5
 CARD_NAME = "model.json"
+WEIGHTS_NAME = "weights.pt"
 
 
 class ExportMismatch(RuntimeError):
@@ -127,9 +131,17 @@ def nformer_card(nformer, state: dict, parity: dict) -> dict:
     }
 
 
+def write_training_weights(state: dict, path: Path) -> None:
+    """A checkpoint `load_trained_model` reads, without optimiser state, its tensors in float16: a starting
+    point for fine-tuning (loading casts back to float32), at a sixth of `last.pt`'s size."""
+    keep = ("config", "input", "num_classes", "label_names", "epoch", "method")
+    model = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save({"model": model, **{k: state[k] for k in keep if k in state}}, path)
+
+
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: list[str], name: str = "reid-model",
                   version: str | None = None, extra_card: dict | None = None,
-                  nformer_checkpoint: str | Path | None = None) -> dict:
+                  nformer_checkpoint: str | Path | None = None, include_weights: bool = True) -> dict:
     """Write the bundle to `out_dir` (replacing it only once everything checked out). Returns the card."""
     if not check_images:
         raise ValueError("export needs real images to check ONNX Runtime against torch")
@@ -163,6 +175,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
             "files": {"encoder.onnx": sha256_file(onnx_path)},
             **(extra_card or {}),
         }
+        if include_weights:
+            write_training_weights(state, staging / WEIGHTS_NAME)
+            card["outputs"][WEIGHTS_NAME] = "float16 torch weights of the encoder (for `reid adapt`; not used to serve)"
+            card["files"][WEIGHTS_NAME] = sha256_file(staging / WEIGHTS_NAME)
         if nformer_checkpoint:
             nformer = load_trained_nformer(nformer_checkpoint)
             if nformer.cfg.dim != model.embedding_dim:

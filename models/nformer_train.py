@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from index.metrics import evaluate_rankings
 from index.refine import Refiner
 
-from .data.datasets import combine_for_training, load_dataset
+from .data.datasets import Sample, combine_for_training, load_dataset
 from .data.transforms import TrainTransform
 from .features import extract_features
 from .losses import BatchHardTripletLoss, CenterLoss, CrossEntropyLabelSmooth
@@ -85,8 +86,11 @@ def torch_refiner_function(nformer: NFormer):
 
 
 def train_nformer(encoder_checkpoint: str | Path, run_dir: str | Path, cfg: NFormerTrainConfig,
-                  resume: bool = True) -> dict:
-    """Train, checkpoint each epoch to `run_dir/nformer.pt`, log to `run_dir/nformer_log.jsonl`."""
+                  resume: bool = True, samples: list[Sample] | None = None,
+                  on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train, checkpoint each epoch to `run_dir/nformer.pt`, log to `run_dir/nformer_log.jsonl`.
+    `samples` (labels 0..C-1, e.g. pseudo-labels) replace the encoder's own training data; `on_epoch` gets
+    each epoch's log record."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -94,14 +98,16 @@ def train_nformer(encoder_checkpoint: str | Path, run_dir: str | Path, cfg: NFor
     torch.manual_seed(cfg.seed)
     encoder, spec, encoder_state = load_trained_model(encoder_checkpoint)
     stage1 = encoder_state["config"]
-    samples, label_names = combine_for_training([load_dataset(n, stage1["split"]) for n in stage1["train_data"]])
+    if samples is None:
+        samples, _ = combine_for_training([load_dataset(n, stage1["split"]) for n in stage1["train_data"]])
     labels = torch.tensor([s.pid for s in samples])
+    num_classes = int(labels.max()) + 1
     ncfg = NFormerConfig(dim=encoder.embedding_dim, heads=cfg.heads, layers=cfg.layers, topk=cfg.topk,
-                         landmarks=cfg.landmarks, dropout=cfg.dropout, num_classes=len(label_names))
+                         landmarks=cfg.landmarks, dropout=cfg.dropout, num_classes=num_classes)
     nformer = NFormer(ncfg)
-    ce = CrossEntropyLabelSmooth(len(label_names), cfg.label_smoothing)
+    ce = CrossEntropyLabelSmooth(num_classes, cfg.label_smoothing)
     triplet = BatchHardTripletLoss(cfg.triplet_margin)
-    center = CenterLoss(len(label_names), ncfg.dim)
+    center = CenterLoss(num_classes, ncfg.dim)
     optimizer = torch.optim.Adam([p for p in nformer.parameters() if p.requires_grad], lr=cfg.lr)
     center_optimizer = torch.optim.SGD(center.parameters(), lr=cfg.center_lr)
 
@@ -165,6 +171,8 @@ def train_nformer(encoder_checkpoint: str | Path, run_dir: str | Path, cfg: NFor
                     "optimizer": optimizer.state_dict(), "center_optimizer": center_optimizer.state_dict(),
                     "epoch": epoch + 1, "config": asdict(cfg), "encoder_checkpoint": str(encoder_checkpoint)}, tmp)
         os.replace(tmp, checkpoint_path)
+        if on_epoch:
+            on_epoch(record)
     return evaluation
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def train_unsupervised(args) -> int:
     if args.encoder:
         cfg.init_checkpoint = args.encoder
     for key in ("epochs", "backbone", "height", "width", "p", "k", "lr", "seed", "split", "threads",
-                "eval_every", "embedding_dim", "eps", "min_samples", "w_centroid", "w_inter", "w_intra",
+                "eval_every", "embedding_dim", "eps", "min_samples", "k1", "k2", "w_centroid", "w_inter", "w_intra",
                 "inter_rule", "intra_rule", "inter_update", "intra_update", "batches_per_epoch"):
         value = getattr(args, key, None)
         if value is not None:
@@ -81,6 +82,80 @@ def train_stage2(args, encoder_checkpoint) -> int:
     results = train_nformer(encoder_checkpoint, args.run_dir, cfg, resume=not args.no_resume)
     print(json.dumps(results, indent=2))
     return 0
+
+
+def cmd_adapt(args) -> int:
+    from models.adapt import AdaptationError, adapt_bundle, adaptation_recipe
+
+    overrides = {key: getattr(args, key) for key in GRACL_OPTIONS + ("epochs", "p", "k", "seed", "threads", "lr")
+                 if getattr(args, key, None) is not None}
+    cfg = adaptation_recipe(**overrides)
+
+    events = sys.stdout  # with --progress-jsonl stdout carries only events; the trainers' logs go to stderr
+
+    def emit(event: dict) -> None:
+        print(json.dumps(event), file=events, flush=True)
+
+    def progress(stage: str, fraction: float, message: str) -> None:
+        if args.progress_jsonl:
+            emit({"event": "progress", "stage": stage, "fraction": round(fraction, 4), "message": message})
+        else:
+            print(f"[{100 * fraction:5.1f}%] {stage}: {message}", file=sys.stderr, flush=True)
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr if args.progress_jsonl else sys.stdout):
+            card = adapt_bundle(args.bundle, args.images, args.out, cfg, nformer_epochs=args.nformer_epochs,
+                                nformer_steps=args.nformer_steps, name=args.name, source=args.source,
+                                work_dir=args.work_dir, progress=progress)
+    except (AdaptationError, FileNotFoundError) as e:
+        if args.progress_jsonl:
+            emit({"event": "error", "message": str(e)})
+        print(f"reid adapt: {e}", file=sys.stderr)
+        return 2
+    emit({"event": "done", "bundle": str(args.out), "name": card["name"], "version": card["version"],
+          "adaptation": card["adaptation"]})
+    return 0
+
+
+def cmd_gracl_experiment(args) -> int:
+    from dataclasses import replace
+
+    from models.gracl.experiment import VARIANTS, results_markdown, run_experiment
+    from models.gracl.train import GRACLConfig
+
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        print(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    overrides = {key: getattr(args, key) for key in GRACL_OPTIONS + ("epochs", "p", "k", "threads", "lr", "split")
+                 if getattr(args, key, None) is not None}
+    if args.decay_epochs is not None:
+        overrides["decay_epochs"] = args.decay_epochs
+    if args.pretrained is not None:
+        overrides["pretrained"] = parse_pretrained(args.pretrained)
+    base = replace(GRACLConfig(), data=args.data, eval_data=[args.eval_data], init_checkpoint=args.source or "",
+                   **overrides)
+    rows = run_experiment(base, args.variants, args.seeds, args.out)
+    table = results_markdown(rows, args.title)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+GRACL_OPTIONS = ("freeze_bn", "eps", "min_samples", "k1", "k2", "w_centroid", "w_inter", "w_intra", "inter_rule",
+                 "intra_rule", "inter_update", "intra_update", "intra_loss", "batches_per_epoch")
+
+
+def add_gracl_arguments(p: argparse.ArgumentParser) -> None:
+    for name, typ in (("eps", float), ("min-samples", int), ("k1", int), ("k2", int), ("w-centroid", float),
+                      ("w-inter", float), ("w-intra", float), ("batches-per-epoch", int)):
+        p.add_argument(f"--{name}", type=typ, help="GRACL (see models/gracl/train.py: GRACLConfig)")
+    for name in ("inter-rule", "intra-rule", "inter-update", "intra-update", "intra-loss"):
+        p.add_argument(f"--{name}", help="GRACL proxy choice (see models/gracl/memory.py)")
+    p.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction,
+                   help="keep the initial model's BatchNorm statistics (adaptation)")
 
 
 def cmd_export(args) -> int:
@@ -266,11 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decay-epochs", nargs="*", type=int, help="epochs at which the learning rate drops 10x")
     p.add_argument("--encoder", help="--method nformer: run stage 2 only, on this encoder checkpoint; "
                                      "--method gracl: start from this encoder")
-    for name, typ in (("eps", float), ("min-samples", int), ("w-centroid", float), ("w-inter", float),
-                      ("w-intra", float), ("batches-per-epoch", int)):
-        p.add_argument(f"--{name}", type=typ, help="GRACL")
-    for name in ("inter-rule", "intra-rule", "inter-update", "intra-update"):
-        p.add_argument(f"--{name}", help="GRACL proxy choice (see models/gracl/memory.py)")
+    add_gracl_arguments(p)
     for name, typ in (("nformer-epochs", int), ("sequence-length", int), ("steps-per-epoch", int),
                       ("nformer-lr", float), ("landmarks", int), ("topk", int)):
         p.add_argument(f"--{name}", type=typ, help="NFormer stage 2")
@@ -281,6 +352,40 @@ def build_parser() -> argparse.ArgumentParser:
                       ("backbone-lr-factor", float), ("warmup-epochs", float)):
         p.add_argument(f"--{name}", type=typ)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("adapt", help="fine-tune a bundle on unlabeled images of new cameras (GRACL) into a new bundle")
+    p.add_argument("--bundle", default="service/default_bundle", help="parent bundle (must carry weights.pt)")
+    p.add_argument("--images", required=True,
+                   help="unlabeled images: a folder (one subfolder per camera, or <pid>_c<cam> names) or a shared set")
+    p.add_argument("--out", required=True, help="new bundle directory (must not exist)")
+    p.add_argument("--name", help="bundle name (default: the parent's + '-adapted')")
+    p.add_argument("--source", help="how the card names the adaptation data (default: the --images path)")
+    p.add_argument("--epochs", type=int, help="GRACL epochs (default: GRACLConfig's)")
+    p.add_argument("--nformer-epochs", type=int, default=4, help="NFormer stage 2 on pseudo-labels (0: none)")
+    p.add_argument("--nformer-steps", type=int, default=50, help="NFormer stage 2 steps per epoch")
+    for name in ("p", "k", "seed", "threads"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--lr", type=float, help="default 3.5e-5 (models/adapt.py: adaptation_recipe)")
+    add_gracl_arguments(p)
+    p.add_argument("--work-dir", help="keep the training runs here (resumable) instead of a temporary folder")
+    p.add_argument("--progress-jsonl", action="store_true", help="progress as JSON lines on stdout (for the service)")
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("gracl-experiment", help="GRACL variants x seeds on a protocol's training images: table")
+    p.add_argument("--data", nargs="+", required=True, help="unlabeled training images (sets or folders)")
+    p.add_argument("--eval-data", required=True, help="labeled protocol evaluated after training")
+    p.add_argument("--source", help="encoder checkpoint to adapt (default: train from ImageNet weights)")
+    p.add_argument("--pretrained", help="without --source: true (packaged ImageNet weights), false, or a path")
+    p.add_argument("--variants", nargs="+", default=["cluster-contrast", "gracl"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", required=True, help="folder for the runs (each resumable) and results.json")
+    p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--title", default="GRACL experiment")
+    p.add_argument("--decay-epochs", nargs="*", type=int)
+    for name, typ in (("epochs", int), ("p", int), ("k", int), ("threads", int), ("lr", float), ("split", int)):
+        p.add_argument(f"--{name}", type=typ)
+    add_gracl_arguments(p)
+    p.set_defaults(func=cmd_gracl_experiment)
 
     p = sub.add_parser("export", help="export a checkpoint to a model bundle (checked against ONNX Runtime)")
     p.add_argument("--checkpoint", default="runs/default/last.pt")

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from .deps import require_api_key
 from .errors import BodySizeLimitMiddleware, install_error_handlers
 from .observability import install_metrics
-from .routes import galleries, health, search
+from .routes import adapt, galleries, health, jobs, models, search
 from .settings import Settings
 from .state import ServiceState
 
@@ -61,6 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.model_router, dependencies=auth)
     app.include_router(galleries.router, dependencies=auth)
     app.include_router(search.router, dependencies=auth)
+    app.include_router(adapt.router, dependencies=auth)
+    app.include_router(models.router, dependencies=auth)
+    app.include_router(jobs.router, dependencies=auth)
 
     @app.get("/", include_in_schema=False)
     async def index_page():

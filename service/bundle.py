@@ -9,6 +9,10 @@ Card fields used by the service::
     input: {height, width, channel_order: "RGB", mean: [3], std: [3]}
     files: {"encoder.onnx": "<sha256 hex>", ...}
 
+Optional files, used only when the card lists them (and then verified like the others):
+``nformer.onnx`` (search-time refinement) and ``weights.pt`` (the encoder's torch weights, which
+``reid adapt`` fine-tunes; serving never reads it).
+
 Pixels are scaled to [0, 1] then normalised as ``(x - mean) / std``. Other fields
 (``backbone``, ``recipe``, ``training_data``, ``evaluation``, ``nformer`` ...) are free-form
 and passed through by ``GET /v1/model``.
@@ -23,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Bundle", "BundleError", "load_bundle", "sha256_file", "CARD_NAME", "ENCODER_NAME"]
+__all__ = ["Bundle", "BundleError", "load_bundle", "sha256_file", "CARD_NAME", "ENCODER_NAME", "WEIGHTS_NAME"]
 
 CARD_NAME = "model.json"
 ENCODER_NAME = "encoder.onnx"
+WEIGHTS_NAME = "weights.pt"
 
 
 class BundleError(ValueError):

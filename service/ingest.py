@@ -1,7 +1,8 @@
 """The write path, independent of HTTP: decode -> embed -> store.put (durable) -> index.add.
 
 Re-uploads (same bytes in the same gallery) are recognised by their content-hash id before
-decoding and are never re-embedded.
+decoding and are never re-embedded. With ``keep_images`` the original bytes are stored with the
+vector (to adapt a model to the gallery and to re-embed it with another model).
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ def build_metadata(n_files: int, form: dict[str, Any], metadata_json: str | None
 def ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, bytes]],
            metas: list[dict[str, str]]) -> IngestResult:
     """Ingest ``files`` ((filename, bytes) pairs) into ``gallery``. Blocking; run in a thread."""
+    with state.model_lock.shared():  # one model from embedding to index add
+        return _ingest(state, gallery, files, metas)
+
+
+def _ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, bytes]],
+            metas: list[dict[str, str]]) -> IngestResult:
     store = state.store
     res = IngestResult()
     ids = [image_id(gallery, data) for _, data in files]
@@ -116,7 +123,8 @@ def ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, byte
     if new:
         vecs = state.embedder.embed([img for _, _, img in new])
         records = [(id_, vec, {**metas[n], "filename": files[n][0]}) for (n, id_, _), vec in zip(new, vecs)]
-        existed = store.put_many(gallery, records, model=state.bundle.model_id)  # durable first
+        blobs = [files[n][1] for n, _, _ in new] if state.settings.keep_images else None
+        existed = store.put_many(gallery, records, model=state.bundle.model_id, images=blobs)  # durable first
         for (n, _, _), ex in zip(new, existed):
             status[n] = "exists" if ex else "created"
         state.index_add(gallery, np.array([i for _, i, _ in new], np.int64), vecs)

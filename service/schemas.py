@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class ErrorDetail(BaseModel):
@@ -119,3 +119,38 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: str
     checks: dict[str, Any]
+
+
+class Job(BaseModel):
+    id: str
+    kind: str = Field(description="'adapt' or 'activate'")
+    gallery: str | None = Field(None, description="the gallery the job works on (adapt), else null")
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    progress: float = Field(description="0..1")
+    stage: str | None = None
+    message: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict, description="what the job was asked to do")
+    result: dict[str, Any] | None = Field(None, description="when succeeded: {bundle_id, name, version}")
+    created_at: str
+    updated_at: str
+
+
+class AdaptRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int | None = Field(None, ge=1, le=50, description="training epochs (default: the command's own)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                             description="name of the new model in its card (default: derived from the parent)")
+
+
+class ModelInfo(BaseModel):
+    bundle_id: str = Field(description="'default' (REID_MODEL_DIR) or a directory under {data_dir}/bundles")
+    name: str
+    version: str
+    embedding_dim: int
+    parent: Any = Field(None, description="the card's 'parent' (the model an adapted one started from)")
+
+
+class ModelList(BaseModel):
+    active: ModelInfo
+    available: list[ModelInfo]

@@ -5,6 +5,12 @@
     REID_MODEL_DIR=path/to/bundle      model bundle (model.json + encoder.onnx); default: bundled one
     REID_API_KEY=secret                optional: /v1/* then requires the X-API-Key header
     REID_REFINE_DEFAULT=none           search-time refinement when a request names none (none/local/joint/kreciprocal)
+    REID_KEEP_IMAGES=true              keep each accepted image's bytes in Redis (needed to adapt and re-embed)
+    REID_ADAPT_MIN_IMAGES=64           POST /v1/galleries/{g}/adapt needs at least this many kept images
+    REID_ADAPT_EXTRA_ARGS='["--threads","4"]'  extra arguments for the `reid adapt` it runs
+
+The active model is REID_MODEL_DIR until a bundle under ``{data_dir}/bundles/`` is activated
+(``POST /v1/models/{id}/activate``); the choice is kept in Redis and survives restarts.
 """
 
 from __future__ import annotations
@@ -48,6 +54,13 @@ class Settings(BaseSettings):
 
     api_key: str | None = Field(None, description="If set, /v1/* requires header X-API-Key with this value")
 
+    # Model adaptation and activation (service/adapt.py, service/activation.py).
+    keep_images: bool = Field(True, description="keep each accepted image's original bytes in Redis; adapting a "
+                                                "model to a gallery and activating another model need them")
+    adapt_min_images: int = Field(64, ge=1, description="adapting refuses galleries with fewer kept images")
+    adapt_extra_args: list[str] = Field(default_factory=list, description="extra arguments for `reid adapt` "
+                                        "(JSON list, e.g. [\"--threads\", \"4\"]); see `reid adapt --help`")
+
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -61,3 +74,8 @@ class Settings(BaseSettings):
     @property
     def redis_data_dir(self) -> Path:
         return Path(self.data_dir) / "redis"
+
+    @property
+    def bundles_dir(self) -> Path:
+        """Where adapted model bundles are written and from where they can be activated."""
+        return Path(self.data_dir) / "bundles"

@@ -3,6 +3,10 @@
 The FAISS indexes are caches of the Redis store: built from it at start-up
 (:meth:`ServiceState.rebuild`), lazily for galleries another writer created, and kept in sync
 by the write path (store first, then index).
+
+The model (bundle, encoder, refiner) and the indexes change together when another bundle is
+activated (:mod:`service.activation`): requests hold ``model_lock`` shared for their whole run so
+that each sees one model, and :meth:`ServiceState.install_model` runs under it exclusively.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from index.refine import NeighborTransformer, NFormerSpec, Refiner
 from index.store import RedisStore
 from index.vector_index import VectorIndex
 
-from .bundle import Bundle, BundleError, load_bundle
+from .bundle import Bundle, BundleError
 from .embedder import Embedder
+from .jobs import JobManager, JobStore
+from .model_registry import DEFAULT_BUNDLE_ID, resolve_active
+from .rwlock import RWLock
 from .settings import Settings
 
 log = logging.getLogger("reid.service")
@@ -61,6 +68,8 @@ def load_refiner(bundle: Bundle, settings: Settings) -> Refiner:
 class ServiceState:
     settings: Settings
     store: RedisStore | None = None
+    #: id of the served bundle (service.model_registry): "default" is settings.model_dir
+    bundle_id: str = DEFAULT_BUNDLE_ID
     bundle: Bundle | None = None
     embedder: Embedder | None = None
     #: search-time refinement; its ``nformer`` is None when the bundle has no nformer.onnx
@@ -72,6 +81,9 @@ class ServiceState:
     #: gallery -> number of stored vectors that could not be indexed (wrong dimension)
     skipped: dict[str, int] = field(default_factory=dict)
     startup_error: str | None = None
+    jobs: JobManager | None = None
+    #: shared by every request that uses the model or the indexes; exclusive to switch the model
+    model_lock: RWLock = field(default_factory=RWLock)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     # ------------------------------------------------------------------ lifecycle
@@ -84,20 +96,37 @@ class ServiceState:
             url = self.redis_server.url
             log.info("embedded redis-server on %s (AOF in %s)", url, s.redis_data_dir)
         self.store = RedisStore(url)
-        self.bundle = load_bundle(s.model_dir)
-        self.embedder = Embedder(self.bundle, threads=s.ort_threads, batch_size=s.embed_batch_size)
-        log.info("model %s (dim %d) on %s", self.bundle.model_id, self.embedder.dim, self.embedder.providers)
-        self.refiner = load_refiner(self.bundle, s)
-        self.refine_default = s.refine_default
-        if self.refine_default in NFORMER_MODES and not self.has_nformer:
+        self._wait_for_store()  # the active bundle's id is kept in Redis
+        self.bundle_id, self.bundle = resolve_active(self.store, s)
+        self.embedder, self.refiner, self.refine_default = self.load_model(self.bundle)
+        log.info("model %s = %s (dim %d) on %s", self.bundle_id, self.bundle.model_id, self.embedder.dim,
+                 self.embedder.providers)
+        self.jobs = JobManager(JobStore(self.store.r))
+        self.rebuild()
+
+    def load_model(self, bundle: Bundle) -> tuple[Embedder, Refiner, str]:
+        """The bundle's encoder, refiner and the refine default it can honour (BundleError if unusable)."""
+        s = self.settings
+        embedder = Embedder(bundle, threads=s.ort_threads, batch_size=s.embed_batch_size)
+        refiner = load_refiner(bundle, s)
+        refine_default = s.refine_default
+        if refine_default in NFORMER_MODES and refiner.nformer is None:
             # Keep serving: a default the bundle cannot honour must not turn every search into an error.
             log.warning("REID_REFINE_DEFAULT=%s but model %s has no %s: searches default to refine=none",
-                        s.refine_default, self.bundle.model_id, NFORMER_FILE)
-            self.refine_default = "none"
-        log.info("refinement: nformer %s, default refine=%s, K=%d", "loaded" if self.has_nformer else "absent",
-                 self.refine_default, s.refine_candidates)
-        self._wait_for_store()
-        self.rebuild()
+                        s.refine_default, bundle.model_id, NFORMER_FILE)
+            refine_default = "none"
+        log.info("model %s: nformer %s, default refine=%s, K=%d", bundle.model_id,
+                 "loaded" if refiner.nformer is not None else "absent", refine_default, s.refine_candidates)
+        return embedder, refiner, refine_default
+
+    def install_model(self, bundle_id: str, bundle: Bundle, embedder: Embedder, refiner: Refiner,
+                      refine_default: str, indexes: dict[str, VectorIndex]) -> None:
+        """Serve another model with indexes already built from its vectors. Hold ``model_lock`` exclusively."""
+        with self._lock:
+            self.bundle_id, self.bundle, self.embedder = bundle_id, bundle, embedder
+            self.refiner, self.refine_default = refiner, refine_default
+            self.indexes = dict(indexes)
+            self.skipped = {g: 0 for g in indexes}
 
     def _wait_for_store(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -111,6 +140,8 @@ class ServiceState:
                 time.sleep(0.5)
 
     def stop(self) -> None:
+        if self.jobs is not None:
+            self.jobs.shutdown()
         if self.store is not None:
             self.store.close()
         if self.redis_server is not None:

@@ -234,6 +234,20 @@ def test_forward_is_infonce():
     assert math.isclose(float(pm(f, y)), expected / len(y), rel_tol=1e-10)
 
 
+def test_pull_loss_is_one_minus_cosine_to_own_proxy_only():
+    mem, f, y = memory_and_batch()
+    pm = ProxyMemory(mem, loss="pull")
+    expected = sum(1.0 - float(f[i] @ mem[y[i]]) for i in range(len(y))) / len(y)
+    assert math.isclose(float(pm(f, y)), expected, rel_tol=1e-10)
+    moved = mem.clone()
+    moved[3] = -moved[3]  # a proxy no sample belongs to does not matter to a pull (it would to InfoNCE)
+    keep = y != 3
+    assert float(ProxyMemory(moved, loss="pull")(f[keep], y[keep])) == float(pm(f[keep], y[keep]))
+    assert float(ProxyMemory(moved)(f[keep], y[keep])) != float(ProxyMemory(mem)(f[keep], y[keep]))
+    with pytest.raises(ValueError, match="loss"):
+        ProxyMemory(mem, loss="hinge")
+
+
 def test_no_gradient_into_memory():
     mem, f, y = memory_and_batch()
     pm = ProxyMemory(mem)

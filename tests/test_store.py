@@ -3,7 +3,7 @@ import threading
 import numpy as np
 import pytest
 
-from index.store import InvalidGalleryName, RedisStore, image_id, validate_gallery_name
+from index.store import InvalidGalleryName, RedisStore, StagingStale, image_id, validate_gallery_name
 
 
 @pytest.fixture
@@ -121,3 +121,50 @@ def test_put_many_one_transaction_reports_existing(store, gallery_name):
     np.testing.assert_array_equal(store.get_vector(g, 2), vec(2))
     events = store.r.xrange(store.k_events())
     assert [e[1][b"id"] for e in events if e[1][b"gallery"] == g.encode()] == [b"1", b"2", b"3"]
+
+
+def test_image_bytes_kept_with_image_and_removed_with_it(store, gallery_name):
+    g = gallery_name
+    blobs = {image_id(g, bytes([n]) * 10): bytes([n]) * 10 for n in range(5)}
+    ids = list(blobs)
+    out = store.put_many(g, [(i, vec(n), {"camera_id": f"c{n % 2}"}) for n, i in enumerate(ids)],
+                         images=[blobs[i] for i in ids])
+    assert out == [False] * 5 and store.count_images(g) == 5
+    assert store.get_image_bytes(g, ids[:2]) == [blobs[ids[0]], blobs[ids[1]]]
+    store.put(g, 7, vec(7))  # no bytes given: none kept
+    assert store.count_images(g) == 5 and store.get_image_bytes(g, [7]) == [None]
+    assert store.delete(g, ids[0]) is True
+    assert store.get_image_bytes(g, [ids[0]]) == [None] and store.count_images(g) == 4
+    assert store.delete_gallery(g) is True
+    assert not store.r.exists(store.k_images(g))
+
+
+def test_iter_images_batches_ids_bytes_and_cameras(store, gallery_name):
+    g = gallery_name
+    records, blobs = [], []
+    for n in range(23):
+        data = f"image-{n}".encode()
+        records.append((image_id(g, data), vec(n), {"camera_id": str(n % 3)} if n else None))
+        blobs.append(data)
+    store.put_many(g, records, images=blobs)
+    batches = list(store.iter_images(g, batch=5))
+    assert len(batches) >= 5 and all(1 <= len(b) <= 5 for b in batches)
+    got = {i: (data, cam) for b in batches for i, data, cam in b}
+    assert got == {i: (data, None if n == 0 else str(n % 3))
+                   for n, ((i, _, _), data) in enumerate(zip(records, blobs))}
+
+
+def test_commit_staged_swaps_vectors_atomically_or_refuses(store, gallery_name):
+    g = gallery_name
+    store.put_many(g, [(1, vec(1), None), (2, vec(2), None)], model="old:1")
+    store.clear_staged(g)
+    store.stage_vectors(g, [1], np.stack([vec(11, d=4)]))
+    with pytest.raises(StagingStale):  # image 2 not staged yet
+        store.commit_staged({g: 4}, "new:1", "copy-1")
+    assert store.active_bundle() is None and store.get_vector(g, 1).shape == (8,)
+    store.stage_vectors(g, [2, 3], np.stack([vec(12, d=4), vec(13, d=4)]))
+    store.unstage(g, [3])
+    store.commit_staged({g: 4}, "new:1", "copy-1")
+    assert store.active_bundle() == "copy-1" and not store.r.exists(store.k_staged(g))
+    np.testing.assert_array_equal(store.get_vector(g, 2), vec(12, d=4))
+    assert store.get(g, 1).metadata["model"] == "new:1" and store.r.hget(store.k_image(g, 1), "dim") == b"4"

@@ -91,6 +91,25 @@ def custom_folder(root: str | Path) -> ReIDDataset:
     return ds
 
 
+def unlabeled_folder(root: str | Path) -> list[Sample]:
+    """Every image under `root`, for unsupervised training and adaptation. A Market-style name
+    (`<pid>_c<cam>...`) gives identity and camera; otherwise the identity is unknown (-1) and the camera is
+    the first-level subfolder (`root/<camera>/...`, numbered in sorted order), or 0 for files at the top."""
+    root = Path(root)
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    folders = sorted({p.relative_to(root).parts[0] for p in paths if p.parent != root})
+    camera_of = {name: i + 1 for i, name in enumerate(folders)}
+    samples = []
+    for p in paths:
+        m = MARKET_NAME.match(p.name)
+        if m:
+            samples.append(Sample(str(p), int(m.group(1)), int(m.group(2))))
+        else:
+            top = p.relative_to(root).parts[0] if p.parent != root else None
+            samples.append(Sample(str(p), -1, camera_of.get(top, 0)))
+    return samples
+
+
 def _probe_a_gallery_b(name: str, samples: list[Sample], n_train: int, split: int, protocol: str) -> ReIDDataset:
     """Single-shot two-camera protocol: split identities, probe = camera 1 (A), gallery = camera 2 (B)."""
     train_ids, test_ids = split_identities([s.pid for s in samples], n_train, split)

@@ -27,6 +27,7 @@ INTER_RULES = ("hardest_negative", "knn_mean", "centroid")
 INTRA_RULES = ("mean_similarity", "centroid")
 UPDATE_MODES = ("mean", "hard", "outward", "none")
 MEMORY_NAMES = ("centroid", "inter", "intra")
+LOSS_FORMS = ("infonce", "pull")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -179,7 +180,9 @@ def _gather_proxies(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor
 class ProxyMemory(nn.Module):
     """C x D memory of L2-normalised proxies, InfoNCE over all proxies with temperature tau, momentum update.
 
-    forward(f [B,D] L2-normalised, y [B]) -> CE(f @ M.T / tau, y). The memory is a buffer: gradients reach f only.
+    forward(f [B,D] L2-normalised, y [B]) -> CE(f @ M.T / tau, y), or with loss="pull" the positive-only
+    mean(1 - f . M[y]) (spec §3 step 4: the intra term may be a pull). The memory is a buffer: gradients reach
+    f only.
     update(f, y, mode) after the optimiser step (mode defaults to the one given at construction):
       'mean'    cluster-contrast 'cm': for each sample in order, M[y] <- normalize(m M[y] + (1-m) f);
       'hard'    cm_hard: per pseudo-id in the batch, the sample least similar to M[y];
@@ -188,11 +191,14 @@ class ProxyMemory(nn.Module):
     For 'hard'/'outward' all choices are made against the memory as it was before this update, so the result
     does not depend on the order of pseudo-ids in the batch."""
 
-    def __init__(self, proxies: torch.Tensor, tau: float = 0.05, momentum: float = 0.1, mode: str = "mean"):
+    def __init__(self, proxies: torch.Tensor, tau: float = 0.05, momentum: float = 0.1, mode: str = "mean",
+                 loss: str = "infonce"):
         super().__init__()
         if mode not in UPDATE_MODES:
             raise ValueError(f"unknown update mode {mode!r}; options {UPDATE_MODES}")
-        self.tau, self.momentum, self.mode = float(tau), float(momentum), mode
+        if loss not in LOSS_FORMS:
+            raise ValueError(f"unknown loss {loss!r}; options {LOSS_FORMS}")
+        self.tau, self.momentum, self.mode, self.loss = float(tau), float(momentum), mode, loss
         init = proxies.detach().clone()
         if init.dtype not in (torch.float32, torch.float64):  # momentum updates in fp16 would drift
             init = init.float()
@@ -206,6 +212,8 @@ class ProxyMemory(nn.Module):
         return f @ self.proxies.to(f.dtype).T / self.tau
 
     def forward(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.loss == "pull":
+            return (1.0 - (f * self.proxies.to(f.dtype)[y.long()]).sum(dim=1)).mean()
         return F.cross_entropy(self.logits(f), y.long())
 
     @torch.no_grad()
@@ -265,7 +273,7 @@ class GRACLLoss(nn.Module):
     @classmethod
     def build(cls, features, labels, num_clusters, w_centroid=0.0, w_inter=1.0, w_intra=1.0,
               inter_rule="hardest_negative", intra_rule="mean_similarity",
-              inter_update="outward", intra_update="hard", centroid_update="mean",
+              inter_update="outward", intra_update="hard", centroid_update="mean", intra_loss="infonce",
               tau=0.05, momentum=0.1, k=10, chunk=4096, proxies="relation") -> "GRACLLoss":
         """proxies="relation" selects the GRACL proxies (spec §3 steps 1-2); proxies="centroid" initialises the
         inter/intra memories from centroids too (ablation: the losses then reduce to cluster-contrast)."""
@@ -289,7 +297,8 @@ class GRACLLoss(nn.Module):
                 else:
                     init = _gather_proxies(features, intra_proxy_index(
                         features, labels, num_clusters, rule=intra_rule))
-                memories[name] = ProxyMemory(init, tau=tau, momentum=momentum, mode=update)
+                memories[name] = ProxyMemory(init, tau=tau, momentum=momentum, mode=update,
+                                             loss=intra_loss if name == "intra" else "infonce")
         weights = {name: plan[name][0] for name in memories}
         return cls(memories, weights)
 

@@ -13,13 +13,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data.datasets import Sample, load_dataset
+from ..data.datasets import Sample, load_dataset, unlabeled_folder
 from ..data.sampler import CameraBalancedSampler
 from ..data.transforms import InputSpec, TrainTransform
 from ..features import evaluate_model, extract_features
@@ -55,26 +56,50 @@ class GRACLConfig:
     # memories and losses; w_centroid=1, w_inter=w_intra=0 is the cluster-contrast baseline
     tau: float = 0.05
     momentum: float = 0.1
+    # GRACL's L_inter + L_intra at half weight each: the same total loss scale as cluster-contrast's one term,
+    # so the comparison isolates the proxies, not the step size (1 + 1 measured worse: docs/gracl.md)
     w_centroid: float = 0.0
-    w_inter: float = 1.0
-    w_intra: float = 1.0
+    w_inter: float = 0.5
+    w_intra: float = 0.5
     inter_rule: str = "hardest_negative"
     intra_rule: str = "mean_similarity"
     inter_update: str = "outward"
     intra_update: str = "hard"
+    intra_loss: str = "infonce"
+    # adaptation: keep BatchNorm running statistics of the source model (False: learn them anew, as cluster-contrast)
+    freeze_bn: bool = False
     eval_every: int = 5
     seed: int = 0
     threads: int = 2
 
 
+def unlabeled_images(spec: str, split: int = 0) -> list[Sample]:
+    """A shared set's (or Market folder's) training part, or every image of a plain folder."""
+    path = Path(spec)
+    if path.is_dir() and not (path / "bounding_box_train").is_dir():
+        return unlabeled_folder(path)
+    return load_dataset(spec, split).train
+
+
 def training_samples(cfg: GRACLConfig):
-    """Every training image of the given sets; identities kept only for pseudo-label statistics."""
+    """Every training image of the given sets; identities (-1 where unknown) kept only for pseudo-label
+    statistics."""
     samples = []
     for name in cfg.data:
-        dataset = load_dataset(name, cfg.split)
         offset = max((s.pid for s in samples), default=-1) + 1  # keep the sets' identities apart
-        samples += [Sample(s.path, s.pid + offset, s.camid) for s in dataset.train]
+        samples += [Sample(s.path, s.pid + offset if s.pid >= 0 else -1, s.camid)
+                    for s in unlabeled_images(name, cfg.split)]
+    if not samples:
+        raise ValueError(f"no training images in {cfg.data}")
     return samples
+
+
+def cluster_training_set(model: ReIDModel, samples: list[Sample], spec: InputSpec, cfg: GRACLConfig,
+                         desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised features of every image (test transform, eval mode) and their pseudo-labels."""
+    features = extract_features(model, samples, spec, desc=desc)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    return features, pseudo_labels(features, cfg.eps, cfg.min_samples, cfg.k1, cfg.k2)
 
 
 def build_model(cfg: GRACLConfig) -> tuple[ReIDModel, InputSpec, dict]:
@@ -96,7 +121,10 @@ def normalized_features(model: ReIDModel, images: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.bottleneck(global_feature), dim=1)
 
 
-def train_gracl(cfg: GRACLConfig, run_dir: str | Path, resume: bool = True) -> dict:
+def train_gracl(cfg: GRACLConfig, run_dir: str | Path, resume: bool = True,
+                on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train, checkpoint each epoch to `run_dir/last.pt`, log to `run_dir/log.jsonl`; `on_epoch` gets each
+    epoch's log record (progress reporting)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -104,6 +132,7 @@ def train_gracl(cfg: GRACLConfig, run_dir: str | Path, resume: bool = True) -> d
     torch.manual_seed(cfg.seed)
     samples = training_samples(cfg)
     true_ids = np.array([s.pid for s in samples])
+    known_ids = true_ids if (true_ids >= 0).all() else None  # statistics only where every label is known
     cameras = [s.camid for s in samples]
     model, spec, arch = build_model(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -120,28 +149,30 @@ def train_gracl(cfg: GRACLConfig, run_dir: str | Path, resume: bool = True) -> d
     evaluation: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
-        features = extract_features(model, samples, spec, desc=f"features {epoch + 1}/{cfg.epochs}")
-        features /= np.linalg.norm(features, axis=1, keepdims=True)
-        labels = pseudo_labels(features, cfg.eps, cfg.min_samples, cfg.k1, cfg.k2)
-        stats = cluster_stats(labels, true_ids)
-        record = {"epoch": epoch + 1, "clusters": stats.as_dict()}
+        features, labels = cluster_training_set(model, samples, spec, cfg, f"features {epoch + 1}/{cfg.epochs}")
+        record = {"epoch": epoch + 1, "epochs": cfg.epochs, "clusters": cluster_stats(labels, known_ids).as_dict()}
         num_clusters = int(labels.max()) + 1
-        if num_clusters < cfg.p:
-            record["skipped"] = f"{num_clusters} clusters < P={cfg.p}: no training this epoch"
+        if num_clusters < 2:  # a contrast needs at least two pseudo-identities
+            record["skipped"] = f"{num_clusters} clusters: no training this epoch"
             print(json.dumps(record))
         else:
             criterion = GRACLLoss.build(
                 torch.from_numpy(features), torch.from_numpy(labels), num_clusters, w_centroid=cfg.w_centroid,
                 w_inter=cfg.w_inter, w_intra=cfg.w_intra, inter_rule=cfg.inter_rule, intra_rule=cfg.intra_rule,
-                inter_update=cfg.inter_update, intra_update=cfg.intra_update, tau=cfg.tau, momentum=cfg.momentum)
+                inter_update=cfg.inter_update, intra_update=cfg.intra_update, intra_loss=cfg.intra_loss,
+                tau=cfg.tau, momentum=cfg.momentum)
             # this epoch's pseudo-labels stand where identities would (decoded images stay cached)
             data.samples = [Sample(s.path, int(label), s.camid) for s, label in zip(samples, labels)]
-            sampler = CameraBalancedSampler(labels, cameras, cfg.p, cfg.k, cfg.batches_per_epoch, cfg.seed * 1000 + epoch)
+            sampler = CameraBalancedSampler(labels, cameras, min(cfg.p, num_clusters), cfg.k, cfg.batches_per_epoch, cfg.seed * 1000 + epoch)
             loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=0)
             lr = cfg.lr * 0.1 ** sum(epoch >= e for e in cfg.decay_epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
+            if cfg.freeze_bn:  # keep the source's normalisation statistics (fine-tuning on small batches)
+                for module in model.modules():
+                    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                        module.eval()
             totals: dict[str, float] = {}
             bar = tqdm(loader, total=len(sampler), desc=f"gracl epoch {epoch + 1}/{cfg.epochs}")
             for images, y, _ in bar:
@@ -163,6 +194,8 @@ def train_gracl(cfg: GRACLConfig, run_dir: str | Path, resume: bool = True) -> d
         print(json.dumps({k: v for k, v in record.items() if k != "eval"}))
         with open(log_path, "a") as log:
             log.write(json.dumps(record) + "\n")
+        if on_epoch:
+            on_epoch(record)
         tmp = checkpoint_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                     "config": {**asdict(cfg), **arch, "train_data": cfg.data},

@@ -43,8 +43,13 @@ async def get_gallery(gallery: GalleryDep, state: StateDep) -> GalleryInfo:
 
 @router.delete("/{gallery}", response_model=Deleted, responses=_ERRORS)
 async def delete_gallery(gallery: GalleryDep, state: StateDep) -> Deleted:
-    existed = await run_in_threadpool(state.store.delete_gallery, gallery)
-    state.drop_index(gallery)
+    def work() -> bool:
+        with state.model_lock.shared():  # not in the middle of a model switch
+            existed = state.store.delete_gallery(gallery)
+            state.drop_index(gallery)
+            return existed
+
+    existed = await run_in_threadpool(work)
     if not existed:
         raise ApiError(404, "gallery_not_found", f"gallery {gallery!r} does not exist")
     return Deleted(gallery=gallery)
@@ -103,10 +108,15 @@ async def get_image(gallery: GalleryDep, image_id: int, state: StateDep) -> Imag
 
 @router.delete("/{gallery}/images/{image_id}", response_model=Deleted, responses=_ERRORS)
 async def delete_image(gallery: GalleryDep, image_id: int, state: StateDep) -> Deleted:
-    existed = await run_in_threadpool(state.store.delete, gallery, image_id)
-    idx = state.indexes.get(gallery)
-    if idx is not None:
-        idx.remove([image_id])
+    def work() -> bool:
+        with state.model_lock.shared():  # not in the middle of a model switch
+            existed = state.store.delete(gallery, image_id)
+            idx = state.indexes.get(gallery)
+            if idx is not None:
+                idx.remove([image_id])
+            return existed
+
+    existed = await run_in_threadpool(work)
     if not existed:
         raise ApiError(404, "image_not_found", f"image {image_id} not found in gallery {gallery!r}")
     return Deleted(gallery=gallery, id=image_id)

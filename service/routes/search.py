@@ -212,17 +212,22 @@ def _decode(state: ServiceState, blobs: list[tuple[str | None, bytes]], batch: b
     return images
 
 
-def _run(state: ServiceState, gallery: str, blobs: list[tuple[str | None, bytes]], p: Params, batch: bool):
+def _run(state: ServiceState, gallery: str, blobs: list[tuple[str | None, bytes]], form: tuple, batch: bool):
+    """Results, timing, the parameters used and the model id: all of one model (see ServiceState.model_lock)."""
     t0 = time.perf_counter()
     images = _decode(state, blobs, batch)
-    t1 = time.perf_counter()
-    queries = state.embedder.embed(images)
-    t2 = time.perf_counter()
-    results, search_s, refine_s = _rank(state, gallery, queries, p)
+    td = time.perf_counter()
+    with state.model_lock.shared():
+        p = _params(state, *form)  # again: the model may have changed since the request was checked
+        t1 = time.perf_counter()
+        queries = state.embedder.embed(images)
+        t2 = time.perf_counter()
+        results, search_s, refine_s = _rank(state, gallery, queries, p)
+        model = state.bundle.model_id
     t3 = time.perf_counter()
-    timing = SearchTiming(decode=_ms(t0, t1), embed=_ms(t1, t2), search=round(search_s * 1000.0, 3),
+    timing = SearchTiming(decode=_ms(t0, td), embed=_ms(t1, t2), search=round(search_s * 1000.0, 3),
                           refine=None if p.refine == "none" else round(refine_s * 1000.0, 3), total=_ms(t0, t3))
-    return results, timing
+    return results, timing, p, model
 
 
 def _params(state: ServiceState, top_k: int, refine: str | None, candidates: int | None,
@@ -272,11 +277,12 @@ async def search(
     exclude_camera_id: Annotated[str | None, Form(description="drop results from this camera")] = None,
 ) -> SearchResponse:
     """Top-k most similar gallery images, best first (by ``score``, the refine mode's score)."""
-    p = _params(state, top_k, refine, candidates, exclude_camera_id)
+    form = (top_k, refine, candidates, exclude_camera_id)
+    _params(state, *form)  # fail before reading the upload
     data = await file.read()
-    results, timing = await run_in_threadpool(_run, state, gallery, [(file.filename, data)], p, False)
+    results, timing, p, model = await run_in_threadpool(_run, state, gallery, [(file.filename, data)], form, False)
     _observe(request, p, timing)
-    return SearchResponse(results=results[0], timing_ms=timing, model=state.bundle.model_id, refine=p.refine,
+    return SearchResponse(results=results[0], timing_ms=timing, model=model, refine=p.refine,
                           candidates=p.candidates)
 
 
@@ -294,15 +300,16 @@ async def search_batch(
 ) -> BatchSearchResponse:
     """Several query images in one request, refined together (joint: all queries + the whole gallery in one
     NFormer pass; local: all queries + the union of their candidates). Any bad file fails the request."""
-    p = _params(state, top_k, refine, candidates, exclude_camera_id)
+    form = (top_k, refine, candidates, exclude_camera_id)
+    _params(state, *form)  # fail before reading the uploads
     limit = state.settings.max_batch_queries
     if len(files) > limit:
         raise ApiError(413, "too_many_queries", f"{len(files)} query images sent; at most {limit} per request "
                                                 "(REID_MAX_BATCH_QUERIES)")
     blobs = [(f.filename, await f.read()) for f in files]
-    results, timing = await run_in_threadpool(_run, state, gallery, blobs, p, True)
+    results, timing, p, model = await run_in_threadpool(_run, state, gallery, blobs, form, True)
     _observe(request, p, timing)
     return BatchSearchResponse(
         queries=[QueryResults(index=i, filename=name, results=r)
                  for i, ((name, _), r) in enumerate(zip(blobs, results))],
-        timing_ms=timing, model=state.bundle.model_id, refine=p.refine, candidates=p.candidates)
+        timing_ms=timing, model=model, refine=p.refine, candidates=p.candidates)
