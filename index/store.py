@@ -6,7 +6,7 @@ Key layout (all keys prefixed ``reid:``; gallery names match :data:`GALLERY_NAME
 so they never contain ``:``)::
 
     reid:galleries                      SET    names of all galleries
-    reid:gallery:{g}                    HASH   name, created_at (ISO 8601 UTC)
+    reid:gallery:{g}                    HASH   name, created_at (ISO 8601 UTC), retention_days (optional)
     reid:gallery:{g}:vectors            HASH   {image id (decimal)} -> float32 vector bytes (little endian)
     reid:gallery:{g}:image:{id}         HASH   id, gallery, external_id, camera_id, person_id,
                                                captured_at, filename, created_at, model, dim
@@ -15,8 +15,9 @@ so they never contain ``:``)::
     reid:gallery:{g}:vectors:staged     HASH   like :vectors, written by a model activation before it
                                                replaces :vectors in one transaction
     reid:active_bundle                  STRING id of the model bundle whose vectors the store holds
-    reid:events                         STREAM change log (op=put|delete|drop, gallery, id),
-                                               capped at ~100k entries, for replicas to follow
+    reid:events                         STREAM change log (op=put|delete|drop|activate, gallery, id),
+                                               capped at ~``events_maxlen`` entries (approximate
+                                               trimming), for replicas to follow (index.events)
 
 Image ids are stable: the first 8 bytes of ``sha256(gallery + b"\\0" + image bytes)`` read
 big-endian with the top bit cleared (a positive signed 63-bit integer). Re-uploading the
@@ -26,6 +27,10 @@ Writes of images (vector + metadata + image bytes + gallery membership + change 
 MULTI/EXEC transaction guarded by WATCH on the image keys (:meth:`RedisStore.put_many`), so
 a reader never sees half an image and two concurrent uploads of the same bytes report
 exactly one ``created``.
+
+Durability: with ``wait_aof_ms`` set (a server running ``appendfsync everysec``/``no`` that has
+WAITAOF, see :mod:`index.durability`), every write transaction is followed by ``WAITAOF 1 0`` on its
+connection, so it returns only once the change is fsynced to the AOF.
 
 Metadata values are stored and returned as strings (``camera_id`` "1" stays "1"); fields
 that were not given are absent (returned as ``None``).
@@ -43,6 +48,8 @@ import numpy as np
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+
+from .durability import WaitAofPipeline
 
 __all__ = [
     "GALLERY_NAME_RE",
@@ -114,7 +121,8 @@ class RedisStore:
     ``unix:///path/to/sock``).
     """
 
-    def __init__(self, client: redis.Redis | str, socket_timeout: float = 5.0):
+    def __init__(self, client: redis.Redis | str, socket_timeout: float = 5.0, events_maxlen: int = EVENTS_MAXLEN,
+                 wait_aof_ms: int | None = None):
         if isinstance(client, str):
             client = redis.Redis.from_url(
                 client,
@@ -126,6 +134,37 @@ class RedisStore:
                 retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2),
             )
         self.r: redis.Redis = client
+        self._novalues: bool | None = None  # whether HSCAN ... NOVALUES works (Redis >= 7.4); None: untried
+        self.events_maxlen = int(events_maxlen)
+        #: WAITAOF timeout after each write transaction; None: the server's own fsync policy is enough
+        self.wait_aof_ms = wait_aof_ms
+
+    def _pipeline(self) -> redis.client.Pipeline:
+        """A MULTI/EXEC pipeline for a change: followed by WAITAOF when ``wait_aof_ms`` is set."""
+        if self.wait_aof_ms is not None:
+            return WaitAofPipeline(self.r, self.wait_aof_ms)
+        return self.r.pipeline(transaction=True)
+
+    def _transaction(self, func: Callable[[redis.client.Pipeline], None], *watches: str) -> list:
+        """``redis.Redis.transaction`` through :meth:`_pipeline` (WATCH, func, EXEC; again on WatchError)."""
+        with self._pipeline() as pipe:
+            while True:
+                try:
+                    if watches:
+                        pipe.watch(*watches)
+                    func(pipe)
+                    return pipe.execute()
+                except redis.WatchError:
+                    continue
+
+    def _event(self, pipe: redis.client.Pipeline, op: str, gallery: str, ref: str) -> None:
+        pipe.xadd(self.k_events(), {"op": op, "gallery": gallery, "id": ref},
+                  maxlen=self.events_maxlen, approximate=True)
+
+    def last_event_id(self) -> str:
+        """Id of the newest change-log entry ("0-0" if none)."""
+        last = self.r.xrevrange(self.k_events(), count=1)
+        return last[0][0].decode() if last else "0-0"
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -171,15 +210,23 @@ class RedisStore:
             pass
 
     # ------------------------------------------------------------------ galleries
-    def create_gallery(self, gallery: str) -> bool:
-        """Create the gallery if missing. Returns True if it was created."""
+    def create_gallery(self, gallery: str, retention_days: int | None = None) -> bool:
+        """Create the gallery if missing. Returns True if it was created (``retention_days`` is set only then)."""
         validate_gallery_name(gallery)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.sadd(self.k_galleries(), gallery)
-        pipe.hsetnx(self.k_gallery(gallery), "name", gallery)
-        pipe.hsetnx(self.k_gallery(gallery), "created_at", _now())
-        added, _, _ = pipe.execute()
-        return bool(added)
+        created = False
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            nonlocal created
+            created = not pipe.sismember(self.k_galleries(), gallery)
+            pipe.multi()
+            pipe.sadd(self.k_galleries(), gallery)
+            pipe.hsetnx(self.k_gallery(gallery), "name", gallery)
+            pipe.hsetnx(self.k_gallery(gallery), "created_at", _now())
+            if created and retention_days is not None:
+                pipe.hset(self.k_gallery(gallery), "retention_days", str(int(retention_days)))
+
+        self._transaction(txn, self.k_galleries())
+        return created
 
     def gallery_exists(self, gallery: str) -> bool:
         if not GALLERY_NAME_RE.match(gallery or ""):
@@ -193,24 +240,24 @@ class RedisStore:
         return int(self.r.hlen(self.k_vectors(gallery)))
 
     def gallery_info(self, gallery: str) -> dict[str, Any] | None:
-        """``{"name", "count", "created_at"}`` or None if the gallery does not exist."""
+        """``{"name", "count", "created_at", "retention_days"}`` or None if the gallery does not exist."""
         if not self.gallery_exists(gallery):
             return None
         pipe = self.r.pipeline(transaction=True)
         pipe.hlen(self.k_vectors(gallery))
-        pipe.hget(self.k_gallery(gallery), "created_at")
-        n, created = pipe.execute()
-        return {"name": gallery, "count": int(n), "created_at": _s(created)}
+        pipe.hmget(self.k_gallery(gallery), "created_at", "retention_days")
+        n, (created, days) = pipe.execute()
+        return {"name": gallery, "count": int(n), "created_at": _s(created),
+                "retention_days": int(days) if days is not None else None}
 
     def delete_gallery(self, gallery: str, batch: int = 500) -> bool:
         """Delete a gallery and all its images. Returns False if it did not exist."""
         if not self.gallery_exists(gallery):
             return False
         # Drop it from the listing first so nobody finds a half-deleted gallery.
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self._pipeline()
         pipe.srem(self.k_galleries(), gallery)
-        pipe.xadd(self.k_events(), {"op": "drop", "gallery": gallery, "id": ""},
-                  maxlen=EVENTS_MAXLEN, approximate=True)
+        self._event(pipe, "drop", gallery, "")
         pipe.execute()
         keys: list[str] = []
         for field, _ in self.r.hscan_iter(self.k_vectors(gallery), count=batch):
@@ -293,14 +340,13 @@ class RedisStore:
                 pipe.hset(key, mapping=meta)
                 if blob is not None:
                     pipe.hset(self.k_images(gallery), str(id_), bytes(blob))
-                pipe.xadd(self.k_events(), {"op": "put", "gallery": gallery, "id": str(id_)},
-                          maxlen=EVENTS_MAXLEN, approximate=True)
+                self._event(pipe, "put", gallery, str(id_))
             if written:
                 pipe.sadd(self.k_galleries(), gallery)
                 pipe.hsetnx(self.k_gallery(gallery), "name", gallery)
                 pipe.hsetnx(self.k_gallery(gallery), "created_at", now)
 
-        self.r.transaction(txn, *keys)
+        self._transaction(txn, *keys)
         # a duplicate id inside the batch: the second occurrence "exists"
         seen: set[int] = set()
         out = []
@@ -344,12 +390,11 @@ class RedisStore:
 
     def delete(self, gallery: str, id_: int) -> bool:
         """Delete one image. Returns False if it did not exist."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self._pipeline()
         pipe.hdel(self.k_vectors(gallery), str(int(id_)))
         pipe.delete(self.k_image(gallery, id_))
         pipe.hdel(self.k_images(gallery), str(int(id_)))
-        pipe.xadd(self.k_events(), {"op": "delete", "gallery": gallery, "id": str(int(id_))},
-                  maxlen=EVENTS_MAXLEN, approximate=True)
+        self._event(pipe, "delete", gallery, str(int(id_)))
         n_vec, n_meta, _, _ = pipe.execute()
         return bool(n_vec or n_meta)
 
@@ -371,6 +416,96 @@ class RedisStore:
                 ids, vecs = [], []
         if ids:
             yield _pack(ids, vecs)
+
+    # ------------------------------------------------------------------ bulk deletion and retention
+    def get_vectors(self, gallery: str, ids: Iterable[int]) -> list[np.ndarray | None]:
+        """The stored vectors of ``ids`` (None where absent), in one HMGET."""
+        ids = [str(int(i)) for i in ids]
+        raw = self.r.hmget(self.k_vectors(gallery), ids) if ids else []
+        return [None if v is None else np.frombuffer(v, dtype="<f4").astype(np.float32) for v in raw]
+
+    def iter_image_ids(self, gallery: str, batch: int = 1000) -> Iterator[list[int]]:
+        """Batches of the gallery's image ids (HSCAN of its vectors; NOVALUES where Redis >= 7.4 has it)."""
+        seen: set[int] = set()  # HSCAN may return a field twice while Redis rehashes
+        chunk: list[int] = []
+        for item in self._hscan_fields(self.k_vectors(gallery), batch):
+            id_ = int(item)
+            if id_ not in seen:
+                seen.add(id_)
+                chunk.append(id_)
+            if len(chunk) >= batch:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def _hscan_fields(self, key: str, batch: int) -> Iterator[bytes]:
+        if self._novalues is not False:
+            try:
+                for field in self.r.hscan_iter(key, count=batch, no_values=True):
+                    self._novalues = True
+                    yield field
+                return
+            except redis.ResponseError:
+                if self._novalues:
+                    raise
+                self._novalues = False  # an older Redis: scan with the values and drop them
+        for field, _ in self.r.hscan_iter(key, count=batch):
+            yield field
+
+    def iter_image_meta(self, gallery: str, fields: Sequence[str], batch: int = 1000
+                        ) -> Iterator[list[tuple[int, dict[str, str | None]]]]:
+        """Batches of ``(id, {field: value})`` for every image of the gallery (absent fields are None)."""
+        for ids in self.iter_image_ids(gallery, batch):
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self.k_image(gallery, i), *fields)
+            yield [(i, dict(zip(fields, map(_s, vals)))) for i, vals in zip(ids, pipe.execute())]
+
+    def delete_many(self, gallery: str, ids: Sequence[int]) -> int:
+        """Delete these images (vector, metadata, kept bytes) with their ``delete`` change-log entries in ONE
+        MULTI/EXEC; the caller batches. Returns how many existed."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        pipe = self._pipeline()
+        for i in ids:
+            pipe.hdel(self.k_vectors(gallery), str(i))
+        for i in ids:
+            pipe.delete(self.k_image(gallery, i))
+        pipe.hdel(self.k_images(gallery), *[str(i) for i in ids])
+        for i in ids:
+            self._event(pipe, "delete", gallery, str(i))
+        res = pipe.execute()
+        n = len(ids)
+        return sum(1 for vec, meta in zip(res[:n], res[n:2 * n]) if vec or meta)
+
+    def set_retention(self, gallery: str, days: int | None) -> bool:
+        """Set (or clear, with None) the gallery's ``retention_days``. Returns False if it does not exist."""
+        missing = False
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            nonlocal missing
+            missing = not pipe.sismember(self.k_galleries(), gallery)
+            if missing:
+                return
+            pipe.multi()
+            if days is None:
+                pipe.hdel(self.k_gallery(gallery), "retention_days")
+            else:
+                pipe.hset(self.k_gallery(gallery), "retention_days", str(int(days)))
+
+        # WATCH both: a delete of the gallery in between aborts and re-checks (no orphan settings hash)
+        self._transaction(txn, self.k_galleries(), self.k_gallery(gallery))
+        return not missing
+
+    def galleries_with_retention(self) -> dict[str, int]:
+        """Gallery -> its ``retention_days``, for the galleries that have one."""
+        names = self.list_galleries()
+        pipe = self.r.pipeline(transaction=False)
+        for g in names:
+            pipe.hget(self.k_gallery(g), "retention_days")
+        return {g: int(d) for g, d in zip(names, pipe.execute()) if d is not None}
 
     # ------------------------------------------------------------------ image bytes
     def count_images(self, gallery: str) -> int:
@@ -458,8 +593,9 @@ class RedisStore:
                 for i in ids[g]:
                     pipe.hset(self.k_image(g, int(i)), mapping={"model": model, "dim": str(galleries[g])})
             pipe.set(self.k_active_bundle(), bundle_id)
+            self._event(pipe, "activate", "", bundle_id)  # replicas switch models too (service.follower)
 
-        self.r.transaction(txn, *keys)
+        self._transaction(txn, *keys)
 
 
 def _pack(ids: list[int], vecs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

@@ -125,7 +125,9 @@ def adapt_bundle(bundle_dir: str | Path, images: str | Path, out_dir: str | Path
             encoder_checkpoint, out_dir, [s.path for s in samples[:8]], name=name or f"{parent['name']}-adapted",
             nformer_checkpoint=nformer_checkpoint,
             extra_card={"parent": {"name": parent["name"], "version": parent["version"], "files": parent["files"]},
-                        "adaptation": adaptation})
+                        "adaptation": adaptation,
+                        # the labeled data is the parent's; the adaptation images are unlabeled (source above)
+                        "training_data": {**parent.get("training_data", {}), "adapted_on": adaptation["source"]}})
     report("export", 1.0, f"bundle {card['name']}:{card['version']} written to {out_dir}")
     return card
 

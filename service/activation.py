@@ -7,7 +7,11 @@ added or deleted meanwhile, replaces every gallery's vectors by the staged ones 
 bundle as active in ONE Redis transaction, and swaps this process's encoder, refiner and indexes.
 A crash before that transaction changes nothing; after it, a restart serves the new model.
 
-Other replicas pick the new model up when they restart (they read ``reid:active_bundle`` at start).
+The commit also logs an ``activate`` entry in ``reid:events``: every other replica's follower
+(:mod:`service.follower`) then loads the bundle from its own ``{data_dir}/bundles/<id>`` (or its
+REID_MODEL_DIR for ``default``), rebuilds its indexes from the new stored vectors and switches
+(:func:`follow_activation`); a replica that lacks the bundle keeps its old model and reports it in
+``/readyz``. Restarts read ``reid:active_bundle``.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import numpy as np
 from index.store import StagingStale
 from index.vector_index import VectorIndex
 
-from .bundle import load_bundle
+from .bundle import BundleError, load_bundle
 from .images import ImageError, decode_image
 from .jobs import JobCancelled, JobContext, JobFailed
-from .model_registry import bundle_dir
+from .model_registry import DEFAULT_BUNDLE_ID, bundle_dir
 from .state import ServiceState
 
 log = logging.getLogger("reid.service")
@@ -64,7 +68,7 @@ class _Reembed:
 
     def start(self, gallery: str) -> None:
         self.store.clear_staged(gallery)  # leftovers of an interrupted activation
-        self.indexes[gallery] = VectorIndex(self.embedder.dim)
+        self.indexes[gallery] = self.state.new_index(self.embedder.dim, gallery)
 
     def all_images(self, gallery: str, ctx: JobContext, done: int, total: int) -> int:
         for batch in self.store.iter_images(gallery, batch=self.embedder.batch_size):
@@ -142,3 +146,30 @@ def run_activation(ctx: JobContext, state: ServiceState, bundle_id: str) -> dict
     finally:
         if not committed:
             work.discard()
+
+
+def follow_activation(state: ServiceState) -> bool:
+    """Serve the bundle recorded as active in Redis if it is not the one served here (another replica activated
+    it). Its vectors are already in the store: the indexes are rebuilt from them, nothing is re-embedded.
+    Returns True if the model was switched."""
+    target = state.store.active_bundle() or DEFAULT_BUNDLE_ID
+    with state.model_lock.shared():  # an activation of this very process holds it until it has switched
+        if target == state.bundle_id:
+            state.model_problem = None
+            return False
+    try:
+        bundle = load_bundle(bundle_dir(state.settings, target))
+        embedder, refiner, refine_default = state.load_model(bundle)
+    except (BundleError, ValueError) as e:
+        state.model_problem = (f"model bundle {target!r} was activated by another replica but cannot be loaded "
+                               f"here ({e}); still serving {state.bundle_id!r}, whose features do not match the "
+                               "stored vectors")
+        log.error("%s", state.model_problem)
+        return False
+    log.info("model %s was activated elsewhere: rebuilding the indexes from its stored vectors", target)
+    indexes = {g: state.build_index(g, embedder.dim) for g in state.store.list_galleries()}
+    with state.model_lock.exclusive():
+        state.install_model(target, bundle, embedder, refiner, refine_default, indexes)
+    state.model_problem = None
+    log.info("now serving model %s (%s), activated by another replica", target, bundle.model_id)
+    return True

@@ -2,7 +2,7 @@
 
 ``create_app(settings)`` wires the routes; its lifespan starts an embedded Redis when no
 ``redis_url`` is configured, loads the model bundle and ONNX Runtime embedder, rebuilds the
-FAISS indexes from the store, and stops everything on shutdown.
+FAISS indexes from the store, starts the retention sweeper, and stops everything on shutdown.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from .deps import require_api_key
 from .errors import BodySizeLimitMiddleware, install_error_handlers
 from .observability import install_metrics
+from .retention import RetentionSweeper
 from .routes import adapt, galleries, health, jobs, models, search
 from .settings import Settings
 from .state import ServiceState
@@ -39,10 +40,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(state.stop)
             raise
         app.state.reid = state
+        app.state.retention = RetentionSweeper(state).start()  # per-gallery retention_days
         try:
             yield
         finally:
             app.state.reid = None
+            await run_in_threadpool(app.state.retention.stop)
             await run_in_threadpool(state.stop)
 
     app = FastAPI(

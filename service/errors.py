@@ -7,6 +7,8 @@ from http import HTTPStatus
 from typing import Any
 
 import redis
+
+from index.durability import NotDurable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -72,8 +74,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(503, "store_unavailable", f"the Redis store is unavailable: {exc}",
                               headers={"Retry-After": str(RETRY_AFTER_S)})
 
+    # ConnectionError covers BusyLoadingError (a restarted Redis replaying its AOF); NotDurable is a write that
+    # Redis did not fsync in time (WAITAOF): retrying it is safe, ids are content hashes.
     app.add_exception_handler(redis.exceptions.ConnectionError, _store_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, _store_down)
+    app.add_exception_handler(NotDurable, _store_down)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

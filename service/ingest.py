@@ -1,4 +1,7 @@
-"""The write path, independent of HTTP: decode -> embed -> store.put (durable) -> index.add.
+"""The write path, independent of HTTP: decode -> embed -> store.put (durable) -> index.
+
+The index is updated from what the store holds (:meth:`ServiceState.index_refresh`), after the store
+write: a crash in between loses nothing, the change log brings it to the index at the next start.
 
 Re-uploads (same bytes in the same gallery) are recognised by their content-hash id before
 decoding and are never re-embedded. With ``keep_images`` the original bytes are stored with the
@@ -11,8 +14,6 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-import numpy as np
 
 from index.store import image_id
 
@@ -127,17 +128,15 @@ def _ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, byt
         existed = store.put_many(gallery, records, model=state.bundle.model_id, images=blobs)  # durable first
         for (n, _, _), ex in zip(new, existed):
             status[n] = "exists" if ex else "created"
-        state.index_add(gallery, np.array([i for _, i, _ in new], np.int64), vecs)
+        state.index_refresh(gallery, [i for _, i, _ in new])
 
     if slots:
         # Existing images: make sure the index has them too (reconciles a crash between
         # store write and index add), and report their stored external_id.
         idx = state.index_for(gallery, create=True)
         missing = [i for n, i in slots if status[n] == "exists" and not idx.contains(i)]
-        for i in missing:
-            v = store.get_vector(gallery, i)
-            if v is not None and v.shape[0] == idx.dim:
-                idx.add([i], v[None, :])
+        if missing:
+            state.index_refresh(gallery, missing)
         stored = store.get_many(gallery, [i for _, i in slots])
         for (n, id_), rec in zip(slots, stored):
             ext = rec.metadata.get("external_id") if rec is not None else metas[n].get("external_id")

@@ -6,7 +6,17 @@ import time
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+#: IndexSync.stats key -> (metric name, help)
+_SYNC_COUNTERS = {
+    "snapshot_loads": ("reid_index_snapshot_loads", "gallery indexes loaded from a snapshot at start"),
+    "rebuilds": ("reid_index_rebuilds", "gallery indexes built from the vectors stored in Redis"),
+    "snapshot_writes": ("reid_index_snapshot_writes", "gallery index snapshots written"),
+    "events_applied": ("reid_events_applied", "change-log entries applied to the indexes"),
+    "events_replayed_at_start": ("reid_events_replayed_at_start", "change-log entries replayed at start"),
+    "resyncs": ("reid_index_resyncs", "resynchronisations after the Redis store came back"),
+}
 
 
 class _IndexCollector:
@@ -20,6 +30,20 @@ class _IndexCollector:
             for name, idx in list(state.indexes.items()):
                 g.add_metric([name], len(idx))
         yield g
+        sync = getattr(state, "sync", None)
+        if sync is not None:
+            for key, (name, doc) in _SYNC_COUNTERS.items():
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], sync.stats[key])
+                yield c
+        follower = getattr(state, "follower", None)
+        if follower is not None:
+            yield GaugeMetricFamily("reid_follower_connected", "1 while the change-log follower reaches Redis",
+                                    value=int(follower.connected))
+        persistence = getattr(state, "persistence", None)
+        if persistence is not None:
+            yield GaugeMetricFamily("reid_store_durable", "1 if every acknowledged write survives a crash of Redis",
+                                    value=int(bool(persistence.durable)))
 
 
 def install_metrics(app: FastAPI) -> None:

@@ -88,6 +88,33 @@ class BatchSearchResponse(BaseModel):
 class GalleryInfo(BaseModel):
     name: str
     count: int
+    retention_days: int | None = Field(None, description="images older than this many days are deleted by the "
+                                                         "retention sweeper (absent: kept until deleted)")
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_retention(self, handler):
+        # galleries without retention answer exactly the keys they always had
+        out = handler(self)
+        if out.get("retention_days") is None:
+            out.pop("retention_days", None)
+        return out
+
+
+RETENTION_DAYS = Field(None, ge=1, le=36500, description="delete images older than this many days "
+                                                         "(captured_at, else upload time); null: keep them")
+
+
+class GalleryCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="1-64 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit")
+    retention_days: int | None = RETENTION_DAYS
+
+
+class GalleryPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    retention_days: int | None = RETENTION_DAYS
 
 
 class GalleryList(BaseModel):
@@ -110,6 +137,20 @@ class Deleted(BaseModel):
     deleted: bool = True
     gallery: str
     id: int | None = None
+    count: int = Field(1, description="images deleted (the gallery's image count when a gallery is deleted)")
+
+
+class DeleteFilter(BaseModel):
+    camera_id: str | None = None
+    after: str | None = Field(None, description="inclusive, UTC")
+    before: str | None = Field(None, description="exclusive, UTC")
+    all: bool = False
+
+
+class BulkDeleted(BaseModel):
+    gallery: str
+    count: int = Field(description="images deleted (vectors, metadata, kept bytes and index entries)")
+    filter: DeleteFilter
 
 
 class Health(BaseModel):

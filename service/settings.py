@@ -8,6 +8,11 @@
     REID_KEEP_IMAGES=true              keep each accepted image's bytes in Redis (needed to adapt and re-embed)
     REID_ADAPT_MIN_IMAGES=64           POST /v1/galleries/{g}/adapt needs at least this many kept images
     REID_ADAPT_EXTRA_ARGS='["--threads","4"]'  extra arguments for the `reid adapt` it runs
+    REID_REDIS_APPENDFSYNC=always      acknowledged = fsynced (default); everysec: faster, may lose ~1 s on a crash
+    REID_SNAPSHOT_INTERVAL_S=60        snapshot changed galleries' FAISS indexes this often (0: only at shutdown)
+    REID_EVENTS_MAXLEN=100000          approximate length cap of the reid:events change log
+    REID_INDEX_TYPE=flat               flat (exact) | ivf_flat | hnsw | ivf_pq, with REID_INDEX_* parameters
+    REID_RETENTION_SWEEP_INTERVAL_S=3600  how often galleries' retention_days are enforced
 
 The active model is REID_MODEL_DIR until a bundle under ``{data_dir}/bundles/`` is activated
 (``POST /v1/models/{id}/activate``); the choice is kept in Redis and survives restarts.
@@ -16,10 +21,12 @@ The active model is REID_MODEL_DIR until a bundle under ``{data_dir}/bundles/`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from index.index_factory import IndexSpec
 from index.refine import MODES
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
@@ -61,6 +68,48 @@ class Settings(BaseSettings):
     adapt_extra_args: list[str] = Field(default_factory=list, description="extra arguments for `reid adapt` "
                                         "(JSON list, e.g. [\"--threads\", \"4\"]); see `reid adapt --help`")
 
+    # Durability, snapshots and replicas (index/durability.py, index/snapshot.py, service/follower.py).
+    redis_appendfsync: Literal["always", "everysec"] = Field(
+        "always", description="always: an image is acknowledged only once Redis has fsynced it (the embedded "
+                              "server runs appendfsync always; an external one gets WAITAOF if it runs everysec); "
+                              "everysec: the embedded server runs appendfsync everysec and a crash of Redis or of "
+                              "its host may lose the images acknowledged in the last ~1 s (up to 2 s)")
+    waitaof_timeout_ms: int = Field(2000, gt=0, description="WAITAOF timeout; a write not fsynced by then is a 503")
+    snapshots: bool = Field(True, description="write FAISS snapshots under data_dir/index and load them at start")
+    snapshot_interval_s: float = Field(60.0, ge=0, description="snapshot galleries that changed this often "
+                                                               "(0: only at clean shutdown)")
+    snapshot_changes: int = Field(50_000, gt=0, description="also snapshot once this many changes were applied")
+    events_maxlen: int = Field(100_000, ge=1000, description="approximate cap of the reid:events stream; a replica "
+                                                              "that falls further behind rebuilds from Redis")
+
+    # Index types (index/index_factory.py). index_* settings also key the snapshots' manifests.
+    index_type: Literal["flat", "ivf_flat", "hnsw", "ivf_pq"] = Field(
+        "flat", description="flat: exact; ivf_flat / ivf_pq: inverted lists (PQ-compressed), trained once a gallery "
+                            "holds index_train_threshold vectors (exact until then); hnsw: graph")
+    index_nlist: int = Field(1024, ge=1, description="IVF cells (about sqrt(N) to 4*sqrt(N))")
+    index_nprobe: int = Field(32, ge=1, description="IVF cells searched per query (recall vs latency)")
+    index_hnsw_m: int = Field(32, ge=2, le=256, description="HNSW links per node")
+    index_hnsw_ef_search: int = Field(128, ge=1, description="HNSW search beam (raised to k when k is larger)")
+    index_hnsw_ef_construction: int = Field(200, ge=1, description="HNSW build beam")
+    index_pq_m: int = Field(32, ge=1, description="ivf_pq: sub-quantizers (bytes per vector at 8 bits); must divide "
+                                                  "the embedding dimension")
+    index_pq_nbits: int = Field(8, ge=1, le=16, description="ivf_pq: bits per sub-quantizer code")
+    index_pq_refine: int = Field(4, ge=0, description="ivf_pq: re-rank pq_refine*k candidates by their exact "
+                                                      "vectors read from Redis (0: PQ scores as they are)")
+    index_train_threshold: int = Field(50_000, ge=1, description="IVF types: vectors a gallery needs before its "
+                                                                 "IVF index is trained (in the background)")
+    index_tombstone_ratio: float = Field(0.2, gt=0, lt=1, description="hnsw: rebuild the graph when removed "
+                                                                      "entries pass this share")
+    index_gpu: Literal["auto", "off"] = Field("auto", description="auto: search a GPU copy of each index when FAISS "
+                                                                   "sees a GPU (faiss-gpu); off: CPU only")
+    index_gpu_min_vectors: int = Field(10_000, ge=0, description="galleries smaller than this search on the CPU")
+
+    # Deletion and retention (service/deletion.py, service/retention.py).
+    retention_sweep_interval_s: float = Field(3600.0, gt=0, description="how often expired images of galleries "
+                                                                        "with retention_days are deleted")
+    delete_batch_size: int = Field(500, ge=1, le=10_000, description="images per Redis transaction when deleting "
+                                                                     "many")
+
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -74,6 +123,21 @@ class Settings(BaseSettings):
     @property
     def redis_data_dir(self) -> Path:
         return Path(self.data_dir) / "redis"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        """Where each gallery's FAISS snapshot and its manifest are written."""
+        return Path(self.data_dir) / "index"
+
+    @property
+    def index_spec(self) -> IndexSpec:
+        """The index_* settings as the index package takes them."""
+        return IndexSpec(type=self.index_type, nlist=self.index_nlist, nprobe=self.index_nprobe,
+                         hnsw_m=self.index_hnsw_m, ef_search=self.index_hnsw_ef_search,
+                         ef_construction=self.index_hnsw_ef_construction, pq_m=self.index_pq_m,
+                         pq_nbits=self.index_pq_nbits, pq_refine=self.index_pq_refine,
+                         train_threshold=self.index_train_threshold, tombstone_ratio=self.index_tombstone_ratio,
+                         gpu=self.index_gpu, gpu_min_vectors=self.index_gpu_min_vectors)
 
     @property
     def bundles_dir(self) -> Path:

@@ -1,8 +1,9 @@
 """Runtime state shared by the routes: settings, store, embedder, refiner, per-gallery FAISS indexes.
 
-The FAISS indexes are caches of the Redis store: built from it at start-up
-(:meth:`ServiceState.rebuild`), lazily for galleries another writer created, and kept in sync
-by the write path (store first, then index).
+The FAISS indexes are caches of the Redis store: loaded from their snapshots or built from the store at
+start-up, kept in sync by following the store's change log (every replica's writes, this one's included),
+and snapshotted to disk: :mod:`service.index_sync`, :mod:`service.follower`. The write path stores first
+(durably: :mod:`index.durability`), then updates the index.
 
 The model (bundle, encoder, refiner) and the indexes change together when another bundle is
 activated (:mod:`service.activation`): requests hold ``model_lock`` shared for their whole run so
@@ -14,10 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from index.durability import Persistence, probe as probe_persistence
 from index.redis_server import EmbeddedRedis
 from index.refine import NeighborTransformer, NFormerSpec, Refiner
 from index.store import RedisStore
@@ -25,6 +29,8 @@ from index.vector_index import VectorIndex
 
 from .bundle import Bundle, BundleError
 from .embedder import Embedder
+from .follower import Follower
+from .index_sync import IndexSync
 from .jobs import JobManager, JobStore
 from .model_registry import DEFAULT_BUNDLE_ID, resolve_active
 from .rwlock import RWLock
@@ -82,6 +88,12 @@ class ServiceState:
     skipped: dict[str, int] = field(default_factory=dict)
     startup_error: str | None = None
     jobs: JobManager | None = None
+    #: how Redis persists acknowledged writes (probed at start; /readyz shows it)
+    persistence: Persistence | None = None
+    sync: IndexSync | None = None
+    follower: Follower | None = None
+    #: set when another replica activated a model this process cannot load (/readyz reports it)
+    model_problem: str | None = None
     #: shared by every request that uses the model or the indexes; exclusive to switch the model
     model_lock: RWLock = field(default_factory=RWLock)
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -92,17 +104,37 @@ class ServiceState:
         if s.redis_url:
             url = s.redis_url
         else:
-            self.redis_server = EmbeddedRedis(s.redis_data_dir).start()
+            self.redis_server = EmbeddedRedis(s.redis_data_dir, appendfsync=s.redis_appendfsync).start()
             url = self.redis_server.url
-            log.info("embedded redis-server on %s (AOF in %s)", url, s.redis_data_dir)
-        self.store = RedisStore(url)
+            log.info("embedded redis-server on %s (AOF in %s, appendfsync %s)", url, s.redis_data_dir,
+                     s.redis_appendfsync)
+        self.store = RedisStore(url, events_maxlen=s.events_maxlen)
         self._wait_for_store()  # the active bundle's id is kept in Redis
+        self._check_durability()
         self.bundle_id, self.bundle = resolve_active(self.store, s)
+        recorded = self.store.active_bundle() or DEFAULT_BUNDLE_ID
+        if recorded != self.bundle_id:  # resolve_active fell back: the stored vectors are of another model
+            self.model_problem = (f"the active model bundle {recorded!r} (recorded in Redis) cannot be loaded here; "
+                                  f"serving {self.bundle_id!r}, whose features do not match the stored vectors")
         self.embedder, self.refiner, self.refine_default = self.load_model(self.bundle)
+        s.index_spec.check(self.embedder.dim)  # e.g. REID_INDEX_PQ_M must divide the embedding dimension
         log.info("model %s = %s (dim %d) on %s", self.bundle_id, self.bundle.model_id, self.embedder.dim,
                  self.embedder.providers)
         self.jobs = JobManager(JobStore(self.store.r))
-        self.rebuild()
+        self.sync = IndexSync(self)
+        self.sync.load()  # snapshots + change-log replay, or rebuilds from Redis; never re-embeds
+        self.follower = Follower(self, self.sync).start()
+
+    def _check_durability(self) -> None:
+        s = self.settings
+        self.persistence = p = probe_persistence(self.store.r, s.redis_appendfsync)
+        if p.use_waitaof:
+            self.store.wait_aof_ms = s.waitaof_timeout_ms
+            log.info("Redis %s runs appendfsync %s: every write waits for its AOF fsync (WAITAOF)", p.version,
+                     p.appendfsync)
+        if p.warning:
+            # an explicit REID_REDIS_APPENDFSYNC=everysec accepted the loss window: say it, do not warn
+            (log.info if s.redis_appendfsync == "everysec" else log.warning)("durability: %s", p.warning)
 
     def load_model(self, bundle: Bundle) -> tuple[Embedder, Refiner, str]:
         """The bundle's encoder, refiner and the refine default it can honour (BundleError if unusable)."""
@@ -122,11 +154,13 @@ class ServiceState:
     def install_model(self, bundle_id: str, bundle: Bundle, embedder: Embedder, refiner: Refiner,
                       refine_default: str, indexes: dict[str, VectorIndex]) -> None:
         """Serve another model with indexes already built from its vectors. Hold ``model_lock`` exclusively."""
-        with self._lock:
+        with self.sync.lock if self.sync is not None else nullcontext(), self._lock:
             self.bundle_id, self.bundle, self.embedder = bundle_id, bundle, embedder
             self.refiner, self.refine_default = refiner, refine_default
             self.indexes = dict(indexes)
             self.skipped = {g: 0 for g in indexes}
+        if self.sync is not None:
+            self.sync.mark_all_dirty()  # the snapshots on disk are of the old model
 
     def _wait_for_store(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -142,6 +176,14 @@ class ServiceState:
     def stop(self) -> None:
         if self.jobs is not None:
             self.jobs.shutdown()
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower = None
+        if self.sync is not None and self.embedder is not None:
+            try:
+                self.sync.snapshot("shutdown")  # the next start loads these instead of rebuilding
+            except Exception:  # a full disk must not keep the process (and its Redis) from stopping
+                log.exception("could not write the index snapshots at shutdown")
         if self.store is not None:
             self.store.close()
         if self.redis_server is not None:
@@ -157,11 +199,24 @@ class ServiceState:
     def dim(self) -> int:
         return self.embedder.dim
 
-    def _build(self, gallery: str) -> VectorIndex:
-        idx = VectorIndex(self.dim)
+    def new_index(self, dim: int | None = None, gallery: str | None = None) -> VectorIndex:
+        """An empty index for a gallery (the one place that says which kind: REID_INDEX_*)."""
+        return VectorIndex(dim or self.dim, **self.index_load_kwargs(gallery))
+
+    def index_load_kwargs(self, gallery: str | None = None) -> dict[str, Any]:
+        """Extra arguments for ``VectorIndex.load`` when a snapshot is read (the index kind, for instance)."""
+        kw: dict[str, Any] = {"spec": self.settings.index_spec}
+        if gallery is not None and self.settings.index_type == "ivf_pq":
+            kw["exact"] = lambda ids: self.store.get_vectors(gallery, ids)  # re-rank PQ candidates from Redis
+        return kw
+
+    def build_index(self, gallery: str, dim: int | None = None) -> VectorIndex:
+        """The gallery's index built from the vectors stored in Redis (HSCAN; nothing is re-embedded)."""
+        dim = dim or self.dim
+        idx = self.new_index(dim, gallery)
         skipped = 0
         for ids, vecs in self.store.iter_vectors(gallery):
-            if vecs.shape[1] != self.dim:
+            if vecs.shape[1] != dim:
                 skipped += len(ids)
                 continue
             idx.add(ids, vecs)
@@ -170,6 +225,16 @@ class ServiceState:
                         "they are not searchable (re-ingest them)", gallery, skipped, self.bundle.model_id)
         self.skipped[gallery] = skipped
         return idx
+
+    _build = build_index
+
+    def set_indexes(self, indexes: dict[str, VectorIndex]) -> None:
+        with self._lock:
+            self.indexes = dict(indexes)
+
+    def put_index(self, gallery: str, idx: VectorIndex) -> None:
+        with self._lock:
+            self.indexes[gallery] = idx
 
     def rebuild(self) -> None:
         """(Re)build every gallery's index from the store."""
@@ -189,7 +254,7 @@ class ServiceState:
             if self.store.gallery_exists(gallery):
                 idx = self._build(gallery)
             elif create:
-                idx = VectorIndex(self.dim)
+                idx = self.new_index(gallery=gallery)
             else:
                 return None
             self.indexes[gallery] = idx
@@ -201,7 +266,27 @@ class ServiceState:
             self.skipped.pop(gallery, None)
 
     def sync_status(self) -> tuple[bool, list[str]]:
-        """Compare every index with the store's counts. Returns (in_sync, problems)."""
+        """Follower connected and caught up, every index's count equal to the store's. Returns (in_sync, problems)."""
+        problems: list[str] = []
+        if self.model_problem:
+            problems.append(self.model_problem)
+        if self.follower is not None:
+            if not self.follower.alive:
+                problems.append("the change-log follower thread has stopped")
+            elif not self.follower.connected:
+                problems.append(f"reconnecting to the change log: {self.follower.error}")
+        if self.sync is not None and not self.sync.wait_caught_up(1.0):
+            problems.append(f"the index is behind the change log (applied up to {self.sync.applied})")
+        if problems:
+            return False, problems
+        for attempt in range(3):  # writes racing with the comparison: look again before reporting
+            in_sync, problems = self._compare_counts()
+            if in_sync:
+                break
+            time.sleep(0.05)
+        return in_sync, problems
+
+    def _compare_counts(self) -> tuple[bool, list[str]]:
         galleries = self.store.list_galleries()
         pipe = self.store.r.pipeline(transaction=False)
         for g in galleries:
@@ -223,9 +308,19 @@ class ServiceState:
                     problems.append(f"gallery {g}: in the index but not in the store")
         return (not problems, problems)
 
-    def index_add(self, gallery: str, ids: np.ndarray, vecs: np.ndarray) -> None:
-        idx = self.index_for(gallery, create=True)
-        idx.add(ids, vecs)
+    def index_refresh(self, gallery: str, ids) -> None:
+        """Bring these images' index entries in line with the store now (read-your-writes for this process's
+        own changes; the follower applies them again, idempotently)."""
+        if self.sync is not None:
+            self.sync.refresh(gallery, ids)
+            return
+        idx = self.index_for(gallery, create=True)  # no follower (a state that was never started)
+        for i in ids:
+            v = self.store.get_vector(gallery, i)
+            if v is None or v.shape[0] != idx.dim:
+                idx.remove([i])
+            else:
+                idx.add([i], v[None, :])
 
 
 def new_state(settings: Settings | None = None) -> ServiceState:

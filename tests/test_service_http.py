@@ -226,7 +226,8 @@ def test_redis_down_gives_503_json_with_retry_after(server_factory, tmp_path, im
 
 def test_readyz_reports_index_out_of_sync_and_reupload_reconciles(live_server, redis_url, gallery_name,
                                                                    image_bytes):
-    """An image in the store but not in the index (crash between store write and index add)."""
+    """An image in the store but not in the index. A write through the store logs a change that the follower
+    applies (tests/test_replicas.py); one that bypasses the change log (here: raw HSETs) stays unindexed."""
     import numpy as np
 
     from index.store import RedisStore
@@ -236,7 +237,9 @@ def test_readyz_reports_index_out_of_sync_and_reupload_reconciles(live_server, r
     data = image_bytes(2)
     store = RedisStore(redis_url)
     vec = np.random.default_rng(0).normal(size=64).astype(np.float32)
-    store.put(g, image_id(g, data), vec / np.linalg.norm(vec), {"camera_id": "9"})
+    i = image_id(g, data)
+    store.r.hset(store.k_vectors(g), str(i), (vec / np.linalg.norm(vec)).astype("<f4").tobytes())
+    store.r.hset(store.k_image(g, i), mapping={"id": str(i), "gallery": g, "camera_id": "9"})
     store.close()
     r = httpx.get(f"{base}/readyz")
     body = assert_error(r, 503, "not_ready")

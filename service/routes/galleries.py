@@ -1,19 +1,21 @@
-"""Galleries and their images: ingest, list, inspect, delete."""
+"""Galleries and their images: create (with settings), ingest, list, inspect, delete (one, many, all)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from index.store import GALLERY_NAME_RE
 
+from ..deletion import FilterError, ImageFilter, delete_matching
 from ..deps import GalleryDep, StateDep
 from ..errors import ApiError, error_body
 from ..ingest import MetadataError, build_metadata, ingest
-from ..schemas import Deleted, ErrorResponse, GalleryInfo, GalleryList, ImageInfo, UploadResponse
+from ..schemas import (BulkDeleted, Deleted, DeleteFilter, ErrorResponse, GalleryCreate, GalleryInfo, GalleryList,
+                       GalleryPatch, ImageInfo, UploadResponse)
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
 
@@ -28,7 +30,10 @@ async def list_galleries(state: StateDep) -> GalleryList:
         pipe = state.store.r.pipeline(transaction=False)
         for g in names:
             pipe.hlen(state.store.k_vectors(g))
-        return [GalleryInfo(name=g, count=int(c)) for g, c in zip(names, pipe.execute())]
+            pipe.hget(state.store.k_gallery(g), "retention_days")
+        res = pipe.execute()
+        return [GalleryInfo(name=g, count=int(c), retention_days=None if d is None else int(d))
+                for g, c, d in zip(names, res[::2], res[1::2])]
 
     return GalleryList(galleries=await run_in_threadpool(work))
 
@@ -38,21 +43,28 @@ async def get_gallery(gallery: GalleryDep, state: StateDep) -> GalleryInfo:
     info = await run_in_threadpool(state.store.gallery_info, gallery)
     if info is None:
         raise ApiError(404, "gallery_not_found", f"gallery {gallery!r} does not exist")
-    return GalleryInfo(name=info["name"], count=info["count"])
+    return GalleryInfo(name=info["name"], count=info["count"], retention_days=info["retention_days"])
 
 
 @router.delete("/{gallery}", response_model=Deleted, responses=_ERRORS)
 async def delete_gallery(gallery: GalleryDep, state: StateDep) -> Deleted:
+    count = 0
+
     def work() -> bool:
+        nonlocal count
         with state.model_lock.shared():  # not in the middle of a model switch
+            count = state.store.count(gallery)  # for the answer; uploads racing with the delete are lost anyway
             existed = state.store.delete_gallery(gallery)
-            state.drop_index(gallery)
+            if state.sync is not None:
+                state.sync.drop(gallery)  # and its snapshot
+            else:
+                state.drop_index(gallery)
             return existed
 
     existed = await run_in_threadpool(work)
     if not existed:
         raise ApiError(404, "gallery_not_found", f"gallery {gallery!r} does not exist")
-    return Deleted(gallery=gallery)
+    return Deleted(gallery=gallery, count=count)
 
 
 @router.post("/{gallery}/images", status_code=201, response_model=UploadResponse,
@@ -111,12 +123,62 @@ async def delete_image(gallery: GalleryDep, image_id: int, state: StateDep) -> D
     def work() -> bool:
         with state.model_lock.shared():  # not in the middle of a model switch
             existed = state.store.delete(gallery, image_id)
-            idx = state.indexes.get(gallery)
-            if idx is not None:
-                idx.remove([image_id])
+            state.index_refresh(gallery, [image_id])  # reads the store: the image is gone there
             return existed
 
     existed = await run_in_threadpool(work)
     if not existed:
         raise ApiError(404, "image_not_found", f"image {image_id} not found in gallery {gallery!r}")
     return Deleted(gallery=gallery, id=image_id)
+
+
+@router.post("", status_code=201, response_model=GalleryInfo, responses={409: {"model": ErrorResponse}, **_ERRORS})
+async def create_gallery(body: GalleryCreate, state: StateDep) -> GalleryInfo:
+    """Create an empty gallery with its settings (uploading to a missing gallery also creates it, without
+    settings). ``409 gallery_exists`` if it exists: change its settings with ``PATCH``."""
+    if not GALLERY_NAME_RE.match(body.name):
+        raise ApiError(422, "invalid_gallery_name",
+                       f"invalid gallery name {body.name!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+                       "starting with a letter or digit")
+    created = await run_in_threadpool(state.store.create_gallery, body.name, body.retention_days)
+    if not created:
+        raise ApiError(409, "gallery_exists", f"gallery {body.name!r} already exists; PATCH it to change settings")
+    return GalleryInfo(name=body.name, count=0, retention_days=body.retention_days)
+
+
+@router.patch("/{gallery}", response_model=GalleryInfo, responses=_ERRORS)
+async def patch_gallery(gallery: GalleryDep, body: GalleryPatch, state: StateDep) -> GalleryInfo:
+    """Change a gallery's settings: ``{"retention_days": N}`` (1..36500) or ``null`` to keep images forever.
+    The retention sweeper applies a new value at its next run."""
+    if "retention_days" not in body.model_fields_set:
+        raise ApiError(422, "nothing_to_change", "the body names no setting; settable: retention_days")
+
+    def work():
+        if not state.store.set_retention(gallery, body.retention_days):
+            return None
+        return state.store.gallery_info(gallery)
+
+    info = await run_in_threadpool(work)
+    if info is None:
+        raise ApiError(404, "gallery_not_found", f"gallery {gallery!r} does not exist")
+    return GalleryInfo(name=info["name"], count=info["count"], retention_days=info["retention_days"])
+
+
+@router.delete("/{gallery}/images", response_model=BulkDeleted, responses=_ERRORS)
+async def delete_images(
+    gallery: GalleryDep,
+    state: StateDep,
+    camera_id: Annotated[str | None, Query(description="delete this camera's images")] = None,
+    before: Annotated[str | None, Query(description="ISO 8601: images whose time is earlier (exclusive)")] = None,
+    after: Annotated[str | None, Query(description="ISO 8601: images whose time is this or later")] = None,
+    delete_all: Annotated[bool, Query(alias="all", description="delete every image (keeps the gallery)")] = False,
+) -> BulkDeleted:
+    """Delete the images that match every filter given; an image's time is its ``captured_at`` if it was
+    given, else its upload time. Vectors, metadata, kept bytes and index entries go, in batches, each with
+    its change-log entries. A filter is required (``all=true`` for everything)."""
+    try:
+        flt = ImageFilter.from_query(camera_id, before, after, delete_all)
+    except FilterError as e:
+        raise ApiError(422, e.code, str(e)) from None
+    count = await run_in_threadpool(delete_matching, state, gallery, flt)
+    return BulkDeleted(gallery=gallery, count=count, filter=DeleteFilter(**flt.describe()))

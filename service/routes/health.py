@@ -25,7 +25,11 @@ async def healthz() -> Health:
 @router.get("/readyz", response_model=Readiness,
             responses={503: {"description": "not ready; body has `error` and `checks`"}})
 async def readyz(request: Request):
-    """200 when the model is loaded, Redis answers PING and every gallery index matches the store."""
+    """200 when the model is loaded, Redis answers PING and every gallery index matches the store.
+
+    ``checks.durability`` says how Redis persists acknowledged writes (``durable`` false, with a ``warning``,
+    when a crash of Redis could lose some; that alone does not make the service unready); ``checks.follower``
+    where this process stands in the change log that keeps replicas' indexes in sync."""
     state = getattr(request.app.state, "reid", None)
     checks: dict[str, Any] = {"model": False, "store": False, "index": False}
     problems: list[str] = []
@@ -33,6 +37,11 @@ async def readyz(request: Request):
         problems.append("model not loaded")
     else:
         checks["model"] = state.bundle.model_id
+    if state is not None and state.persistence is not None:
+        checks["durability"] = state.persistence.as_dict()
+    if state is not None and state.follower is not None:
+        checks["follower"] = {"connected": state.follower.connected, "applied": state.sync.applied,
+                              "error": state.follower.error, "resyncs": state.sync.stats["resyncs"]}
     if state is not None and state.store is not None:
         try:
             await run_in_threadpool(state.store.ping)
