@@ -12,14 +12,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from .batcher import MicroBatcher
 from .deps import require_api_key
 from .errors import BodySizeLimitMiddleware, install_error_handlers
+from .limits import TimeoutMiddleware
 from .observability import install_metrics
 from .retention import RetentionSweeper
-from .routes import adapt, galleries, health, jobs, models, search
+from .routes import adapt, decisions, galleries, health, images, imports, jobs, models, search
 from .settings import Settings
 from .state import ServiceState
 
@@ -39,12 +43,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except BaseException:
             await run_in_threadpool(state.stop)
             raise
+        # concurrent requests' images share encoder runs; batch sizes go to /metrics
+        state.batcher = MicroBatcher(settings.batch_max_size, settings.batch_max_delay_ms,
+                                     observe=app.state.batch_size.observe)
         app.state.reid = state
         app.state.retention = RetentionSweeper(state).start()  # per-gallery retention_days
         try:
             yield
         finally:
             app.state.reid = None
+            await run_in_threadpool(state.batcher.stop)
             await run_in_threadpool(app.state.retention.stop)
             await run_in_threadpool(state.stop)
 
@@ -59,10 +67,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_metrics(app)
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(TimeoutMiddleware, timeout_s=settings.request_timeout_s)
+    if settings.cors_origins:  # off unless origins are listed: the API key header must not leak cross-site
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                           allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
+                           expose_headers=["X-Request-ID", "Retry-After", "Location"])
     auth = [Depends(require_api_key)]
     app.include_router(health.router)
     app.include_router(health.model_router, dependencies=auth)
     app.include_router(galleries.router, dependencies=auth)
+    app.include_router(images.router, dependencies=auth)
+    app.include_router(imports.router, dependencies=auth)
+    app.include_router(decisions.router, dependencies=auth)
     app.include_router(search.router, dependencies=auth)
     app.include_router(adapt.router, dependencies=auth)
     app.include_router(models.router, dependencies=auth)
@@ -71,5 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def index_page():
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # the page's JS and CSS
 
     return app

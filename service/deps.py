@@ -34,12 +34,41 @@ GalleryDep = Annotated[str, Depends(existing_gallery)]
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
+#: methods a read-only key may use; every other method under /v1 is a write ...
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: ... unless its route says it only reads (search by POSTed image, evaluate): ``openapi_extra=READ_ONLY``
+READ_ONLY = {"x-access": "read"}
+
+
+def _reads_only(request: Request) -> bool:
+    if request.method in READ_METHODS:
+        return True
+    extra = getattr(request.scope.get("route"), "openapi_extra", None) or {}
+    return extra.get("x-access") == "read"
+
+
+def _matches(key: bytes, keys: list[str]) -> bool:
+    # compare against every configured key (no early exit), so timing does not tell which one matched
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(key, k.encode())
+    return found
+
 
 def require_api_key(request: Request, key: Annotated[str | None, Security(_api_key_header)]) -> None:
-    """Enforce ``settings.api_key`` (when configured) on the /v1 routes."""
-    expected = request.app.state.settings.api_key
-    if not expected:
+    """Keys from settings: none configured = open; else a read key may GET, a write key may do anything.
+
+    The access needed follows the HTTP method, so a new write route cannot forget to ask for a write key."""
+    s = request.app.state.settings
+    read_keys, write_keys = s.read_keys, s.write_keys
+    if not read_keys and not write_keys:
         return
-    if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
-        raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header",
-                       headers={"WWW-Authenticate": "X-API-Key"})
+    if key is None:
+        raise ApiError(401, "unauthorized", "missing X-API-Key header", headers={"WWW-Authenticate": "X-API-Key"})
+    raw = key.encode()
+    is_write = _matches(raw, write_keys)
+    is_read = _matches(raw, read_keys)
+    if not (is_write or is_read):
+        raise ApiError(401, "unauthorized", "wrong X-API-Key header", headers={"WWW-Authenticate": "X-API-Key"})
+    if not is_write and not _reads_only(request):
+        raise ApiError(403, "forbidden", "this API key is read-only; writing needs a read-write key")

@@ -55,11 +55,15 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from .observability import count_error  # errors by code, in /metrics
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         if isinstance(exc, ApiError):
+            count_error(request.app.state, exc.code)
             return error_response(exc.status_code, exc.code, exc.message, exc.headers, **exc.extra)
         code = _DEFAULT_CODES.get(exc.status_code, "error")
+        count_error(request.app.state, code)
         msg = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         return error_response(exc.status_code, code, msg, getattr(exc, "headers", None))
 
@@ -67,10 +71,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
                    for e in exc.errors()]
+        count_error(request.app.state, "validation_error")
         return error_response(422, "validation_error", _validation_message(exc), details=details)
 
     async def _store_down(request: Request, exc: Exception):
         log.warning("store unavailable: %s", exc)
+        count_error(request.app.state, "store_unavailable")
         return error_response(503, "store_unavailable", f"the Redis store is unavailable: {exc}",
                               headers={"Retry-After": str(RETRY_AFTER_S)})
 
@@ -83,6 +89,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        count_error(request.app.state, "internal_error")
         return error_response(500, "internal_error", "internal server error")
 
 

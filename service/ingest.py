@@ -17,6 +17,7 @@ from typing import Any
 
 from index.store import image_id
 
+from .batcher import embed_images
 from .images import ImageError, decode_image
 from .state import ServiceState
 
@@ -122,7 +123,7 @@ def _ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, byt
         new.append((n, id_, img))
 
     if new:
-        vecs = state.embedder.embed([img for _, _, img in new])
+        vecs = embed_images(state, [img for _, _, img in new])  # micro-batched with other requests
         records = [(id_, vec, {**metas[n], "filename": files[n][0]}) for (n, id_, _), vec in zip(new, vecs)]
         blobs = [files[n][1] for n, _, _ in new] if state.settings.keep_images else None
         existed = store.put_many(gallery, records, model=state.bundle.model_id, images=blobs)  # durable first

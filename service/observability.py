@@ -1,8 +1,19 @@
-"""Prometheus metrics at ``GET /metrics`` (one registry per app, so several apps can share a process)."""
+"""Prometheus metrics at ``GET /metrics`` (one registry per app, so several apps can share a process),
+request ids (``X-Request-ID``, echoed back and put on every log line) and JSON logs.
+
+Per-stage timings go to ``reid_stage_seconds{stage}`` (decode, embed, search, refine, store) through
+:func:`observe_stage`; errors are counted by code in ``reid_errors{code}``; the micro-batcher's batch sizes
+in ``reid_embed_batch_size`` (average batch = sum / count, Triton's convention).
+"""
 
 from __future__ import annotations
 
+import contextvars
+import json
+import logging
+import re
 import time
+import uuid
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -46,6 +57,49 @@ class _IndexCollector:
                                     value=int(bool(persistence.durable)))
 
 
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+STAGES = ("decode", "embed", "search", "refine", "store")
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id (when in a request), exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        rid = getattr(record, "request_id", None) or request_id.get()
+        if rid:
+            out["request_id"] = rid
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_json_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+
+
+def observe_stage(app_state, stage: str, seconds: float | None) -> None:
+    hist = getattr(app_state, "stage_seconds", None)
+    if hist is not None and seconds is not None:
+        hist.labels(stage).observe(seconds)
+
+
+def count_error(app_state, code: str) -> None:
+    counter = getattr(app_state, "errors_counter", None)
+    if counter is not None:
+        counter.labels(code).inc()
+
+
 def install_metrics(app: FastAPI) -> None:
     registry = CollectorRegistry()
     requests = Counter("reid_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
@@ -56,21 +110,35 @@ def install_metrics(app: FastAPI) -> None:
     app.state.refine_seconds = Histogram("reid_refine_seconds", "search-time refinement per request", ["mode"],
                                          registry=registry,
                                          buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    buckets = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    app.state.stage_seconds = Histogram("reid_stage_seconds", "time per request stage", ["stage"],
+                                        registry=registry, buckets=buckets)
+    app.state.batch_size = Histogram("reid_embed_batch_size", "images per encoder run (micro-batches)",
+                                     registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    app.state.errors_counter = Counter("reid_errors", "error answers by code", ["code"], registry=registry)
     registry.register(_IndexCollector(app))
+    access = logging.getLogger("reid.access")
     app.state.metrics_registry = registry
 
     @app.middleware("http")
     async def _measure(request: Request, call_next):
         t0 = time.perf_counter()
         status = 500
+        given = request.headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
         try:
             response = await call_next(request)
             status = response.status_code
+            response.headers["X-Request-ID"] = rid
             return response
         finally:
             route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+            elapsed = time.perf_counter() - t0
             requests.labels(request.method, route, str(status)).inc()
-            latency.labels(request.method, route).observe(time.perf_counter() - t0)
+            latency.labels(request.method, route).observe(elapsed)
+            access.info("%s %s %s %.1f ms", request.method, request.url.path, status, elapsed * 1000.0)
+            request_id.reset(token)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

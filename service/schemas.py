@@ -44,6 +44,15 @@ class SearchResult(BaseModel):
     camera_id: str | None = None
     person_id: str | None = None
     captured_at: str | None = None
+    match: bool | None = Field(None, description="once the gallery is calibrated: cosine above the threshold "
+                                                 "(the same person); absent otherwise")
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_match(self, handler):
+        out = handler(self)
+        if out.get("match") is None:
+            out.pop("match", None)
+        return out
 
 
 class SearchTiming(BaseModel):
@@ -69,6 +78,15 @@ class SearchResponse(BaseModel):
     refine: str = Field(description="refine mode used")
     candidates: int | None = Field(None, description="local/kreciprocal: gallery candidates refined per query "
                                                      "(max(K, top_k), before any expansion); else null")
+    threshold: float | None = Field(None, description="the calibrated cosine threshold behind ``match`` "
+                                                      "(absent until the gallery is calibrated)")
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_threshold(self, handler):
+        out = handler(self)
+        if out.get("threshold") is None:
+            out.pop("threshold", None)
+        return out
 
 
 class QueryResults(BaseModel):
@@ -83,6 +101,14 @@ class BatchSearchResponse(BaseModel):
     model: str
     refine: str
     candidates: int | None = None
+    threshold: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_threshold(self, handler):
+        out = handler(self)
+        if out.get("threshold") is None:
+            out.pop("threshold", None)
+        return out
 
 
 class GalleryInfo(BaseModel):
@@ -164,14 +190,16 @@ class Readiness(BaseModel):
 
 class Job(BaseModel):
     id: str
-    kind: str = Field(description="'adapt' or 'activate'")
+    kind: str = Field(description="'adapt', 'activate' or 'import'")
     gallery: str | None = Field(None, description="the gallery the job works on (adapt), else null")
     status: str = Field(description="queued, running, succeeded, failed or cancelled")
     progress: float = Field(description="0..1")
     stage: str | None = None
     message: str | None = None
     params: dict[str, Any] = Field(default_factory=dict, description="what the job was asked to do")
-    result: dict[str, Any] | None = Field(None, description="when succeeded: {bundle_id, name, version}")
+    result: dict[str, Any] | None = Field(None, description="adapt: {bundle_id, name, version}; import (also "
+                                                            "while running): {total, done, created, exists, "
+                                                            "failed, errors: [...] (capped), errors_truncated}")
     created_at: str
     updated_at: str
 
@@ -195,3 +223,55 @@ class ModelInfo(BaseModel):
 class ModelList(BaseModel):
     active: ModelInfo
     available: list[ModelInfo]
+
+
+class ImagePatch(BaseModel):
+    """Metadata to change; a field set to null is removed."""
+    model_config = ConfigDict(extra="forbid")
+
+    camera_id: str | None = Field(None, max_length=1024)
+    person_id: str | None = Field(None, max_length=1024)
+    captured_at: str | None = Field(None, max_length=64, description="ISO 8601 date-time")
+    external_id: str | None = Field(None, max_length=1024)
+
+
+class CalibrateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target_fpr: float = Field(1e-3, gt=0, lt=1, description="false-positive rate the threshold is chosen at")
+
+
+class RocPoint(BaseModel):
+    fpr: float
+    tpr: float
+    threshold: float
+
+
+class Calibration(BaseModel):
+    threshold: float = Field(description="cosine above which two images are called the same person")
+    target_fpr: float
+    fpr: float = Field(description="impostor pass rate at the threshold")
+    tpr: float = Field(description="genuine pass rate at the threshold")
+    tpr_at_fpr_1e_2: float = Field(alias="tpr_at_fpr_1e-2")
+    tpr_at_fpr_1e_3: float = Field(alias="tpr_at_fpr_1e-3")
+    roc: list[RocPoint]
+    genuine_pairs: int
+    impostor_pairs: int
+    images: int
+    identities: int
+    score: str = Field(description="the score calibrated: cosine of encoder features")
+    genuine: dict[str, float]
+    impostor: dict[str, float]
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
+class Evaluation(BaseModel):
+    mAP: float
+    mINP: float
+    cmc: list[float] = Field(description="cmc[r-1]: share of evaluated queries with a match within the top r")
+    ranks: dict[str, float]
+    evaluated_queries: int
+    skipped_queries: int
+    gallery_images: int
+    mode: str = Field(description="'uploaded' queries or the gallery's own labeled images 'leave_one_out'")

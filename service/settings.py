@@ -3,7 +3,9 @@
     REID_DATA_DIR=./data/reid          where embedded Redis keeps its AOF and index snapshots live
     REID_REDIS_URL=redis://host:6379/0 external Redis; unset = start an embedded redis-server
     REID_MODEL_DIR=path/to/bundle      model bundle (model.json + encoder.onnx); default: bundled one
-    REID_API_KEY=secret                optional: /v1/* then requires the X-API-Key header
+    REID_API_KEY=secret                optional: /v1/* then requires the X-API-Key header (a read-write key)
+    REID_API_KEYS_READ='["k1"]'        keys that may only read (GET); REID_API_KEYS_WRITE: keys that may also write
+    REID_CORS_ORIGINS='["https://a"]'  CORS is off unless origins are listed here
     REID_REFINE_DEFAULT=none           search-time refinement when a request names none (none/local/joint/kreciprocal)
     REID_KEEP_IMAGES=true              keep each accepted image's bytes in Redis (needed to adapt and re-embed)
     REID_ADAPT_MIN_IMAGES=64           POST /v1/galleries/{g}/adapt needs at least this many kept images
@@ -59,7 +61,38 @@ class Settings(BaseSettings):
                                                             "grows with the gallery; use local)")
     max_batch_queries: int = Field(32, gt=0, description="max query images per search:batch request")
 
-    api_key: str | None = Field(None, description="If set, /v1/* requires header X-API-Key with this value")
+    api_key: str | None = Field(None, description="If set, /v1/* requires header X-API-Key; this key may read and write")
+    api_keys_read: list[str] = Field(default_factory=list, description="API keys that may only read (GET/HEAD); "
+                                     "JSON list. Any configured key makes /v1/* require X-API-Key")
+    api_keys_write: list[str] = Field(default_factory=list, description="API keys that may read and write "
+                                      "(POST/PATCH/DELETE); JSON list")
+    cors_origins: list[str] = Field(default_factory=list, description="CORS: browser origins allowed to call the "
+                                    "API (JSON list, explicit origins); empty = CORS off")
+
+    # Back-pressure: embedding work is bounded; past the bound requests are answered at once, never left to hang.
+    max_inflight: int = Field(8, ge=1, description="requests doing embedding work (search, upload) at once")
+    max_queued: int = Field(32, ge=0, description="requests waiting for an embedding slot; more get 429")
+    queue_timeout_s: float = Field(10.0, gt=0, description="a request that waited this long for a slot gets 503")
+    request_timeout_s: float = Field(120.0, gt=0, description="answer 503 request_timeout after this long "
+                                                             "(the work in its thread still finishes)")
+
+    # Micro-batching: concurrent requests' images are embedded together (service/batcher.py).
+    batch_max_size: int = Field(32, ge=1, description="images per micro-batch at most")
+    batch_max_delay_ms: float = Field(5.0, ge=0, description="wait this long for more requests before a "
+                                                             "micro-batch runs (0: no waiting)")
+
+    # Bulk imports (service/imports.py, service/archive.py).
+    import_max_members: int = Field(10_000, ge=1, description="images per import (archive members or files)")
+    import_max_uncompressed_bytes: int = Field(512 * 1024 * 1024, gt=0, description="total uncompressed size "
+                                               "of an archive's members (zip bombs)")
+    import_chunk: int = Field(32, ge=1, description="images ingested per step of an import job")
+    job_max_errors: int = Field(100, ge=1, description="per-item errors a job record keeps")
+
+    # Same-person decisions and evaluation (service/calibration.py, service/evaluation.py).
+    calibrate_max_images: int = Field(4000, ge=2, description="labeled images sampled for calibration")
+    calibrate_max_pairs: int = Field(1_000_000, ge=100, description="impostor pairs sampled for calibration")
+    evaluate_max_images: int = Field(20_000, ge=2, description="labeled gallery images an evaluation may use")
+    thumbnail_size: int = Field(128, ge=16, le=512, description="longest side of thumbnails (pixels)")
 
     # Model adaptation and activation (service/adapt.py, service/activation.py).
     keep_images: bool = Field(True, description="keep each accepted image's original bytes in Redis; adapting a "
@@ -119,6 +152,14 @@ class Settings(BaseSettings):
         if v not in MODES:
             raise ValueError(f"refine_default must be one of {', '.join(MODES)}, got {v!r}")
         return v
+
+    @property
+    def read_keys(self) -> list[str]:
+        return [k for k in self.api_keys_read if k]
+
+    @property
+    def write_keys(self) -> list[str]:
+        return [k for k in [self.api_key, *self.api_keys_write] if k]
 
     @property
     def redis_data_dir(self) -> Path:

@@ -226,8 +226,6 @@ class ServiceState:
         self.skipped[gallery] = skipped
         return idx
 
-    _build = build_index
-
     def set_indexes(self, indexes: dict[str, VectorIndex]) -> None:
         with self._lock:
             self.indexes = dict(indexes)
@@ -236,15 +234,6 @@ class ServiceState:
         with self._lock:
             self.indexes[gallery] = idx
 
-    def rebuild(self) -> None:
-        """(Re)build every gallery's index from the store."""
-        t0 = time.perf_counter()
-        indexes = {g: self._build(g) for g in self.store.list_galleries()}
-        with self._lock:
-            self.indexes = indexes
-        log.info("rebuilt %d gallery index(es), %d vectors, in %.2fs", len(indexes),
-                 sum(len(i) for i in indexes.values()), time.perf_counter() - t0)
-
     def index_for(self, gallery: str, create: bool = False) -> VectorIndex | None:
         """The gallery's index; built from the store if the gallery exists there but not here."""
         with self._lock:
@@ -252,7 +241,7 @@ class ServiceState:
             if idx is not None:
                 return idx
             if self.store.gallery_exists(gallery):
-                idx = self._build(gallery)
+                idx = self.build_index(gallery)
             elif create:
                 idx = self.new_index(gallery=gallery)
             else:

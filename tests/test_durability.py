@@ -28,7 +28,7 @@ from tests.api_process import ApiProcess, gallery_count, noise_images, pid_alive
 N_IMAGES = 1000
 CLIENTS = 4
 BATCH = 10
-KILL_AFTER = 400  # acknowledged images before the fault
+KILL_AFTER = 300  # acknowledged images before the fault (then, for the API, a periodic snapshot and more writes)
 
 
 @dataclass
@@ -144,9 +144,14 @@ def images():
     return noise_images(N_IMAGES, seed=11)
 
 
-def _kill_and_restart_api(api: ApiProcess, clients: Clients, kill_redis: bool) -> ApiProcess:
+def _kill_and_restart_api(api: ApiProcess, clients: Clients, kill_redis: bool, procs: list) -> ApiProcess:
     """Close the gate, SIGKILL (the API, and its embedded redis-server too if asked), start a new API on the same
     port and data dir, check that what was acknowledged survived, then open the gate."""
+    deadline = time.monotonic() + 20
+    while not api.metric("reid_index_snapshot_writes_total"):  # a periodic snapshot exists, then more writes
+        assert time.monotonic() < deadline, "no periodic snapshot"
+        time.sleep(0.05)
+    clients.wait_acked(len(clients.acked) + 2 * BATCH)
     clients.gate.clear()
     redis_pid = api.redis_pid()
     assert redis_pid is not None and pid_alive(redis_pid)
@@ -160,7 +165,9 @@ def _kill_and_restart_api(api: ApiProcess, clients: Clients, kill_redis: bool) -
         acked, in_flight = dict(clients.acked), len(clients.in_flight_failures)
     assert set(before) <= set(acked)
     assert pid_alive(redis_pid) != kill_redis  # SIGKILLed API: its redis-server is orphaned, still holding the AOF
-    api2 = ApiProcess(api.data_dir, api.model_dir, port=api.port, log_path=api.log_path).start()
+    api2 = ApiProcess(api.data_dir, api.model_dir, port=api.port, log_path=api.log_path)
+    procs.append(api2)  # killed by the test even if a check below fails
+    api2.start()
     assert not pid_alive(redis_pid), "the new API must stop the orphaned redis-server, not run beside it"
     if not kill_redis:
         assert "left by an earlier run still holds" in api2.log()
@@ -179,12 +186,13 @@ def _kill_and_restart_api(api: ApiProcess, clients: Clients, kill_redis: bool) -
 @pytest.mark.parametrize("kill_redis", [False, True], ids=["api", "api+redis"])
 def test_sigkill_api_loses_no_acknowledged_image(tmp_path, tiny_bundle, images, kill_redis):
     """Embedded default (the API owns its redis-server): SIGKILL the API (and its Redis, for api+redis) mid-way."""
-    api = ApiProcess(tmp_path / "data", tiny_bundle, env={"REID_SNAPSHOT_INTERVAL_S": "1"}).start()
-    api2 = None
+    api = ApiProcess(tmp_path / "data", tiny_bundle, env={"REID_SNAPSHOT_INTERVAL_S": "1"})
+    procs = [api]
     try:
+        api.start()
         clients = Clients(api.url, "cams", images).start()
         clients.wait_acked(KILL_AFTER)
-        api2 = _kill_and_restart_api(api, clients, kill_redis)
+        api2 = _kill_and_restart_api(api, clients, kill_redis, procs)
         clients.join(240)
         _check_final(clients, api2.url, _redis_url_of(api2))
         redis_pid = api2.redis_pid()
@@ -193,12 +201,11 @@ def test_sigkill_api_loses_no_acknowledged_image(tmp_path, tiny_bundle, images, 
         assert not pid_alive(redis_pid), "a clean stop stops the embedded redis-server"
         assert (tmp_path / "data" / "index" / "cams.faiss").exists()  # snapshot at shutdown
     finally:
-        for a in (api, api2):
-            if a is not None:
-                pid = a.redis_pid()
-                a.kill()
-                if pid is not None and pid_alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+        for a in procs:  # the APIs first: a live one would start its redis-server again
+            a.kill()
+        pid = api.redis_pid()
+        if pid is not None and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from ..deletion import FilterError, ImageFilter, delete_matching
 from ..deps import GalleryDep, StateDep
 from ..errors import ApiError, error_body
 from ..ingest import MetadataError, build_metadata, ingest
+from ..limits import EmbedSlot
 from ..schemas import (BulkDeleted, Deleted, DeleteFilter, ErrorResponse, GalleryCreate, GalleryInfo, GalleryList,
                        GalleryPatch, ImageInfo, UploadResponse)
 
@@ -72,6 +73,7 @@ async def delete_gallery(gallery: GalleryDep, state: StateDep) -> Deleted:
 async def upload_images(
     gallery: str,
     state: StateDep,
+    _slot: EmbedSlot,
     files: Annotated[list[UploadFile], File(description="one or more image files")],
     camera_id: Annotated[str | None, Form()] = None,
     person_id: Annotated[str | None, Form()] = None,

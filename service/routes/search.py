@@ -4,13 +4,19 @@ Refine modes (index/refine.py; the bundle's ``nformer.onnx`` runs local and join
 
 - ``none``: FAISS cosine ranking.
 - ``local``: FAISS top-K candidates (K = max(candidates, top_k)) among the images that pass
-  ``exclude_camera_id``, then NFormer over the queries plus those candidates; re-ranked by the cosine
+  the filters, then NFormer over the queries plus those candidates; re-ranked by the cosine
   of the refined features. A batch refines all its queries plus the union of their candidates in one pass.
 - ``kreciprocal``: k-reciprocal re-ranking of each query's own K candidates.
 - ``joint``: NFormer over the queries plus the whole gallery (the paper's protocol; for galleries up to
-  ``joint_max_gallery``); ``exclude_camera_id`` then drops results.
+  ``joint_max_gallery``); the filters then drop results.
 
-Each result has ``score`` (the mode's ranking score) and ``cosine`` (the plain encoder cosine).
+Filters (service/search_filter.py): camera allow/deny lists, ``exclude_same_camera`` with the query's camera,
+a time window and a person label. ``/search:tracklet`` takes several crops of one person and searches with
+their aggregate: the mean of their L2-normalised embeddings, re-normalised.
+
+Each result has ``score`` (the mode's ranking score) and ``cosine`` (the plain encoder cosine); once the gallery
+is calibrated (``POST /calibrate``) also ``match`` (cosine above the stored threshold) and the answer carries
+``threshold``.
 """
 
 from __future__ import annotations
@@ -20,16 +26,23 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from index.refine import MODES
+from index.vector_index import l2_normalize
 from index.store import StoredImage
 from index.vector_index import VectorIndex
 
-from ..deps import GalleryDep, StateDep
+from .. import calibration
+from ..batcher import embed_images
+from ..deletion import FilterError
+from ..deps import READ_ONLY, GalleryDep, StateDep
 from ..errors import ApiError
 from ..images import ImageError, decode_image
+from ..limits import EmbedSlot
+from ..observability import observe_stage
+from ..search_filter import SearchFilter
 from ..schemas import (BatchSearchResponse, ErrorResponse, QueryResults, SearchResponse, SearchResult,
                        SearchTiming)
 from ..state import NFORMER_FILE, NFORMER_MODES, ServiceState
@@ -46,7 +59,7 @@ class Params:
     top_k: int
     refine: str
     candidates: int | None  # K of local/kreciprocal; None for none/joint
-    exclude_camera_id: str | None
+    filter: SearchFilter
 
 
 @dataclass
@@ -66,19 +79,14 @@ def _result(hit_id: int, score: float, cosine: float, rec: StoredImage) -> Searc
                         camera_id=m.get("camera_id"), person_id=m.get("person_id"), captured_at=m.get("captured_at"))
 
 
-def _keep(rec: StoredImage | None, exclude_camera_id: str | None) -> bool:
-    """The record still exists (not deleted meanwhile) and is not from the excluded camera."""
-    return rec is not None and (exclude_camera_id is None or rec.metadata.get("camera_id") != exclude_camera_id)
-
-
 def _hits(state: ServiceState, gallery: str, idx: VectorIndex, queries: np.ndarray, want: int,
-          exclude_camera_id: str | None) -> list[list[Hit]]:
+          flt: SearchFilter) -> list[list[Hit]]:
     """Per query, the first ``want`` gallery entries by cosine that pass the filters, best first.
 
     One FAISS search for all queries; a query whose filtered hits fall short searches deeper (x4) alone."""
     n = len(idx)
     # When filtering, search deeper (and deeper again) so that `want` hits still come back.
-    k = min(n, want if exclude_camera_id is None else want * 2 + 16)
+    k = min(n, want if not flt.active else want * 2 + 16)
     scores, ids = idx.search(queries, k)
     out = []
     for qi in range(len(queries)):
@@ -87,7 +95,7 @@ def _hits(state: ServiceState, gallery: str, idx: VectorIndex, queries: np.ndarr
             recs = state.store.get_many(gallery, i)
             hits = []
             for score, id_, rec in zip(s, i, recs):
-                if _keep(rec, exclude_camera_id):
+                if flt.keep(rec):
                     hits.append(Hit(int(id_), float(score), rec))
                     if len(hits) == want:
                         break
@@ -100,7 +108,7 @@ def _hits(state: ServiceState, gallery: str, idx: VectorIndex, queries: np.ndarr
 
 
 def _expand(state: ServiceState, gallery: str, idx: VectorIndex, hits: list[Hit], vecs: np.ndarray,
-            expand: int, exclude_camera_id: str | None) -> list[Hit]:
+            expand: int, flt: SearchFilter) -> list[Hit]:
     """Each hit's own ``expand`` nearest gallery neighbours not already among ``hits`` (first-seen order),
     filtered like the hits. Their ``cosine`` is left 0: the refined modes compute every cosine themselves."""
     _, nb = idx.search(vecs, expand + 1)
@@ -110,7 +118,7 @@ def _expand(state: ServiceState, gallery: str, idx: VectorIndex, hits: list[Hit]
             seen.add(i)
             new.append(i)
     return [Hit(i, 0.0, rec) for i, rec in zip(new, state.store.get_many(gallery, new))
-            if _keep(rec, exclude_camera_id)]
+            if flt.keep(rec)]
 
 
 def _ranked(order_scores: np.ndarray, cosines: np.ndarray, hits: list[Hit], top_k: int) -> list[SearchResult]:
@@ -124,10 +132,10 @@ Candidates = list[tuple[list[Hit], np.ndarray]]  # per query: its hits and their
 def _candidates(state: ServiceState, gallery: str, idx: VectorIndex, queries: np.ndarray, p: Params) -> Candidates:
     """local/kreciprocal: per query its K candidates (plus expansion) and their index vectors."""
     out = []
-    for hits in _hits(state, gallery, idx, queries, p.candidates, p.exclude_camera_id):
+    for hits in _hits(state, gallery, idx, queries, p.candidates, p.filter):
         vecs, found = idx.vectors([h.id for h in hits])
         if state.settings.refine_expand and hits:
-            extra = _expand(state, gallery, idx, hits, vecs, state.settings.refine_expand, p.exclude_camera_id)
+            extra = _expand(state, gallery, idx, hits, vecs, state.settings.refine_expand, p.filter)
             extra_vecs, extra_found = idx.vectors([h.id for h in extra])
             hits, vecs, found = hits + extra, np.concatenate([vecs, extra_vecs]), np.concatenate([found, extra_found])
         out.append(([h for h, f in zip(hits, found) if f], vecs[found]))  # drop ids deleted meanwhile
@@ -149,7 +157,7 @@ def _rank(state: ServiceState, gallery: str, queries: np.ndarray,
 
     if p.refine == "none":
         results = [[_result(h.id, h.cosine, h.cosine, h.rec) for h in hits]
-                   for hits in _hits(state, gallery, idx, queries, p.top_k, p.exclude_camera_id)]
+                   for hits in _hits(state, gallery, idx, queries, p.top_k, p.filter)]
         return results, time.perf_counter() - t0, 0.0
 
     if p.refine == "joint":
@@ -162,11 +170,11 @@ def _rank(state: ServiceState, gallery: str, queries: np.ndarray,
         for qi in range(nq):
             # walk the refined ranking, fetching records a chunk at a time, until top_k pass the filters
             order, got, start = np.argsort(-sims[qi], kind="stable"), [], 0
-            chunk = p.top_k if p.exclude_camera_id is None else p.top_k * 2 + 16
+            chunk = p.top_k if not p.filter.active else p.top_k * 2 + 16
             while len(got) < p.top_k and start < len(order):
                 part = order[start:start + chunk]
                 for j, rec in zip(part, state.store.get_many(gallery, ids[part])):
-                    if _keep(rec, p.exclude_camera_id) and len(got) < p.top_k:
+                    if p.filter.keep(rec) and len(got) < p.top_k:
                         got.append(_result(ids[j], sims[qi, j], cosines[qi, j], rec))
                 start, chunk = start + len(part), chunk * 4
             results.append(got)
@@ -212,26 +220,40 @@ def _decode(state: ServiceState, blobs: list[tuple[str | None, bytes]], batch: b
     return images
 
 
-def _run(state: ServiceState, gallery: str, blobs: list[tuple[str | None, bytes]], form: tuple, batch: bool):
-    """Results, timing, the parameters used and the model id: all of one model (see ServiceState.model_lock)."""
+def aggregate(vecs: np.ndarray) -> np.ndarray:
+    """A tracklet's query: the mean of its L2-normalised embeddings, re-normalised, as (1, D)."""
+    return l2_normalize(l2_normalize(vecs).mean(axis=0, keepdims=True))
+
+
+def _run(state: ServiceState, gallery: str, blobs: list[tuple[str | None, bytes]], form: tuple,
+         flt: SearchFilter, batch: bool, tracklet: bool = False):
+    """Results, timing, the parameters used, the model id and the calibration: all of one model
+    (see ServiceState.model_lock)."""
     t0 = time.perf_counter()
-    images = _decode(state, blobs, batch)
+    images = _decode(state, blobs, batch or tracklet)
     td = time.perf_counter()
     with state.model_lock.shared():
-        p = _params(state, *form)  # again: the model may have changed since the request was checked
+        p = _params(state, *form, flt=flt)  # again: the model may have changed since the request was checked
         t1 = time.perf_counter()
-        queries = state.embedder.embed(images)
+        queries = embed_images(state, images)
+        if tracklet:
+            queries = aggregate(queries)
         t2 = time.perf_counter()
         results, search_s, refine_s = _rank(state, gallery, queries, p)
         model = state.bundle.model_id
+    calib = calibration.load(state.store, gallery)
+    if calib is not None:
+        for res in results:
+            for r in res:
+                r.match = r.cosine > calib["threshold"]
     t3 = time.perf_counter()
     timing = SearchTiming(decode=_ms(t0, td), embed=_ms(t1, t2), search=round(search_s * 1000.0, 3),
                           refine=None if p.refine == "none" else round(refine_s * 1000.0, 3), total=_ms(t0, t3))
-    return results, timing, p, model
+    return results, timing, p, model, calib
 
 
 def _params(state: ServiceState, top_k: int, refine: str | None, candidates: int | None,
-            exclude_camera_id: str | None) -> Params:
+            flt: SearchFilter | None = None) -> Params:
     s = state.settings
     if not 1 <= top_k <= s.max_top_k:
         raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {s.max_top_k}, got {top_k}")
@@ -250,13 +272,40 @@ def _params(state: ServiceState, top_k: int, refine: str | None, candidates: int
     k = None
     if refine in ("local", "kreciprocal"):
         k = max(candidates or s.refine_candidates, top_k)
-    return Params(top_k, refine, k, exclude_camera_id or None)
+    return Params(top_k, refine, k, flt or SearchFilter())
+
+
+def search_filter(
+    exclude_camera_id: Annotated[str | None, Form(description="drop results from this camera")] = None,
+    cameras: Annotated[str | None, Form(description="only these cameras (comma-separated camera_ids)")] = None,
+    exclude_cameras: Annotated[str | None, Form(description="drop these cameras (comma-separated)")] = None,
+    exclude_same_camera: Annotated[bool, Form(description="drop the query camera's images (needs "
+                                              "query_camera_id; with query_person_id only that person's: the "
+                                              "evaluation protocol's rule)")] = False,
+    query_camera_id: Annotated[str | None, Form(description="the camera that took the query")] = None,
+    query_person_id: Annotated[str | None, Form(description="the query's person label, if known")] = None,
+    after: Annotated[str | None, Form(description="ISO 8601: only images whose time is this or later")] = None,
+    before: Annotated[str | None, Form(description="ISO 8601: only images whose time is earlier")] = None,
+    person_id: Annotated[str | None, Form(description="only images with this person label")] = None,
+) -> SearchFilter:
+    """The search's filters (an image's time is its captured_at, else its upload time)."""
+    try:
+        return SearchFilter.from_form(exclude_camera_id, cameras, exclude_cameras, exclude_same_camera,
+                                      query_camera_id, query_person_id, after, before, person_id)
+    except FilterError as e:
+        raise ApiError(422, e.code, str(e)) from None
+
+
+FilterDep = Annotated[SearchFilter, Depends(search_filter)]
 
 
 def _observe(request: Request, p: Params, timing: SearchTiming) -> None:
     hist = getattr(request.app.state, "refine_seconds", None)
     if hist is not None and timing.refine is not None:
         hist.labels(p.refine).observe(timing.refine / 1000.0)
+    for stage in ("decode", "embed", "search", "refine"):
+        v = getattr(timing, stage)
+        observe_stage(request.app.state, stage, None if v is None else v / 1000.0)
 
 
 _REFINE_DOC = (f"re-ranking mode, one of {', '.join(MODES)}; default: REID_REFINE_DEFAULT "
@@ -265,51 +314,86 @@ _CANDIDATES_DOC = (f"local/kreciprocal: K FAISS candidates to refine (1..{MAX_CA
                    "default REID_REFINE_CANDIDATES")
 
 
-@router.post("/{gallery}/search", response_model=SearchResponse, responses=_ERRORS)
+def _threshold(calib: dict | None) -> float | None:
+    return None if calib is None else float(calib["threshold"])
+
+
+@router.post("/{gallery}/search", response_model=SearchResponse, responses=_ERRORS, openapi_extra=READ_ONLY)
 async def search(
     request: Request,
     gallery: GalleryDep,
     state: StateDep,
+    flt: FilterDep,
+    _slot: EmbedSlot,
     file: Annotated[UploadFile, File(description="query image")],
     top_k: Annotated[int, Form()] = 10,
     refine: Annotated[str | None, Form(description=_REFINE_DOC)] = None,
     candidates: Annotated[int | None, Form(description=_CANDIDATES_DOC)] = None,
-    exclude_camera_id: Annotated[str | None, Form(description="drop results from this camera")] = None,
 ) -> SearchResponse:
     """Top-k most similar gallery images, best first (by ``score``, the refine mode's score)."""
-    form = (top_k, refine, candidates, exclude_camera_id)
+    form = (top_k, refine, candidates)
     _params(state, *form)  # fail before reading the upload
     data = await file.read()
-    results, timing, p, model = await run_in_threadpool(_run, state, gallery, [(file.filename, data)], form, False)
+    results, timing, p, model, calib = await run_in_threadpool(_run, state, gallery, [(file.filename, data)],
+                                                               form, flt, False)
     _observe(request, p, timing)
     return SearchResponse(results=results[0], timing_ms=timing, model=model, refine=p.refine,
-                          candidates=p.candidates)
+                          candidates=p.candidates, threshold=_threshold(calib))
+
+
+@router.post("/{gallery}/search:tracklet", response_model=SearchResponse, responses=_ERRORS,
+             openapi_extra=READ_ONLY)
+async def search_tracklet(
+    request: Request,
+    gallery: GalleryDep,
+    state: StateDep,
+    flt: FilterDep,
+    _slot: EmbedSlot,
+    files: Annotated[list[UploadFile], File(description="crops of one person (repeat the field)")],
+    top_k: Annotated[int, Form()] = 10,
+    refine: Annotated[str | None, Form(description=_REFINE_DOC)] = None,
+    candidates: Annotated[int | None, Form(description=_CANDIDATES_DOC)] = None,
+) -> SearchResponse:
+    """Multi-shot query: several crops of one person searched as one query, the mean of their L2-normalised
+    embeddings re-normalised (a bad file fails the request and is named)."""
+    form = (top_k, refine, candidates)
+    _params(state, *form)
+    limit = state.settings.max_batch_queries
+    if len(files) > limit:
+        raise ApiError(413, "too_many_queries", f"{len(files)} crops sent; at most {limit} per request "
+                                                "(REID_MAX_BATCH_QUERIES)")
+    blobs = [(f.filename, await f.read()) for f in files]
+    results, timing, p, model, calib = await run_in_threadpool(_run, state, gallery, blobs, form, flt, False, True)
+    _observe(request, p, timing)
+    return SearchResponse(results=results[0], timing_ms=timing, model=model, refine=p.refine,
+                          candidates=p.candidates, threshold=_threshold(calib))
 
 
 @router.post("/{gallery}/search:batch", response_model=BatchSearchResponse,
-             responses={**_ERRORS, 400: {"model": ErrorResponse}})
+             responses={**_ERRORS, 400: {"model": ErrorResponse}}, openapi_extra=READ_ONLY)
 async def search_batch(
     request: Request,
     gallery: GalleryDep,
     state: StateDep,
+    flt: FilterDep,
+    _slot: EmbedSlot,
     files: Annotated[list[UploadFile], File(description="query images (repeat the field)")],
     top_k: Annotated[int, Form()] = 10,
     refine: Annotated[str | None, Form(description=_REFINE_DOC)] = None,
     candidates: Annotated[int | None, Form(description=_CANDIDATES_DOC)] = None,
-    exclude_camera_id: Annotated[str | None, Form(description="drop results from this camera")] = None,
 ) -> BatchSearchResponse:
     """Several query images in one request, refined together (joint: all queries + the whole gallery in one
     NFormer pass; local: all queries + the union of their candidates). Any bad file fails the request."""
-    form = (top_k, refine, candidates, exclude_camera_id)
+    form = (top_k, refine, candidates)
     _params(state, *form)  # fail before reading the uploads
     limit = state.settings.max_batch_queries
     if len(files) > limit:
         raise ApiError(413, "too_many_queries", f"{len(files)} query images sent; at most {limit} per request "
                                                 "(REID_MAX_BATCH_QUERIES)")
     blobs = [(f.filename, await f.read()) for f in files]
-    results, timing, p, model = await run_in_threadpool(_run, state, gallery, blobs, form, True)
+    results, timing, p, model, calib = await run_in_threadpool(_run, state, gallery, blobs, form, flt, True)
     _observe(request, p, timing)
     return BatchSearchResponse(
         queries=[QueryResults(index=i, filename=name, results=r)
                  for i, ((name, _), r) in enumerate(zip(blobs, results))],
-        timing_ms=timing, model=model, refine=p.refine, candidates=p.candidates)
+        timing_ms=timing, model=model, refine=p.refine, candidates=p.candidates, threshold=_threshold(calib))

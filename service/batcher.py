@@ -1,0 +1,88 @@
+"""Micro-batching: images from concurrent requests are embedded in one encoder run.
+
+A request's images go to a queue; one worker thread takes what is queued, waits up to ``max_delay_ms``
+for more (until ``max_size`` images), runs the encoder once and hands each request its rows. Requests
+are batched only with others for the same embedder (a model switch never mixes models in one run).
+``observe(n)`` receives each run's image count (the ``reid_embed_batch_size`` histogram).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+class MicroBatcher:
+    def __init__(self, max_size: int, max_delay_ms: float, observe: Callable[[int], None] | None = None):
+        self.max_size = max(1, int(max_size))
+        self.max_delay = max(0.0, float(max_delay_ms)) / 1000.0
+        self.observe = observe
+        self._q: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="embed-batcher", daemon=True)
+        self._thread.start()
+
+    def embed(self, embedder, images: Sequence) -> np.ndarray:
+        """Embed ``images`` with ``embedder`` (blocking), batched with other callers' images."""
+        images = list(images)
+        if not images:
+            return np.zeros((0, embedder.dim), np.float32)
+        fut: Future = Future()
+        self._q.put((embedder, images, fut))
+        return fut.result()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        carry = None
+        while not self._stop.is_set():
+            first = carry or self._q.get()
+            carry = None
+            if first is None:
+                continue
+            batch, n = [first], len(first[1])
+            deadline = time.monotonic() + self.max_delay
+            while n < self.max_size:
+                left = deadline - time.monotonic()
+                try:
+                    item = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    break
+                if item[0] is not first[0] or n + len(item[1]) > self.max_size:
+                    carry = item  # another model, or too big to fit: it starts the next batch
+                    break
+                batch.append(item)
+                n += len(item[1])
+            self._run(first[0], batch, n)
+
+    def _run(self, embedder, batch: list, n: int) -> None:
+        try:
+            vecs = embedder.embed([im for _, images, _ in batch for im in images])
+        except BaseException as e:  # every waiting request learns of the failure
+            for _, _, fut in batch:
+                fut.set_exception(e)
+            return
+        if self.observe is not None:
+            self.observe(n)
+        start = 0
+        for _, images, fut in batch:
+            fut.set_result(vecs[start:start + len(images)])
+            start += len(images)
+
+
+def embed_images(state, images: Sequence) -> np.ndarray:
+    """The service's embedding call: through the app's micro-batcher when there is one."""
+    batcher = getattr(state, "batcher", None)
+    if batcher is None:
+        return state.embedder.embed(images)
+    return batcher.embed(state.embedder, images)

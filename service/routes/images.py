@@ -1,0 +1,65 @@
+"""One image: change its metadata, get its thumbnail."""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..deps import GalleryDep, StateDep
+from ..errors import ApiError
+from ..image_meta import patch_metadata, thumbnail
+from ..images import ImageError
+from ..ingest import MetadataError
+from ..schemas import ErrorResponse, ImageInfo, ImagePatch
+
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
+
+_ERRORS = {c: {"model": ErrorResponse} for c in (404, 422)}
+
+
+def _not_found(gallery: str, image_id: int) -> ApiError:
+    return ApiError(404, "image_not_found", f"image {image_id} not found in gallery {gallery!r}")
+
+
+@router.patch("/{gallery}/images/{image_id}", response_model=ImageInfo, responses=_ERRORS)
+async def patch_image(gallery: GalleryDep, image_id: int, body: ImagePatch, state: StateDep) -> ImageInfo:
+    """Change ``camera_id``, ``person_id``, ``captured_at`` (ISO 8601) or ``external_id``; ``null`` removes one.
+    Fields not in the body are left as they are."""
+    changes = {k: getattr(body, k) for k in body.model_fields_set}
+    if not changes:
+        raise ApiError(422, "nothing_to_change", "the body names no field; settable: camera_id, person_id, "
+                                                 "captured_at, external_id")
+    try:
+        found = await run_in_threadpool(patch_metadata, state.store, gallery, image_id, changes)
+    except MetadataError as e:
+        raise ApiError(422, "invalid_metadata", str(e)) from None
+    if not found:
+        raise _not_found(gallery, image_id)
+    rec = await run_in_threadpool(state.store.get, gallery, image_id)
+    if rec is None:
+        raise _not_found(gallery, image_id)
+    return ImageInfo(**rec.to_dict())
+
+
+@router.get("/{gallery}/images/{image_id}/thumbnail", responses={**_ERRORS, 200: {"content": {"image/jpeg": {}}}},
+            response_class=Response)
+async def get_thumbnail(gallery: GalleryDep, image_id: int, state: StateDep, request: Request) -> Response:
+    """A small JPEG of the kept image (``404 image_bytes_not_kept`` without REID_KEEP_IMAGES). Ids are content
+    hashes, so a thumbnail never changes: it is cacheable (ETag, long max-age)."""
+    size = state.settings.thumbnail_size
+    etag = '"' + hashlib.sha1(f"{gallery}/{image_id}/{size}".encode()).hexdigest()[:20] + '"'
+    headers = {"Cache-Control": "private, max-age=86400, immutable", "ETag": etag}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    data = (await run_in_threadpool(state.store.get_image_bytes, gallery, [image_id]))[0]
+    if data is None:
+        if await run_in_threadpool(state.store.exists, gallery, image_id):
+            raise ApiError(404, "image_bytes_not_kept", f"image {image_id}'s bytes are not kept (REID_KEEP_IMAGES)")
+        raise _not_found(gallery, image_id)
+    try:
+        jpeg = await run_in_threadpool(thumbnail, data, size, state.settings.max_image_pixels)
+    except ImageError as e:
+        raise ApiError(422, e.code, e.message) from None
+    return Response(jpeg, media_type="image/jpeg", headers=headers)

@@ -1,0 +1,84 @@
+"""Which gallery images a search may return: cameras (allow/deny, the query's own), time window, person.
+
+An image's time is its ``captured_at``, else its upload time (as for deletion, service/deletion.py).
+``exclude_same_camera`` follows the evaluation protocol (index/metrics.py): with the query's camera it drops
+that camera's images; given the query's person too, only that person's images from that camera go (the
+protocol's "same identity and same camera" rule), so other people seen by the same camera stay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from index.store import StoredImage
+
+from .deletion import FilterError, image_time, parse_time
+
+
+def _ids(value: str | None) -> frozenset[str] | None:
+    """A comma-separated form value as a set (None when absent or empty)."""
+    if value is None:
+        return None
+    items = frozenset(v.strip() for v in value.split(",") if v.strip())
+    return items or None
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    cameras: frozenset[str] | None = None  # only these cameras
+    exclude_cameras: frozenset[str] = frozenset()
+    same_person: str | None = None  # with exclude_same_camera and a query person: the protocol's rule
+    same_camera: str | None = None
+    after: datetime | None = None  # inclusive
+    before: datetime | None = None  # exclusive
+    person_id: str | None = None
+
+    @classmethod
+    def from_form(cls, exclude_camera_id: str | None = None, cameras: str | None = None,
+                  exclude_cameras: str | None = None, exclude_same_camera: bool = False,
+                  query_camera_id: str | None = None, query_person_id: str | None = None,
+                  after: str | None = None, before: str | None = None,
+                  person_id: str | None = None) -> "SearchFilter":
+        deny = set(_ids(exclude_cameras) or ())
+        if exclude_camera_id:
+            deny.add(exclude_camera_id)
+        same_camera = same_person = None
+        if exclude_same_camera:
+            if not query_camera_id:
+                raise FilterError("query_camera_required", "exclude_same_camera needs query_camera_id (the camera "
+                                                           "that took the query)")
+            same_camera, same_person = query_camera_id, query_person_id or None
+        t_after = parse_time(after, "after") if after else None
+        t_before = parse_time(before, "before") if before else None
+        if t_after and t_before and t_before <= t_after:
+            raise FilterError("invalid_time_range", "before must be later than after")
+        return cls(_ids(cameras), frozenset(deny), same_person, same_camera, t_after, t_before, person_id or None)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.cameras is not None or self.exclude_cameras or self.same_camera or self.after
+                    or self.before or self.person_id)
+
+    def keep(self, rec: StoredImage | None) -> bool:
+        """The record still exists (not deleted meanwhile) and passes every condition."""
+        if rec is None:
+            return False
+        if not self.active:
+            return True
+        m = rec.metadata
+        cam = m.get("camera_id")
+        if self.cameras is not None and cam not in self.cameras:
+            return False
+        if cam in self.exclude_cameras:
+            return False
+        if self.same_camera is not None and cam == self.same_camera and (
+                self.same_person is None or m.get("person_id") == self.same_person):
+            return False
+        if self.person_id is not None and m.get("person_id") != self.person_id:
+            return False
+        if self.after or self.before:
+            t = image_time(m)
+            if t is None or (self.after and t < self.after) or (self.before and t >= self.before):
+                return False
+        return True
