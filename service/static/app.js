@@ -10,10 +10,13 @@ function headers() {
   return k ? {"X-API-Key": k} : {};
 }
 
+// Image ids are 63-bit integers: past 2^53 a JS number loses digits, so they are read as strings.
+function parseJson(text) { return JSON.parse(text.replace(/"id":\s*(\d{16,})/g, '"id":"$1"')); }
+
 async function api(path, opts = {}) {
   const r = await fetch(path, {...opts, headers: {...headers(), ...(opts.headers || {})}});
   const ct = r.headers.get("content-type") || "";
-  const body = ct.includes("json") ? await r.json() : null;
+  const body = ct.includes("json") ? parseJson(await r.text()) : null;
   if (!r.ok) throw new Error(body && body.error ? `${body.error.code}: ${body.error.message}` : r.statusText);
   return body;
 }
@@ -97,7 +100,7 @@ function send(url, fd, onProgress) {
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); };
     xhr.onload = () => {
       let body = null;
-      try { body = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
+      try { body = parseJson(xhr.responseText); } catch (e) { /* not JSON */ }
       if (xhr.status >= 200 && xhr.status < 300) resolve(body);
       else reject(new Error(body && body.error ? `${body.error.code}: ${body.error.message}` : xhr.statusText));
     };

@@ -1,7 +1,7 @@
 """Restart from a snapshot vs a rebuild from Redis: time to ready and memory, at N stored vectors.
 
-    python -m bench.restart --n 100000                 # the bundled default model (256-d)
-    python -m bench.restart --n 20000 --model-dir DIR  # another bundle
+    python -m models.bench.restart --n 100000                # the bundled default model (256-d)
+    python -m models.bench.restart --n 20000 --model-dir DIR  # another bundle
 
 N random unit vectors are written straight into Redis through the store (no embedding), plus a few real
 images through the API. Then, each start a real ``reid serve`` process on the same Redis:
@@ -13,7 +13,8 @@ images through the API. Then, each start a real ``reid serve`` process on the sa
 4. the snapshots removed, restart again: the index is rebuilt from Redis.
 
 Prints, for 3 and 4, the time from process start to ``/readyz`` 200, the index load time (from the log),
-RSS and peak RSS (VmRSS / VmHWM from /proc). ``tests/test_restart.py`` runs it with a small N.
+RSS and peak RSS (VmRSS / VmHWM from /proc). ``tests/test_restart.py`` runs it with a small N; ``reid bench``
+runs it as its restart section.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import numpy as np
 
 from index.redis_server import EmbeddedRedis
 from index.store import RedisStore, image_id
-from tests.api_process import ApiProcess, noise_images, top1, upload
+from .process import ApiProcess, noise_images, top1, upload
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "service" / "default_bundle"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "service" / "default_bundle"
 GALLERY = "big"
 
 

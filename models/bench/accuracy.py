@@ -1,0 +1,27 @@
+"""CMC of every refine mode on the shared protocol (PRID450S split 0), through the same machinery as
+`reid evaluate --refine` (`models.refine_eval.evaluate_modes` over the bundle's serving refiner)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..refine_eval import bundle_refiner, evaluate_modes
+from . import data
+from .features import protocol_features
+
+
+def run(bundle_dir: Path, cfg) -> dict:
+    """``cfg``: refine_modes, candidates (local K list), kreciprocal_candidates. Returns JSON figures plus
+    ``_metrics`` (RetrievalMetrics per mode, for the plot; dropped from the JSON)."""
+    dataset = data.protocol(data.PROTOCOL)
+    if dataset is None:
+        return {"skipped": f"{data.PROTOCOL} not in the shared data (../shared/data or $REID_SHARED_DATA)"}
+    card = data.card(bundle_dir)
+    q, g = protocol_features(bundle_dir / "encoder.onnx", card, dataset)
+    refiner = bundle_refiner(bundle_dir)
+    modes = [m for m in cfg.refine_modes if m not in ("joint", "local") or refiner.nformer is not None]
+    metrics = evaluate_modes(refiner, dataset, q, g, modes, cfg.candidates, cfg.kreciprocal_candidates)
+    return {"protocol": dataset.name, "queries": len(q), "gallery": len(g),
+            "modes": {label: {"rank1": m.ranks["rank1"], "rank5": m.ranks["rank5"], "mAP": m.mAP}
+                      for label, m in metrics.items()},
+            "_metrics": metrics}

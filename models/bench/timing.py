@@ -1,0 +1,23 @@
+"""Small timing helpers shared by the sections."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def rate(fn, items_per_call: int, min_seconds: float, min_calls: int = 3) -> float:
+    """Items per second of ``fn`` over at least ``min_seconds`` and ``min_calls`` calls, after a warm-up."""
+    fn()
+    calls, started = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - started < min_seconds:
+        fn()
+        calls += 1
+    return calls * items_per_call / (time.perf_counter() - started)
+
+
+def percentiles(ms: list[float]) -> dict:
+    a = np.asarray(ms, dtype=np.float64)
+    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
+            "count": len(a)}
