@@ -316,7 +316,8 @@ def cmd_make_synthetic(args) -> int:
 def cmd_bench(args) -> int:
     from models.bench import run_bench
 
-    report = run_bench(args.bundle, args.out, quick=args.quick)
+    readme = None if args.no_readme else args.readme or (None if args.quick else "README.md")
+    report = run_bench(args.bundle, args.out, quick=args.quick, readme=readme, only=tuple(args.only or ()))
     print(report)
     return 0
 
@@ -455,10 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_synthetic)
 
-    p = sub.add_parser("bench", help="encoder throughput (ONNX Runtime vs torch eager) and search latency")
+    p = sub.add_parser("bench", help="performance against the machine's limits and the peers' way (JSON, "
+                                      "markdown, PNGs; README summary)")
     p.add_argument("--bundle", default="service/default_bundle")
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (< 3 minutes); figures not comparable")
+    p.add_argument("--readme", help="README to update between the bench markers (default: README.md for a "
+                                    "full run, none for --quick)")
+    p.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    p.add_argument("--only", nargs="+", choices=["encoder", "int8", "ingest", "search", "refinement", "accuracy",
+                                                 "restart"], help="run only these sections")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="start the service, ingest a sample gallery, run a query")

@@ -72,20 +72,27 @@ def draw(model: FeatureModel | None, n: int, queries: int, dim: int) -> tuple[np
 
 
 def index_params(index_type: str, n: int) -> dict:
-    """Parameters per type and size: IVF cells ~4*sqrt(N), probing ~3% of them (recall >= 0.95 on ReID-like
-    clusters); HNSW M=32 with a build beam that keeps 1M buildable within the run's time budget."""
-    nlist = max(16, int(4 * math.sqrt(n)))
-    ivf = {"nlist": nlist, "nprobe": max(8, nlist // 32)}
+    """Parameters per type and size: IVF cells 2*sqrt(N) (k-means on up to 256 vectors per cell: at 1M that
+    training is the run's longest step, so no more cells), probing 1/16 of them; HNSW M=32, build beam 80."""
+    nlist = max(16, int(2 * math.sqrt(n)))
+    ivf = {"nlist": nlist, "nprobe": max(16, nlist // 16)}
     return {"flat": {}, "ivf_flat": ivf, "hnsw": {"hnsw_m": 32, "ef_search": 128, "ef_construction": 80},
             "ivf_pq": {**ivf, "pq_m": 32, "pq_refine": 4}}[index_type]
 
 
-def in_process(model, dim: int, sizes, queries: int, types=INDEX_TYPES, threads: int | None = 1) -> dict:
-    """One query per call (as the service searches), 1 FAISS thread: steadier on a shared machine."""
+def in_process(model, dim: int, sizes, queries: int, hnsw_max: int, types=INDEX_TYPES,
+               threaded_from: int = 100_000) -> dict:
+    """One query per call (as the service searches). Below ``threaded_from`` vectors on one FAISS thread:
+    OpenMP fighting other work for two cores makes even exact search at 2,000 vectors take milliseconds;
+    from there on all threads, or the IVF training and HNSW build alone would not fit the run. HNSW stops
+    at ``hnsw_max`` vectors: its build at 1M alone takes longer than the whole run's budget on a 2-core
+    machine; the IVF types cover 1M."""
     out = {}
     for n in sizes:
         vectors, probes = draw(model, n, queries, dim)
-        out[n] = {t: measure(t, vectors, probes, 10, threads=threads, **index_params(t, n)) for t in types}
+        threads = None if n >= threaded_from else 1
+        out[n] = {t: measure(t, vectors, probes, 10, threads=threads, **index_params(t, n))
+                  for t in types if t != "hnsw" or n <= hnsw_max}
         del vectors
     return out
 
@@ -154,9 +161,10 @@ def _noise_pngs() -> list[bytes]:
 
 
 def run(bundle_dir: Path, cfg) -> dict:
-    """``cfg``: search_sizes, search_queries, http_size, http_requests, http_index_type."""
+    """``cfg``: search_sizes, search_queries, hnsw_max, http_size, http_requests, http_index_type."""
     dim = data.card(bundle_dir)["embedding_dim"]
     model, source = feature_model(bundle_dir)
     return {"vectors": source, "k": 10,
-            "in_process": in_process(model, dim, cfg.search_sizes, cfg.search_queries),
+            "hnsw_max": cfg.hnsw_max,
+            "in_process": in_process(model, dim, cfg.search_sizes, cfg.search_queries, cfg.hnsw_max),
             "http": over_http(bundle_dir, model, cfg.http_size, cfg.http_requests, cfg.http_index_type)}

@@ -9,7 +9,8 @@ import numpy as np
 
 def rate(fn, items_per_call: int, min_seconds: float, min_calls: int = 3) -> float:
     """Items per second of ``fn`` over at least ``min_seconds`` and ``min_calls`` calls, after a warm-up."""
-    fn()
+    for _ in range(2):  # warm-up: oneDNN / ORT build their kernels for a new shape on the first calls
+        fn()
     calls, started = 0, time.perf_counter()
     while calls < min_calls or time.perf_counter() - started < min_seconds:
         fn()

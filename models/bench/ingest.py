@@ -1,0 +1,73 @@
+"""Ingest end to end: images/s through the HTTP API (a real `reid serve` process on embedded Redis, several
+concurrent clients posting batches of real image files to the batch upload endpoint) against the encoder
+alone (ONNX Runtime on preprocessed arrays, same thread settings) and decode + preprocess + encode in process."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+from . import data
+from .encoder import ort_rate, session
+from .timing import rate
+
+
+def _client(url: str, gallery_prefix: str, blobs: list[bytes], requests: int, errors: list) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for r in range(requests):
+            # a fresh gallery per request: ids are content hashes per gallery, a repeat would not be re-embedded
+            files = [("files", (f"{i}.png", b, "application/octet-stream")) for i, b in enumerate(blobs)]
+            resp = client.post(f"/v1/galleries/{gallery_prefix}-{r}/images", files=files)
+            if resp.status_code != 201:
+                errors.append(f"{resp.status_code}: {resp.text[:200]}")
+
+
+def over_http(bundle_dir: Path, blobs: list[bytes], clients: int, requests: int, threads: int) -> dict:
+    from .process import ApiProcess
+
+    with tempfile.TemporaryDirectory(prefix="reid-bench-ingest-") as tmp:
+        api = ApiProcess(Path(tmp) / "data", bundle_dir, env={"REID_ORT_THREADS": str(threads)}).start()
+        try:
+            _client(api.url, "warmup", blobs[:4], 1, [])
+            errors: list[str] = []
+            workers = [threading.Thread(target=_client, args=(api.url, f"c{c}", blobs, requests, errors))
+                       for c in range(clients)]
+            started = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            seconds = time.perf_counter() - started
+        finally:
+            api.stop()
+    images = clients * requests * len(blobs)
+    return {"clients": clients, "requests_per_client": requests, "images_per_request": len(blobs),
+            "images": images, "seconds": seconds, "images_per_s": images / seconds, "errors": errors[:5]}
+
+
+def run(bundle_dir: Path, cfg) -> dict:
+    """``cfg``: ingest_clients, ingest_requests, ingest_batch, seconds, server_threads (0 = ORT default)."""
+    from service.embedder import Embedder
+    from service.images import decode_image
+
+    card = data.card(bundle_dir)
+    blobs = data.image_bytes(cfg.ingest_batch)
+    source = f"{len(blobs)} {data.PROTOCOL} image files per request"
+    if not blobs:
+        from .process import noise_images
+
+        blobs, source = noise_images(cfg.ingest_batch, seed=0), "noise PNGs (shared data absent)"
+    blobs = (blobs * (cfg.ingest_batch // len(blobs) + 1))[:cfg.ingest_batch]
+    x, _ = data.images(card, cfg.ingest_batch)
+    encoder_only = ort_rate(session(bundle_dir / "encoder.onnx", threads=cfg.server_threads), x, len(x), cfg.seconds)
+    embedder = Embedder(bundle_dir, threads=cfg.server_threads, batch_size=len(blobs))
+    in_process = rate(lambda: embedder.embed([decode_image(b) for b in blobs]), len(blobs), cfg.seconds)
+    http = over_http(bundle_dir, blobs, cfg.ingest_clients, cfg.ingest_requests, cfg.server_threads)
+    return {"images": source, "batch": len(blobs), "server_ort_threads": cfg.server_threads,
+            "encoder_only_images_per_s": encoder_only, "decode_and_encode_images_per_s": in_process,
+            "http": http, "http_over_encoder": http["images_per_s"] / encoder_only}

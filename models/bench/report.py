@@ -1,0 +1,200 @@
+"""The markdown report of one run, and its summary copied into the README between markers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _f(v, digits=1) -> str:
+    return "n/a" if v is None else f"{v:,.{digits}f}"
+
+
+def machine_lines(r: dict) -> list[str]:
+    m, lim = r["machine"], r["limits"]
+    libs = ", ".join(f"{k} {m[k]}" for k in ("numpy", "torch", "onnxruntime", "onnx", "faiss") if m.get(k))
+    return [f"Machine `{m['host']}`: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, "
+            f"GPU: {m['gpu'] or 'none (fp16 / CUDA / TensorRT providers skipped)'}; Python {m['python']}, {libs}.",
+            f"Limits measured in this run: float32 matmul {_f(lim['limit_gflops'])} GFLOP/s "
+            f"(sgemm {lim['size']}^2: torch {_f(lim['torch_gflops'])}, numpy {_f(lim['numpy_gflops'])}); "
+            f"memory bandwidth {_f(lim['limit_gbs'])} GB/s (copy {_f(lim['copy_gbs'])}, triad {_f(lim['triad_gbs'])})."]
+
+
+def goals_table(goals: list[dict]) -> list[str]:
+    lines = ["| goal | target | measured | status | margin |", "|---|---|---|---|---|"]
+    for g in goals:
+        note = f" ({g['note']})" if g["note"] else ""
+        lines.append(f"| {g['goal']} | {g['target']} | {g['measured'] or ''}{note} | **{g['status']}** | "
+                     f"{g['margin']} |")
+    return lines
+
+
+def encoder_lines(e: dict) -> list[str]:
+    c = e["cost"]
+    lines = [f"Bundle `{e['bundle']}` ({e['backbone']}, input {e['input']['height']}x{e['input']['width']}), "
+             f"{e['images']}: {c['gflops']:.3f} GFLOP per image, weights {c['weight_bytes'] / 1e6:.1f} MB, "
+             f"activations {c['activation_bytes'] / 1e6:.1f} MB per image.", "",
+             "| batch | ONNX Runtime img/s | torch eager img/s | ORT / eager | GFLOP/s | of matmul limit | GB/s | "
+             "of bandwidth |", "|---|---|---|---|---|---|---|---|"]
+    for b, row in e["by_batch"].items():
+        lines.append(f"| {b} | {row['onnxruntime']:.1f} | {_f(row.get('torch_eager'))} | "
+                     f"{_f(row.get('ratio'), 2)}x | {row['gflops_per_s']:.1f} | {row['matmul_fraction']:.0%} | "
+                     f"{row['gbytes_per_s']:.2f} | {row['bandwidth_fraction']:.0%} |")
+    b = e["best_batch"]
+    lines += ["", f"At batch {b}: graph optimisation level " + ", ".join(
+        f"{lv} {v:.0f}" for lv, v in e["optimization_levels"].items()) + " img/s; intra-op threads " + ", ".join(
+        f"{t}: {v:.0f}" for t, v in e["intra_op_threads"].items()) + " img/s.", ""]
+    p = e["profile"]
+    lines += [f"ONNX Runtime profile (batch {p['batch']}, {p['runs']} runs), top operators:", "",
+              "| op | ms per run | share |", "|---|---|---|"]
+    lines += [f"| {o['op']} | {o['ms_per_run']:.2f} | {o['share']:.0%} |" for o in p["top_ops"]]
+    r = e["resnet50"]
+    lines += ["", f"ResNet-50 (random weights, input {r['input']['height']}x{r['input']['width']}, "
+                  f"{r['cost']['gflops']:.2f} GFLOP per image): " + ", ".join(
+                      f"batch {bb} {row['onnxruntime']:.1f} img/s = {row['matmul_fraction']:.0%} of matmul"
+                      for bb, row in r["by_batch"].items()) + "."]
+    return lines
+
+
+def int8_lines(q: dict) -> list[str]:
+    s = q["speed"]
+    lines = [f"{q['format']}; calibration: {q['calibration']}. Batch {s['batch']}: fp32 {s['fp32']:.1f} img/s, "
+             f"int8 {s['int8']:.1f} img/s ({s['speedup']:.2f}x).", "",
+             "| protocol | fp32 rank-1 | int8 rank-1 | change | fp32 mAP | int8 mAP | change |",
+             "|---|---|---|---|---|---|---|"]
+    for name, a in q["accuracy"].items():
+        lines.append(f"| {name} | {100 * a['fp32']['rank1']:.1f} | {100 * a['int8']['rank1']:.1f} | "
+                     f"{a['rank1_change_points']:+.1f} | {100 * a['fp32']['mAP']:.1f} | {100 * a['int8']['mAP']:.1f} | "
+                     f"{a['mAP_change_points']:+.1f} |")
+    if q["skipped_protocols"]:
+        lines.append(f"\nSkipped (not in the shared data): {', '.join(q['skipped_protocols'])}.")
+    return lines
+
+
+def ingest_lines(i: dict) -> list[str]:
+    h = i["http"]
+    return [f"{i['images']}; {h['clients']} clients x {h['requests_per_client']} requests of {h['images_per_request']} "
+            f"images (batch upload endpoint, embedded Redis, REID_ORT_THREADS={i['server_ort_threads']}).", "",
+            "| path | images/s | vs encoder alone |", "|---|---|---|",
+            f"| encoder alone (ORT, preprocessed batch) | {i['encoder_only_images_per_s']:.1f} | 100% |",
+            f"| decode + preprocess + encode in process | {i['decode_and_encode_images_per_s']:.1f} | "
+            f"{i['decode_and_encode_images_per_s'] / i['encoder_only_images_per_s']:.0%} |",
+            f"| HTTP API, end to end | {h['images_per_s']:.1f} | {i['http_over_encoder']:.0%} |"]
+
+
+def search_lines(s: dict) -> list[str]:
+    lines = [f"Vectors: {s['vectors']}; k = 10; one query per call; recall@10 against exact search. HNSW up to "
+             f"{s['hnsw_max']:,} vectors.", "",
+             "| gallery | index | params | build s | bytes/vector | p50 ms | p99 ms | recall@10 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n, by_type in s["in_process"].items():
+        for t, m in by_type.items():
+            params = ", ".join(f"{k}={v}" for k, v in m["params"].items()) or "-"
+            lines.append(f"| {int(n):,} | {t} | {params} | {m['build_s']:.1f} | {m['bytes_per_vector']:.0f} | "
+                         f"{m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['recall@10']:.3f} |")
+    h = s["http"]
+    lines += ["", f"Over HTTP (`POST /search`, top_k 10, refine none, {h['index_type']} "
+                  f"{', '.join(f'{k}={v}' for k, v in h['params'].items())}, {h['n']:,} vectors, Redis fill "
+                  f"{h['fill_s']} s, ready {h['ready_s']} s):", "",
+              "| measure | p50 ms | p99 ms |", "|---|---|---|"]
+    for key, label in (("wall", "wall time per request"), ("excluding_embedding", "wall minus decode and embed"),
+                       ("server_search_stage", "server's search stage")):
+        lines.append(f"| {label} | {h[key]['p50_ms']:.2f} | {h[key]['p99_ms']:.2f} |")
+    return lines
+
+
+def refinement_lines(r: dict) -> list[str]:
+    lat = r["latency_ms"]
+    lines = [f"Per query ({r['features']} features; `local@K` = exact FAISS candidates from a {r['gallery']:,} "
+             "gallery + nformer.onnx; k-reciprocal on each query's same top-K):", "",
+             "| K | NFormer local ms | k-reciprocal torchreid layout ms | k-reciprocal scalable ms |", "|---|---|---|---|"]
+    for k, v in r["restricted_kreciprocal_ms"].items():
+        lines.append(f"| {k} | {lat.get(f'local@{k}', float('nan')):.1f} | {v['dense_ms']:.1f} | {v['scalable_ms']:.1f} |")
+    lines += ["", "Joint over N features (fresh process each; seconds, peak RSS):", "",
+              "| N | NFormer joint | k-reciprocal scalable | k-reciprocal torchreid layout |", "|---|---|---|---|"]
+    joint = r.get("joint", {})
+    ns = sorted({*map(int, r["kreciprocal_full"]), *map(int, r["kreciprocal_dense"])})
+
+    def cell(d, n):
+        v = d.get(n, {})
+        return f"{v['seconds']:.2f} s, {v['peak_rss_mb']:.0f} MB" if "seconds" in v else v.get("error", "-")
+
+    for n in ns:
+        lines.append(f"| {n:,} | {cell(joint, n) if 'skipped' not in joint else 'skipped'} | "
+                     f"{cell(r['kreciprocal_full'], n)} | {cell(r['kreciprocal_dense'], n)} |")
+    d = r.get("kreciprocal_dense_at_max_n", {})
+    if d.get("extrapolated") and "seconds" in d:
+        lines.append(f"| {r['max_n']:,} (extrapolated from N={d['from_n']}) | | | {d['seconds']:.1f} s, "
+                     f"{d['peak_rss_mb']:.0f} MB |")
+    return lines
+
+
+def restart_lines(x: dict) -> list[str]:
+    lines = [f"N={x['n']:,} vectors of dim {x['dim']} in Redis (filled in {x['fill_s']} s).", "",
+             "| start | ready after s | index load s | RSS MB | peak RSS MB |", "|---|---|---|---|---|"]
+    for name, key in (("from snapshot + 5 replayed changes", "from_snapshot"), ("rebuild from Redis", "rebuild_from_redis")):
+        f = x[key]
+        lines.append(f"| {name} | {f['ready_s']} | {f['index_load_s']} | {f['rss_mb']} | {f['peak_rss_mb']} |")
+    return lines
+
+
+def accuracy_lines(a: dict) -> list[str]:
+    lines = [f"{a['protocol']}: {a['queries']} queries, {a['gallery']} gallery.", "",
+             "| mode | rank-1 | rank-5 | mAP |", "|---|---|---|---|"]
+    lines += [f"| {k} | {100 * m['rank1']:.1f} | {100 * m['rank5']:.1f} | {100 * m['mAP']:.1f} |"
+              for k, m in a["modes"].items()]
+    return lines
+
+
+SECTIONS = (("encoder", "Encoder throughput", encoder_lines), ("int8", "INT8 static quantisation", int8_lines),
+            ("ingest", "Ingest end to end", ingest_lines), ("search", "Search", search_lines),
+            ("refinement", "Refinement cost", refinement_lines), ("accuracy", "Refine modes (CMC)", accuracy_lines),
+            ("restart", "Restart", restart_lines))
+
+
+def _section(r: dict, key: str, title: str, fn, level: str) -> list[str]:
+    body = r.get(key)
+    if body is None:
+        return []
+    if "error" in body or "skipped" in body:
+        return [f"{level} {title}", "", f"Not measured: {body.get('error') or body.get('skipped')}", ""]
+    return [f"{level} {title}", "", *fn(body), ""]
+
+
+def markdown(r: dict, plots: dict[str, str]) -> str:
+    mode = "quick (tiny sizes: not comparable with the goals)" if r["quick"] else "full"
+    lines = [f"# Benchmark {r['date']} ({mode}, {r['total_s']:.0f} s)", "", *machine_lines(r), "", "## Goals", "",
+             *goals_table(r["goals"]), ""]
+    for key, title, fn in SECTIONS:
+        lines += _section(r, key, title, fn, "##")
+    if plots:
+        lines += ["## Figures", ""] + [f"![{name}]({p})" for name, p in plots.items()] + [""]
+    lines += ["Section times: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["section_seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def readme_summary(r: dict, report_path: str) -> str:
+    lines = [f"`make bench` on {r['machine']['cpu']} ({r['machine']['cores']} cores, "
+             f"{r['machine']['memory_gb']} GB, no GPU), {r['date'][:10]}; full report `{report_path}`. "
+             "Every ratio below was measured side by side in that one run.", "", *machine_lines(r)[1:], "",
+             *goals_table(r["goals"]), ""]
+    for key, title, fn in (("encoder", "Encoder", encoder_lines), ("search", "Search", search_lines)):
+        lines += _section(r, key, title, lambda b, fn=fn: fn(b)[:14 if key == "encoder" else 40], "####")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme(readme: Path, summary: str) -> None:
+    """Replace what lies between the markers; the first time, the body of `## Benchmarks`."""
+    text = readme.read_text()
+    block = f"{START}\n{summary}{END}"
+    if START in text and END in text:
+        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        m = re.search(r"^## Benchmarks\n(.*?)(?=^## )", text, flags=re.S | re.M)
+        if m is None:
+            text = text.rstrip() + "\n\n## Benchmarks\n\n" + block + "\n"
+        else:
+            text = text[:m.start(1)] + "\n" + block + "\n\n" + text[m.end(1):]
+    readme.write_text(text)
