@@ -31,8 +31,14 @@ def test_export_writes_a_checked_bundle_the_service_loads(checkpoint, tmp_path):
     ckpt, images = checkpoint
     out = tmp_path / "bundle"
     card = export_bundle(ckpt, out, images, name="test-model", version="1")
-    assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx", "model.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx", "model.json", "weights.pt"]
     assert card["files"]["encoder.onnx"] == sha256_file(out / "encoder.onnx")
+    assert card["files"]["weights.pt"] == sha256_file(out / "weights.pt")
+    model, spec, _ = load_trained_model(out / "weights.pt")  # what `reid adapt` starts from
+    reference, _, _ = load_trained_model(ckpt)
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        if ours.is_floating_point():
+            assert torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3), name  # float16 copy
     assert card["input"] == {"height": 64, "width": 32, "channel_order": "RGB", "scale": "1/255",
                              "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     assert card["embedding_dim"] == 256 and card["normalized"] is True  # the projection of the recipe
