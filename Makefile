@@ -47,7 +47,8 @@ refinement-report: $(DEV_STAMP)
 
 # GRACL, README "Adapting to new cameras": a supervised source model (the default recipe on the PRID data
 # only), adapted on the *images* of VIPeR's split-0 training half (labels unused), evaluated on the other half;
-# before / cluster-contrast / GRACL and the ablation, seeds 0-2 (each run resumable). Recipe chosen on split 1.
+# before / cluster-contrast / GRACL (seeds 0-4), then the ablation (seeds 0-2); each run resumable. Recipe
+# chosen on split 1.
 GRACL_VIPER = --data viper --eval-data viper --source runs/prid-only/last.pt --epochs 6 --batches-per-epoch 10 \
 	--p 16 --k 2 --min-samples 2 --k1 10 --k2 2 --eps 0.3 --lr 3.5e-5 --decay-epochs --freeze-bn
 GRACL_ABLATION = "centroid + intra" "centroid + inter" "centroid + inter + intra" "weights 1 + 1" \
@@ -56,9 +57,12 @@ GRACL_ABLATION = "centroid + intra" "centroid + inter" "centroid + inter + intra
 gracl-viper: $(DEV_STAMP)
 	test -f runs/prid-only/last.pt || $(PY) -m scripts.cli train --data prid450s prid2011 --eval-data viper \
 		--run-dir runs/prid-only
-	$(PY) -m scripts.cli gracl-experiment $(GRACL_VIPER) --variants cluster-contrast gracl $(GRACL_ABLATION) \
-		--seeds 0 1 2 --out runs/gracl-viper --markdown docs/gracl-viper.md \
+	$(PY) -m scripts.cli gracl-experiment $(GRACL_VIPER) --variants cluster-contrast gracl --seeds 0 1 2 3 4 \
+		--out runs/gracl-viper --markdown docs/gracl-viper.md \
 		--title "PRID -> VIPeR adaptation (split 0, probe A / gallery B)"
+	$(PY) -m scripts.cli gracl-experiment $(GRACL_VIPER) --variants cluster-contrast gracl $(GRACL_ABLATION) \
+		--seeds 0 1 2 --out runs/gracl-viper --markdown docs/gracl-viper-ablation.md \
+		--title "Ablation, PRID -> VIPeR (split 0, seeds 0-2)"
 
 # GRACL with no labels anywhere: from ImageNet weights on PRID450S's split-0 training images, evaluated on
 # the PRID450S protocol (README "Unsupervised from ImageNet").
