@@ -250,14 +250,32 @@ def test_compose_api(compose):
     api = compose["services"]["api"]
     assert api["build"]["dockerfile"] == "docker/Dockerfile"
     assert api["build"].get("context", ".") == "."
-    assert "8000:8000" in [str(p) for p in api["ports"]]
+    assert "ports" not in api and api["expose"] == ["8000"]  # replicas: only the proxy publishes a port
+    assert api["deploy"]["replicas"] >= 2
     assert api["environment"]["REID_REDIS_URL"] == "redis://redis:6379/0"
+    assert api["environment"]["REID_DATA_DIR"] == "/data"
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert api["restart"] == "unless-stopped"
-    assert any(v.split(":")[1] == "/data" for v in api["volumes"])
+    # each replica its own snapshots (an anonymous volume), one shared volume for adapted bundles
+    assert "/data" in api["volumes"] and "reid-bundles:/data/bundles" in api["volumes"]
     script = _hc_script(api["healthcheck"]["test"])
     assert "/healthz" in script and "urllib" in script and "curl" not in script
     assert "profiles" not in api
+
+
+def test_compose_proxy_spreads_one_port_over_the_replicas(compose):
+    proxy = compose["services"]["proxy"]
+    assert [str(p) for p in proxy["ports"]] == ["8000:8000"]
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
+    assert "./docker/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in proxy["volumes"]
+    assert "/healthz" in _hc_script(proxy["healthcheck"]["test"]) and proxy["restart"] == "unless-stopped"
+    conf = (REPO / "docker" / "nginx.conf").read_text()
+    assert re.search(r"upstream reid_api \{[^}]*server api:8000", conf)
+    assert "listen 8000;" in conf and "proxy_pass http://reid_api;" in conf
+    body = re.search(r"client_max_body_size (\d+)m;", conf)
+    from service.settings import Settings
+
+    assert body and int(body.group(1)) * 2**20 >= Settings().max_upload_bytes  # the API's limit decides
 
 
 def test_compose_redis_is_durable(compose):
