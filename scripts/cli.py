@@ -322,6 +322,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_loadtest(args) -> int:
+    from models.bench import load
+
+    result = load.run(Path(args.bundle), duration=args.duration, concurrencies=args.concurrency,
+                      gallery_size=args.gallery_size, search_share=args.search_share)
+    table = load.markdown(result)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 1 if any(p["errors"] for p in result["phases"]) else 0
+
+
 def cmd_demo(args) -> int:
     from scripts.demo import run_demo
 
@@ -467,6 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", choices=["encoder", "int8", "ingest", "search", "refinement", "accuracy",
                                                  "restart"], help="run only these sections")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("loadtest", help="sustained search + ingest against a real server on loopback")
+    p.add_argument("--bundle", default="service/default_bundle")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds per concurrency")
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    p.add_argument("--gallery-size", type=int, default=500)
+    p.add_argument("--search-share", type=float, default=0.8)
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("demo", help="start the service, ingest a sample gallery, run a query")
     p.add_argument("--port", type=int, default=8000)
