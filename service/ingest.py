@@ -11,6 +11,7 @@ vector (to adapt a model to the gallery and to re-embed it with another model).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,6 +33,8 @@ class MetadataError(ValueError):
 class IngestResult:
     items: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    #: seconds per stage (decode, embed, store) for the reid_stage_seconds metric
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _as_str(key: str, v: Any) -> str | None:
@@ -108,6 +111,7 @@ def _ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, byt
     new: list[tuple[int, int, Any]] = []  # (file index, id, image) to embed
     seen: set[int] = set()
     status: dict[int, str] = {}
+    t0 = time.perf_counter()
     for n, ((fname, data), id_, existed) in enumerate(zip(files, ids, already)):
         if existed or id_ in seen:
             slots.append((n, id_))
@@ -122,11 +126,16 @@ def _ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, byt
         slots.append((n, id_))
         new.append((n, id_, img))
 
+    res.seconds["decode"] = time.perf_counter() - t0
     if new:
+        t0 = time.perf_counter()
         vecs = embed_images(state, [img for _, _, img in new])  # micro-batched with other requests
+        res.seconds["embed"] = time.perf_counter() - t0
         records = [(id_, vec, {**metas[n], "filename": files[n][0]}) for (n, id_, _), vec in zip(new, vecs)]
         blobs = [files[n][1] for n, _, _ in new] if state.settings.keep_images else None
+        t0 = time.perf_counter()
         existed = store.put_many(gallery, records, model=state.bundle.model_id, images=blobs)  # durable first
+        res.seconds["store"] = time.perf_counter() - t0
         for (n, _, _), ex in zip(new, existed):
             status[n] = "exists" if ex else "created"
         state.index_refresh(gallery, [i for _, i, _ in new])

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+
+class OmitsAbsent(BaseModel):
+    """Optional fields named in ``omit_if_none`` are left out of the JSON when None, so that answers without
+    the feature (no calibration, no retention, refine=none) keep exactly the keys they always had."""
+
+    omit_if_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler):
+        out = handler(self)
+        for key in self.omit_if_none:
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class ErrorDetail(BaseModel):
@@ -35,7 +50,9 @@ class UploadResponse(BaseModel):
     errors: list[UploadError]
 
 
-class SearchResult(BaseModel):
+class SearchResult(OmitsAbsent):
+    omit_if_none = ("match",)
+
     id: int
     score: float = Field(description="ranking score of the refine mode, higher is more similar "
                                      "(refine=none: the cosine similarity)")
@@ -47,31 +64,20 @@ class SearchResult(BaseModel):
     match: bool | None = Field(None, description="once the gallery is calibrated: cosine above the threshold "
                                                  "(the same person); absent otherwise")
 
-    @model_serializer(mode="wrap")
-    def _drop_absent_match(self, handler):
-        out = handler(self)
-        if out.get("match") is None:
-            out.pop("match", None)
-        return out
 
+class SearchTiming(OmitsAbsent):
+    omit_if_none = ("refine",)
 
-class SearchTiming(BaseModel):
     decode: float
     embed: float
     search: float = Field(description="FAISS search, store look-ups and candidate vectors")
     refine: float | None = Field(None, description="refinement (absent for refine=none)")
     total: float
 
-    @model_serializer(mode="wrap")
-    def _drop_absent_refine(self, handler):
-        # refine=none answers keep exactly the timing keys they always had
-        out = handler(self)
-        if out.get("refine") is None:
-            out.pop("refine", None)
-        return out
 
+class SearchResponse(OmitsAbsent):
+    omit_if_none = ("threshold",)
 
-class SearchResponse(BaseModel):
     results: list[SearchResult]
     timing_ms: SearchTiming
     model: str
@@ -81,13 +87,6 @@ class SearchResponse(BaseModel):
     threshold: float | None = Field(None, description="the calibrated cosine threshold behind ``match`` "
                                                       "(absent until the gallery is calibrated)")
 
-    @model_serializer(mode="wrap")
-    def _drop_absent_threshold(self, handler):
-        out = handler(self)
-        if out.get("threshold") is None:
-            out.pop("threshold", None)
-        return out
-
 
 class QueryResults(BaseModel):
     index: int = Field(description="position of the query file in the request")
@@ -95,7 +94,9 @@ class QueryResults(BaseModel):
     results: list[SearchResult]
 
 
-class BatchSearchResponse(BaseModel):
+class BatchSearchResponse(OmitsAbsent):
+    omit_if_none = ("threshold",)
+
     queries: list[QueryResults]
     timing_ms: SearchTiming
     model: str
@@ -103,27 +104,14 @@ class BatchSearchResponse(BaseModel):
     candidates: int | None = None
     threshold: float | None = None
 
-    @model_serializer(mode="wrap")
-    def _drop_absent_threshold(self, handler):
-        out = handler(self)
-        if out.get("threshold") is None:
-            out.pop("threshold", None)
-        return out
 
+class GalleryInfo(OmitsAbsent):
+    omit_if_none = ("retention_days",)
 
-class GalleryInfo(BaseModel):
     name: str
     count: int
     retention_days: int | None = Field(None, description="images older than this many days are deleted by the "
                                                          "retention sweeper (absent: kept until deleted)")
-
-    @model_serializer(mode="wrap")
-    def _drop_absent_retention(self, handler):
-        # galleries without retention answer exactly the keys they always had
-        out = handler(self)
-        if out.get("retention_days") is None:
-            out.pop("retention_days", None)
-        return out
 
 
 RETENTION_DAYS = Field(None, ge=1, le=36500, description="delete images older than this many days "

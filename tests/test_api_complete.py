@@ -383,7 +383,8 @@ def test_micro_batching_metrics_and_request_id(server_factory, gallery_name, ima
     count = float(next(l.split()[-1] for l in m.splitlines() if l.startswith("reid_embed_batch_size_count")))
     total = float(next(l.split()[-1] for l in m.splitlines() if l.startswith("reid_embed_batch_size_sum")))
     assert total == 12 and count < 9  # 4 gallery images + 8 queries in fewer encoder runs than requests
-    assert 'reid_stage_seconds_count{stage="embed"}' in m and 'reid_stage_seconds_count{stage="search"}' in m
+    for stage in ("decode", "embed", "search", "store"):  # ingest observes decode/embed/store, search the rest
+        assert f'reid_stage_seconds_count{{stage="{stage}"}}' in m, stage
     httpx.post(f"{base}/v1/galleries/{g}/search", files={"file": b""})
     assert 'reid_errors_total{code="empty_file"} 1.0' in httpx.get(f"{base}/metrics").text
     r = httpx.get(f"{base}/v1/galleries", headers={"X-Request-ID": "abc-123"})

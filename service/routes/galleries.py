@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -15,6 +15,7 @@ from ..deps import GalleryDep, StateDep
 from ..errors import ApiError, error_body
 from ..ingest import MetadataError, build_metadata, ingest
 from ..limits import EmbedSlot
+from ..observability import observe_stage
 from ..schemas import (BulkDeleted, Deleted, DeleteFilter, ErrorResponse, GalleryCreate, GalleryInfo, GalleryList,
                        GalleryPatch, ImageInfo, UploadResponse)
 
@@ -72,6 +73,7 @@ async def delete_gallery(gallery: GalleryDep, state: StateDep) -> Deleted:
              responses={**_ERRORS, 415: {"model": ErrorResponse}})
 async def upload_images(
     gallery: str,
+    request: Request,
     state: StateDep,
     _slot: EmbedSlot,
     files: Annotated[list[UploadFile], File(description="one or more image files")],
@@ -103,6 +105,8 @@ async def upload_images(
         raise ApiError(422, "invalid_metadata", str(e)) from None
     blobs = [(f.filename, await f.read()) for f in files]
     result = await run_in_threadpool(ingest, state, gallery, blobs, metas)
+    for stage, seconds in result.seconds.items():
+        observe_stage(request.app.state, stage, seconds)
     if not result.items:
         return JSONResponse(
             error_body("no_valid_images", f"none of the {len(files)} file(s) could be used: "
