@@ -22,6 +22,7 @@ import redis
 from conftest import write_tiny_bundle
 from index.store import image_id
 from service.jobs import HEARTBEAT_S, JobBusy, JobManager, JobStore
+from tests.http_checks import assert_error
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "service" / "default_bundle"
@@ -39,14 +40,6 @@ def search(base, gallery, data, **form):
     return httpx.post(f"{base}/v1/galleries/{gallery}/search", files={"file": ("q.png", data, "image/png")},
                       data=form, timeout=60)
 
-
-def assert_error(r, status, code=None):
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body["error"]) == {"code", "message"} and body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code, body
-    return body
 
 
 def wait_job(base, job_id, timeout=60.0, headers=None) -> dict:

@@ -17,17 +17,10 @@ from PIL import Image
 
 from index.metrics import evaluate_features
 from index.store import RedisStore
+from tests.http_checks import assert_error
 
 READ, WRITE, LEGACY = "read-key", "write-key", "legacy-key"
 
-
-def assert_error(r, status, code=None):
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code, body
-    return body
 
 
 def upload(base, g, blobs, headers=None, **form):

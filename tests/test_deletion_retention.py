@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from index.store import RedisStore
+from tests.http_checks import assert_error
 
 N_IMAGES = 12
 
@@ -50,11 +51,9 @@ def assert_gone(base, store, gallery, ids, image_bytes, seeds):
     assert set(ids) <= deletes
 
 
-def assert_error(r, status, code):
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["error"]["code"] == code and body["error"]["message"], body
-    return body["error"]["message"]
+
+def error_message(r, status, code) -> str:
+    return assert_error(r, status, code)["error"]["message"]
 
 
 @pytest.fixture
@@ -128,11 +127,11 @@ def test_bad_bulk_delete_parameters(live_server, gallery_name, image_bytes):
     base, g = live_server, gallery_name
     upload(base, g, image_bytes, [0])
     url = f"{base}/v1/galleries/{g}/images"
-    assert "all=true" in assert_error(httpx.delete(url), 422, "filter_required")
+    assert "all=true" in error_message(httpx.delete(url), 422, "filter_required")
     assert_error(httpx.delete(url, params={"all": "true", "camera_id": "c0"}), 422, "conflicting_filters")
-    assert "before='yesterday'" in assert_error(httpx.delete(url, params={"before": "yesterday"}), 422, "invalid_time")
+    assert "before='yesterday'" in error_message(httpx.delete(url, params={"before": "yesterday"}), 422, "invalid_time")
     assert_error(httpx.delete(url, params={"after": "2024-13-01"}), 422, "invalid_time")
-    msg = assert_error(httpx.delete(url, params={"before": "2024-01-01", "after": "2024-02-01T00:00:00Z"}), 422,
+    msg = error_message(httpx.delete(url, params={"before": "2024-01-01", "after": "2024-02-01T00:00:00Z"}), 422,
                        "invalid_time_range")
     assert "must be later" in msg
     assert_error(httpx.delete(url, params={"before": "2024-01-01", "after": "2024-01-01"}), 422, "invalid_time_range")

@@ -7,6 +7,7 @@ import pytest
 
 from index.redis_server import EmbeddedRedis
 from index.store import image_id
+from tests.http_checks import assert_error
 
 
 def upload(base, gallery, blobs, **form):
@@ -18,14 +19,6 @@ def search(base, gallery, data, **form):
     return httpx.post(f"{base}/v1/galleries/{gallery}/search",
                       files={"file": ("q.png", data, "image/png")}, data=form, timeout=60)
 
-
-def assert_error(r, status, code=None):
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body["error"]) == {"code", "message"} and body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code, body
-    return body
 
 
 def test_health_ready_model_and_page(live_server):
