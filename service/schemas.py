@@ -114,6 +114,13 @@ class GalleryInfo(OmitsAbsent):
                                                          "retention sweeper (absent: kept until deleted)")
 
 
+class GalleryDetail(GalleryInfo):
+    cameras: dict[str, int] = Field(description="images per camera id ('' for images without one)")
+    model: str = Field(description="the model (bundle name:version) that made the served vectors")
+    index: str | None = Field(None, description="FAISS index family in use now (flat, ivf_flat, hnsw, ivf_pq)")
+    indexed: int = Field(description="vectors in this process's index (equals count when in sync)")
+
+
 RETENTION_DAYS = Field(None, ge=1, le=36500, description="delete images older than this many days "
                                                          "(captured_at, else upload time); null: keep them")
 

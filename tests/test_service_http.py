@@ -49,7 +49,10 @@ def test_ingest_search_reupload_delete(live_server, gallery_name, image_bytes):
     assert all(isinstance(i, int) and i > 0 for i in ids)
     assert ids[0] == image_id(g, imgs[0][1])
     assert [it["external_id"] for it in body["items"]] == [f"e{s}" for s in range(6)]
-    assert httpx.get(f"{base}/v1/galleries/{g}").json() == {"name": g, "count": 6}
+    detail = httpx.get(f"{base}/v1/galleries/{g}").json()
+    model = httpx.get(f"{base}/v1/models").json()["active"]
+    assert detail == {"name": g, "count": 6, "cameras": {"0": 2, "1": 2, "2": 2}, "indexed": 6, "index": "flat",
+                      "model": f"{model['name']}:{model['version']}"}
     assert {"name": g, "count": 6} in httpx.get(f"{base}/v1/galleries").json()["galleries"]
 
     r = search(base, g, imgs[4][1], top_k=3)

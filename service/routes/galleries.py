@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -16,8 +17,8 @@ from ..errors import ApiError, error_body
 from ..ingest import MetadataError, build_metadata, ingest
 from ..limits import EmbedSlot
 from ..observability import observe_stage
-from ..schemas import (BulkDeleted, Deleted, DeleteFilter, ErrorResponse, GalleryCreate, GalleryInfo, GalleryList,
-                       GalleryPatch, ImageInfo, UploadResponse)
+from ..schemas import (BulkDeleted, Deleted, DeleteFilter, ErrorResponse, GalleryCreate, GalleryDetail, GalleryInfo,
+                       GalleryList, GalleryPatch, ImageInfo, UploadResponse)
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
 
@@ -40,12 +41,24 @@ async def list_galleries(state: StateDep) -> GalleryList:
     return GalleryList(galleries=await run_in_threadpool(work))
 
 
-@router.get("/{gallery}", response_model=GalleryInfo, responses=_ERRORS)
-async def get_gallery(gallery: GalleryDep, state: StateDep) -> GalleryInfo:
-    info = await run_in_threadpool(state.store.gallery_info, gallery)
+@router.get("/{gallery}", response_model=GalleryDetail, responses=_ERRORS)
+async def get_gallery(gallery: GalleryDep, state: StateDep) -> GalleryDetail:
+    """Count, images per camera (a scan of the gallery's metadata), model, index type and index size."""
+    def work():
+        info = state.store.gallery_info(gallery)
+        if info is None:
+            return None, None
+        cameras = Counter(meta["camera_id"] or "" for batch in state.store.iter_image_meta(gallery, ["camera_id"])
+                          for _, meta in batch)
+        return info, cameras
+
+    info, cameras = await run_in_threadpool(work)
     if info is None:
         raise ApiError(404, "gallery_not_found", f"gallery {gallery!r} does not exist")
-    return GalleryInfo(name=info["name"], count=info["count"], retention_days=info["retention_days"])
+    idx = state.index_for(gallery)
+    return GalleryDetail(name=info["name"], count=info["count"], retention_days=info["retention_days"],
+                         cameras=dict(sorted(cameras.items())), model=state.bundle.model_id,
+                         index=idx.kind if idx is not None else None, indexed=len(idx) if idx is not None else 0)
 
 
 @router.delete("/{gallery}", response_model=Deleted, responses=_ERRORS)
