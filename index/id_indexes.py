@@ -37,6 +37,15 @@ def _empty(dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
 
 
+def _reconstructs(index, id_: int) -> bool:
+    """Whether a FAISS index with a direct map holds this id (reconstruct raises for an unknown one)."""
+    try:
+        index.reconstruct(int(id_))
+    except RuntimeError:
+        return False
+    return True
+
+
 class FlatIds:
     """Exact search: ``IndexIDMap2(IndexFlatIP)``."""
 
@@ -59,11 +68,7 @@ class FlatIds:
         return int(self.faiss_index.remove_ids(faiss.IDSelectorBatch(ids)))
 
     def contains(self, id_: int) -> bool:
-        try:
-            self.faiss_index.reconstruct(int(id_))
-        except RuntimeError:
-            return False
-        return True
+        return _reconstructs(self.faiss_index, id_)
 
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self.faiss_index.id_map).astype(np.int64)
@@ -116,11 +121,7 @@ class IVFIds:
         return self._remove(ids)
 
     def contains(self, id_: int) -> bool:
-        try:
-            self.faiss_index.reconstruct(int(id_))
-        except RuntimeError:
-            return False
-        return True
+        return _reconstructs(self.faiss_index, id_)
 
     def ids(self) -> np.ndarray:
         inv = self.faiss_index.invlists
