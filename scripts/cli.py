@@ -44,7 +44,17 @@ def parse_pretrained(value: str) -> str | bool:
 
 
 def train_unsupervised(args) -> int:
-    from models.gracl.train import GRACLConfig, train_gracl
+    from models.gracl.train import train_gracl
+
+    cfg = gracl_train_config(args)
+    results = train_gracl(cfg, args.run_dir, resume=not args.no_resume)
+    print(json.dumps({name: {"mAP": m["mAP"], **m["ranks"]} for name, m in results.items()}, indent=2))
+    return 0
+
+
+def gracl_train_config(args):
+    """`reid train --method gracl` arguments -> GRACLConfig (defaults where a flag is not given)."""
+    from models.gracl.train import GRACLConfig
 
     cfg = GRACLConfig()
     if args.data:
@@ -53,9 +63,9 @@ def train_unsupervised(args) -> int:
         cfg.eval_data = args.eval_data
     if args.encoder:
         cfg.init_checkpoint = args.encoder
+    # every GRACL flag the parser offers (GRACL_OPTIONS), so none is silently ignored
     for key in ("epochs", "backbone", "height", "width", "p", "k", "lr", "seed", "split", "threads",
-                "eval_every", "embedding_dim", "eps", "min_samples", "k1", "k2", "w_centroid", "w_inter", "w_intra",
-                "inter_rule", "intra_rule", "inter_update", "intra_update", "batches_per_epoch"):
+                "eval_every", "embedding_dim") + GRACL_OPTIONS:
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)
@@ -63,9 +73,7 @@ def train_unsupervised(args) -> int:
         cfg.decay_epochs = args.decay_epochs
     if args.pretrained is not None:
         cfg.pretrained = parse_pretrained(args.pretrained)
-    results = train_gracl(cfg, args.run_dir, resume=not args.no_resume)
-    print(json.dumps({name: {"mAP": m["mAP"], **m["ranks"]} for name, m in results.items()}, indent=2))
-    return 0
+    return cfg
 
 
 def train_stage2(args, encoder_checkpoint) -> int:

@@ -39,3 +39,14 @@ def test_gracl_method_adapts_an_encoder_and_logs_cluster_statistics(tmp_path):
     assert any("inter" in r and "intra" in r for r in log), "at least one epoch trained on both proxy losses"
     model, spec, state = load_trained_model(run / "last.pt")  # the checkpoint exports like a supervised one
     assert state["method"] == "gracl" and model.embedding_dim == 32
+
+
+def test_every_gracl_flag_reaches_the_config():
+    from scripts.cli import build_parser, gracl_train_config
+
+    args = build_parser().parse_args(["train", "--method", "gracl", "--data", "viper", "--freeze-bn", "--intra-loss",
+                                      "pull", "--k1", "10", "--w-centroid", "1", "--inter-rule", "knn_mean"])
+    cfg = gracl_train_config(args)
+    assert (cfg.freeze_bn, cfg.intra_loss, cfg.k1, cfg.w_centroid, cfg.inter_rule) == (True, "pull", 10, 1.0, "knn_mean")
+    default = gracl_train_config(build_parser().parse_args(["train", "--method", "gracl"]))
+    assert default.freeze_bn is False and default.intra_loss == "infonce"
