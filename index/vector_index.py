@@ -83,16 +83,22 @@ class VectorIndex:
 
     @classmethod
     def from_vectors(cls, ids, vecs: np.ndarray, spec: IndexSpec | None = None,
-                     exact: ExactVectors | None = None) -> "VectorIndex":
-        """An index of ``spec``'s final type over ``(ids, vecs)``, built at once (IVF types trained on
-        ``vecs`` whatever their threshold): for benchmarks and bulk loads."""
+                     exact: ExactVectors | None = None, *, background: bool = False,
+                     threshold: bool = False) -> "VectorIndex":
+        """An index over ``(ids, vecs)`` built at once: IVF types trained on ``vecs`` whatever their
+        threshold (benchmarks), or, with ``threshold``, only if ``vecs`` reach it (exact below it, as if
+        added one by one: the service's loads from Redis, so a large gallery is never served exact while
+        a background rebuild trains it)."""
         vecs = np.asarray(vecs, np.float32)
-        obj = cls(vecs.shape[1], spec, background=False, exact=exact)
+        obj = cls(vecs.shape[1], spec, background=background, exact=exact)
         vecs = obj._check_vectors(vecs, "vectors")
         ids = obj._check_ids(ids, vecs.shape[0])
         if len(np.unique(ids)) != len(ids):
             raise ValueError("duplicate ids")
-        obj._impl = index_factory.build(obj.spec, obj.dim, ids, vecs)
+        if threshold and obj.spec.trained and len(ids) < obj.spec.train_threshold:
+            obj.add(ids, vecs)
+        else:
+            obj._impl = index_factory.build(obj.spec, obj.dim, ids, vecs)
         return obj
 
     @property

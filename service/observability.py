@@ -35,11 +35,13 @@ class _IndexCollector:
         self.app = app
 
     def collect(self):
-        g = GaugeMetricFamily("reid_index_vectors", "vectors in the in-memory FAISS index", labels=["gallery"])
+        g = GaugeMetricFamily("reid_index_vectors", "vectors in the in-memory FAISS index, by the index family "
+                              "serving now (flat while an IVF gallery is below its threshold or training)",
+                              labels=["gallery", "index"])
         state = getattr(self.app.state, "reid", None)
         if state is not None:
             for name, idx in list(state.indexes.items()):
-                g.add_metric([name], len(idx))
+                g.add_metric([name, idx.kind], len(idx))
         yield g
         sync = getattr(state, "sync", None)
         if sync is not None:

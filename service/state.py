@@ -213,13 +213,19 @@ class ServiceState:
     def build_index(self, gallery: str, dim: int | None = None) -> VectorIndex:
         """The gallery's index built from the vectors stored in Redis (HSCAN; nothing is re-embedded)."""
         dim = dim or self.dim
-        idx = self.new_index(dim, gallery)
-        skipped = 0
+        skipped, id_parts, vec_parts = 0, [], []
         for ids, vecs in self.store.iter_vectors(gallery):
             if vecs.shape[1] != dim:
                 skipped += len(ids)
                 continue
-            idx.add(ids, vecs)
+            id_parts.append(ids)
+            vec_parts.append(vecs)
+        if not id_parts:
+            idx = self.new_index(dim, gallery)
+        else:  # in one go: a gallery past the IVF threshold is trained now, never served exact meanwhile
+            ids, first = np.unique(np.concatenate(id_parts), return_index=True)  # HSCAN may repeat a field
+            idx = VectorIndex.from_vectors(ids, np.concatenate(vec_parts)[first], background=True, threshold=True,
+                                           **self.index_load_kwargs(gallery))
         if skipped:
             log.warning("gallery %s: %d stored vectors have a different dimension than model %s; "
                         "they are not searchable (re-ingest them)", gallery, skipped, self.bundle.model_id)

@@ -257,3 +257,34 @@ def test_gpu_copy_matches_cpu_and_never_returns_removed(kind):
     _wait(lambda: gpu_idx._gpu.current(gpu_idx._gen), timeout=60)
     _, g = gpu_idx.search(x[:50], 10)
     assert not set(g.ravel().tolist()) & set(ids[:25].tolist())
+
+
+def test_bulk_build_meets_the_threshold_at_once():
+    x = _data(3000, seed=5)
+    ids = np.arange(3000, dtype=np.int64)
+    spec = IndexSpec(type="ivf_flat", nlist=16, nprobe=16, train_threshold=2000, gpu="off")
+    below = VectorIndex.from_vectors(ids[:1999], x[:1999], spec, threshold=True)
+    assert below.kind == "flat" and len(below) == 1999
+    at = VectorIndex.from_vectors(ids, x, spec, threshold=True, background=True)
+    assert at.kind == "ivf_flat" and at._journal is None  # trained now, no background rebuild pending
+    _, got = at.search(x[:50], 1)
+    assert (got[:, 0] == ids[:50]).all()
+
+
+def test_service_serves_a_large_ivf_gallery_trained_from_its_start(redis_url, server_factory, tiny_bundle,
+                                                                   gallery_name):
+    """Loaded from Redis past the threshold, the gallery is IVF when the service is ready: it is never served
+    exact (80x slower at 1M vectors) while a background rebuild trains it."""
+    import httpx
+
+    from index.store import RedisStore
+    from service.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    x = _data(2500, d=bundle.embedding_dim, seed=6)
+    store = RedisStore(redis_url)
+    store.put_many(gallery_name, [(i + 1, v, {"camera_id": "c0"}) for i, v in enumerate(x)], model=bundle.model_id)
+    srv = server_factory(index_type="ivf_flat", index_nlist=16, index_nprobe=16, index_train_threshold=2000)
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert f'reid_index_vectors{{gallery="{gallery_name}",index="ivf_flat"}} 2500.0' in metrics
+    assert srv.app.state.reid.indexes[gallery_name]._journal is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,14 +113,18 @@ class ApiProcess:
                 return float(line.rsplit(" ", 1)[1])
         return None
 
-    def metric_labels(self, name: str) -> dict[str, float]:
-        """``{label value: value}`` of a metric with one label (e.g. reid_index_vectors per gallery)."""
-        out = {}
+    def metric_samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """``(labels, value)`` of each sample of a metric in ``/metrics``."""
+        out = []
         for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
             if line.startswith(name + "{"):
-                label = line[line.index('"') + 1:line.rindex('"')]
-                out[label] = float(line.rsplit(" ", 1)[1])
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name):line.rindex("}")]))
+                out.append((labels, float(line.rsplit(" ", 1)[1])))
         return out
+
+    def metric_labels(self, name: str) -> dict[str, float]:
+        """``{first label's value: value}`` of a metric (e.g. reid_index_vectors per gallery)."""
+        return {next(iter(labels.values())): v for labels, v in self.metric_samples(name)}
 
     def __enter__(self) -> "ApiProcess":
         return self

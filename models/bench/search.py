@@ -130,6 +130,9 @@ def over_http(bundle_dir: Path, model, n: int, requests: int, index_type: str) -
             fill_s = fill(store, "bench", vectors, bundle.model_id)
             del vectors
             api = ApiProcess(Path(tmp) / "data", bundle_dir, redis_url=srv.url, env=env).start(timeout=900)
+            served_by = {labels["index"]: int(v) for labels, v in api.metric_samples("reid_index_vectors")}
+            if served_by != {index_type: n}:  # an exact index still training would measure the wrong thing
+                raise RuntimeError(f"the API serves {served_by}, not {n:,} vectors of {index_type}")
             wall, served, search = [], [], []
             with httpx.Client(base_url=api.url, timeout=60) as client:
                 for i in range(requests + 3):
