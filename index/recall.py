@@ -17,7 +17,10 @@ import numpy as np
 from .index_factory import IndexSpec
 from .vector_index import VectorIndex, l2_normalize
 
-__all__ = ["build_index", "clustered_vectors", "exact_neighbours", "measure", "recall_at_k"]
+__all__ = ["build_index", "clustered_vectors", "exact_neighbours", "measure", "recall_at_k", "tune_nprobe"]
+
+#: the nprobe values ``tune_nprobe`` tries, smallest first
+NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 def clustered_vectors(n: int, dim: int = 256, centres: int = 3000, noise: float = 0.35, seed: int = 0) -> np.ndarray:
@@ -60,32 +63,49 @@ def recall_at_k(index_type: str, vectors: np.ndarray, queries: np.ndarray, k: in
     return _recall(idx.search(queries, k)[1], exact_neighbours(vectors, queries, k))
 
 
+def tune_nprobe(idx: VectorIndex, vectors: np.ndarray, queries: np.ndarray, k: int, target: float) -> int:
+    """Set an IVF index's ``nprobe`` to the smallest on :data:`NPROBE_LADDER` whose recall@``k`` on ``queries``
+    reaches ``target`` (all cells if none does), and return it. Tune on queries other than those you then
+    measure with, or the recall you report is selected on its own test set."""
+    raw = idx._impl.faiss_index
+    truth = exact_neighbours(vectors, queries, k)
+    for nprobe in [p for p in NPROBE_LADDER if p < raw.nlist] + [int(raw.nlist)]:
+        raw.nprobe = nprobe
+        if _recall(idx.search(l2_normalize(queries), k)[1], truth) >= target:
+            break
+    return int(raw.nprobe)
+
+
 def measure(index_type: str, vectors: np.ndarray, queries: np.ndarray, k: int = 10,
-            threads: int | None = None, **params: Any) -> dict[str, Any]:
+            threads: int | None = None, tune: np.ndarray | None = None, target_recall: float = 0.97,
+            **params: Any) -> dict[str, Any]:
     """Build time, memory, single-query latency and recall@``k`` of one index type over ``vectors``.
 
     Memory is :meth:`VectorIndex.memory_bytes` (FAISS structures plus id bookkeeping) per vector, and
     that times a million; ``serialized_bytes_per_vector`` is the size of its saved file per vector.
     Latency is one query per call (what the service does), ``threads`` FAISS threads if given (on a
     shared machine, 1 is steadier than OpenMP fighting other work for the cores). ``ivf_pq``'s
-    re-ranking reads exact vectors from ``vectors`` here; the service reads them from Redis.
+    re-ranking reads exact vectors from ``vectors`` here; the service reads them from Redis. With ``tune``
+    (other queries than ``queries``), ``ivf_flat`` gets the ``nprobe`` that reaches ``target_recall`` on them.
     """
     if threads is None:
-        return _measure(index_type, vectors, queries, k, params)
+        return _measure(index_type, vectors, queries, k, params, tune, target_recall)
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(int(threads))
     try:
-        return _measure(index_type, vectors, queries, k, params)
+        return _measure(index_type, vectors, queries, k, params, tune, target_recall)
     finally:
         faiss.omp_set_num_threads(before)
 
 
-def _measure(index_type: str, vectors: np.ndarray, queries: np.ndarray, k: int,
-             params: dict[str, Any]) -> dict[str, Any]:
+def _measure(index_type: str, vectors: np.ndarray, queries: np.ndarray, k: int, params: dict[str, Any],
+             tune: np.ndarray | None, target_recall: float) -> dict[str, Any]:
     n = len(vectors)
     t0 = time.perf_counter()
     idx = build_index(index_type, vectors, **params)
     build_s = time.perf_counter() - t0
+    if tune is not None and idx.kind == "ivf_flat":  # ivf_pq's recall is capped by its codes: not tunable so
+        params = {**params, "nprobe": tune_nprobe(idx, vectors, tune, k, target_recall)}
     q = l2_normalize(queries)
     idx.search(q[:1], k)  # warm-up
     lat = []

@@ -22,6 +22,7 @@ from .features import protocol_features
 from .timing import percentiles
 
 INDEX_TYPES = ("flat", "ivf_flat", "hnsw", "ivf_pq")
+TUNE_RECALL = 0.97  # ivf_flat's nprobe target: a margin over the goal's 0.95 for the measured queries
 ENV = {"nlist": "INDEX_NLIST", "nprobe": "INDEX_NPROBE", "hnsw_m": "INDEX_HNSW_M", "ef_search": "INDEX_HNSW_EF_SEARCH",
        "ef_construction": "INDEX_HNSW_EF_CONSTRUCTION", "pq_m": "INDEX_PQ_M", "pq_refine": "INDEX_PQ_REFINE"}
 
@@ -73,7 +74,8 @@ def draw(model: FeatureModel | None, n: int, queries: int, dim: int) -> tuple[np
 
 def index_params(index_type: str, n: int) -> dict:
     """Parameters per type and size: IVF cells 2*sqrt(N) (k-means on up to 256 vectors per cell: at 1M that
-    training is the run's longest step, so no more cells), probing 1/16 of them; HNSW M=32, build beam 80."""
+    training is the run's longest step, so no more cells), probing 1/16 of them until ``in_process`` tunes
+    ``nprobe``; HNSW M=32, build beam 80."""
     nlist = max(16, int(2 * math.sqrt(n)))
     ivf = {"nlist": nlist, "nprobe": max(16, nlist // 16)}
     return {"flat": {}, "ivf_flat": ivf, "hnsw": {"hnsw_m": 32, "ef_search": 128, "ef_construction": 80},
@@ -82,17 +84,26 @@ def index_params(index_type: str, n: int) -> dict:
 
 def in_process(model, dim: int, sizes, queries: int, hnsw_max: int, types=INDEX_TYPES,
                threaded_from: int = 100_000) -> dict:
-    """One query per call (as the service searches). Below ``threaded_from`` vectors on one FAISS thread:
-    OpenMP fighting other work for two cores makes even exact search at 2,000 vectors take milliseconds;
-    from there on all threads, or the IVF training and HNSW build alone would not fit the run. HNSW stops
-    at ``hnsw_max`` vectors: its build at 1M alone takes longer than the whole run's budget on a 2-core
-    machine; the IVF types cover 1M."""
+    """One query per call (as the service searches). ``ivf_flat`` probes the fewest cells that reach recall@10
+    0.97 on a second set of queries (tuning on the measured ones would report a selected recall); ``ivf_pq``
+    then probes as many. Below ``threaded_from`` vectors on one FAISS thread: OpenMP fighting other work for
+    two cores makes even exact search at 2,000 vectors take milliseconds; from there on all threads, or the IVF
+    training and HNSW build alone would not fit the run. HNSW stops at ``hnsw_max`` vectors: its build at 1M
+    alone takes longer than the whole run's budget on a 2-core machine; the IVF types cover 1M."""
     out = {}
     for n in sizes:
-        vectors, probes = draw(model, n, queries, dim)
+        vectors, probes = draw(model, n, 2 * queries, dim)
+        tune, probes = probes[:queries], probes[queries:]
         threads = None if n >= threaded_from else 1
-        out[n] = {t: measure(t, vectors, probes, 10, threads=threads, **index_params(t, n))
-                  for t in types if t != "hnsw" or n <= hnsw_max}
+        out[n] = {}
+        for t in types:
+            if t == "hnsw" and n > hnsw_max:
+                continue
+            params = index_params(t, n)
+            if t == "ivf_pq" and "ivf_flat" in out[n]:
+                params["nprobe"] = out[n]["ivf_flat"]["params"]["nprobe"]
+            out[n][t] = measure(t, vectors, probes, 10, threads=threads, tune=tune if t == "ivf_flat" else None,
+                                target_recall=TUNE_RECALL, **params)
         del vectors
     return out
 
@@ -106,7 +117,7 @@ def fill(store, gallery: str, vectors: np.ndarray, model_id: str, batch: int = 5
     return time.perf_counter() - started
 
 
-def over_http(bundle_dir: Path, model, n: int, requests: int, index_type: str) -> dict:
+def over_http(bundle_dir: Path, model, n: int, requests: int, index_type: str, params: dict | None = None) -> dict:
     """p50/p99 of POST /search (top_k 10, refine none) with a real query image at gallery size N: wall
     time per request, and wall time minus the decode and embed stages the server reports."""
     import httpx
@@ -120,7 +131,7 @@ def over_http(bundle_dir: Path, model, n: int, requests: int, index_type: str) -
     bundle = load_bundle(bundle_dir)
     blobs = data.image_bytes(16) or _noise_pngs()
     vectors, _ = draw(model, n, 0, bundle.embedding_dim)
-    params = index_params(index_type, n)
+    params = params or index_params(index_type, n)
     env = {"REID_INDEX_TYPE": index_type, "REID_INDEX_TRAIN_THRESHOLD": str(n), "REID_INDEX_GPU": "off",
            **{f"REID_{ENV[k]}": str(v) for k, v in params.items()}}
     with tempfile.TemporaryDirectory(prefix="reid-bench-search-") as tmp:
@@ -167,7 +178,7 @@ def run(bundle_dir: Path, cfg) -> dict:
     """``cfg``: search_sizes, search_queries, hnsw_max, http_size, http_requests, http_index_type."""
     dim = data.card(bundle_dir)["embedding_dim"]
     model, source = feature_model(bundle_dir)
-    return {"vectors": source, "k": 10,
-            "hnsw_max": cfg.hnsw_max,
-            "in_process": in_process(model, dim, cfg.search_sizes, cfg.search_queries, cfg.hnsw_max),
-            "http": over_http(bundle_dir, model, cfg.http_size, cfg.http_requests, cfg.http_index_type)}
+    local = in_process(model, dim, cfg.search_sizes, cfg.search_queries, cfg.hnsw_max)
+    tuned = local.get(cfg.http_size, {}).get(cfg.http_index_type, {}).get("params")  # same vectors' nprobe
+    return {"vectors": source, "k": 10, "hnsw_max": cfg.hnsw_max, "tune_recall": TUNE_RECALL, "in_process": local,
+            "http": over_http(bundle_dir, model, cfg.http_size, cfg.http_requests, cfg.http_index_type, tuned)}
