@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("none", "joint", "local", "kreciprocal")
+SMALL_KNN = 1 << 20  # up to this many similarities (4 MB), k-NN is one numpy matmul; beyond, FAISS in blocks
 
 
 def sample_landmarks(n: int, layers: int, count: int, seed: int = 0) -> np.ndarray:
@@ -32,12 +33,16 @@ def sample_landmarks(n: int, layers: int, count: int, seed: int = 0) -> np.ndarr
 def topk_neighbors(features: np.ndarray, k: int, base: np.ndarray | None = None,
                    with_similarities: bool = False):
     """[N,k] indices of each row's k most similar rows of `base` (default: the rows themselves, so each
-    row's first neighbour is itself) by inner product, best first; FAISS's exact search works in blocks,
-    so memory stays O(N*k) whatever N. Optionally also the similarities."""
+    row's first neighbour is itself) by inner product, best first (ties: lower index first); FAISS's exact
+    search works in blocks, so memory stays O(N*k) whatever N. Optionally also the similarities."""
     import faiss
 
     base = features if base is None else base
     k = min(k, len(base))
+    if len(features) * len(base) <= SMALL_KNN:  # one matmul: no OpenMP team to wake (ms on a busy machine)
+        sims = np.asarray(features, np.float32) @ np.asarray(base, np.float32).T
+        ids = np.argsort(-sims, axis=1, kind="stable")[:, :k].astype(np.int64)
+        return (ids, np.take_along_axis(sims, ids, 1)) if with_similarities else ids
     index = faiss.IndexFlatIP(base.shape[1])
     index.add(np.ascontiguousarray(base, dtype=np.float32))
     sims, ids = index.search(np.ascontiguousarray(features, dtype=np.float32), k)
@@ -69,7 +74,7 @@ class NeighborTransformer:
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers or ["CPUExecutionProvider"])
-        self.spec = spec
+        self.spec, self.path = spec, Path(onnx_path)
 
     def __call__(self, features: np.ndarray, neighbors: np.ndarray | None = None) -> np.ndarray:
         features = np.ascontiguousarray(features, dtype=np.float32)

@@ -30,6 +30,7 @@ from index.refine import sample_landmarks, topk_neighbors
 
 from .data.transforms import InputSpec, TestTransform, load_rgb
 from .nformer import ExportableNFormer
+from .nformer_int8 import INT8_FILE, QuantisationDrift, add_to_bundle as add_int8_nformer
 from .nformer_train import load_trained_nformer
 from .reid_model import NormalizedEncoder
 from .train import load_trained_model
@@ -191,6 +192,13 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
             card["outputs"]["nformer.onnx"] = card["nformer"]["output"]
             card["files"]["nformer.onnx"] = sha256_file(nformer_path)
         (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+        if nformer_checkpoint:  # the int8 NFormer that serves refinement, checked against the fp32 one
+            try:
+                add_int8_nformer(staging)
+                card = json.loads((staging / CARD_NAME).read_text())
+            except QuantisationDrift as e:  # the bundle still serves, on its fp32 NFormer
+                warnings.warn(f"{e}: the bundle ships no int8 NFormer")
+                (staging / INT8_FILE).unlink(missing_ok=True)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -21,12 +21,20 @@ from .data.datasets import ReIDDataset
 DEFAULT_CANDIDATES = (50, 100, 200, 500)
 
 
-def bundle_refiner(bundle_dir: str | Path, threads: int = 0, **kwargs) -> Refiner:
+def nformer_file(card: dict, precision: str = "int8") -> str | None:
+    """The NFormer graph that serves at ``precision`` (as the service picks it): int8 when the bundle ships one."""
+    files = card.get("files", {})
+    if precision == "int8" and "nformer.int8.onnx" in files:
+        return "nformer.int8.onnx"
+    return "nformer.onnx" if "nformer.onnx" in files else None
+
+
+def bundle_refiner(bundle_dir: str | Path, threads: int = 0, precision: str = "int8", **kwargs) -> Refiner:
     bundle_dir = Path(bundle_dir)
     card = json.loads((bundle_dir / "model.json").read_text())
-    nformer = None
-    if "nformer.onnx" in card.get("files", {}):
-        nformer = NeighborTransformer(bundle_dir / "nformer.onnx", NFormerSpec.from_card(card["nformer"]), threads)
+    name, nformer = nformer_file(card, precision), None
+    if name is not None:
+        nformer = NeighborTransformer(bundle_dir / name, NFormerSpec.from_card(card["nformer"]), threads)
     return Refiner(nformer, **kwargs)
 
 
@@ -168,9 +176,10 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": high_water_mb(), "baseline_
 """
 
 
-def joint_cost(bundle_dir: str | Path, n: int = 20_000, threads: int = 2, paths=("sparse", "dense")) -> dict:
+def joint_cost(bundle_dir: str | Path, n: int = 20_000, threads: int = 2, paths=("sparse", "dense"),
+               precision: str = "int8") -> dict:
     """Time and peak memory of one joint refinement of N features, each path in a fresh process so the
-    peaks do not mix: `sparse` = the bundle's nformer.onnx on ONNX Runtime (what serves), `dense` = the
+    peaks do not mix: `sparse` = the bundle's NFormer graph at `precision` on ONNX Runtime (what serves), `dense` = the
     official formulation (N x N logits and mask) in torch, same width and depth."""
     bundle_dir = Path(bundle_dir)
     card = json.loads((bundle_dir / "model.json").read_text())
@@ -179,7 +188,7 @@ def joint_cost(bundle_dir: str | Path, n: int = 20_000, threads: int = 2, paths=
     out = {}
     for path in paths:
         proc = subprocess.run([sys.executable, "-c", JOINT_COST_SCRIPT, path, str(n), str(spec.dim), str(threads),
-                               json.dumps(spec.__dict__), str(bundle_dir / "nformer.onnx")],
+                               json.dumps(spec.__dict__), str(bundle_dir / nformer_file(card, precision))],
                               cwd=root, capture_output=True, text=True)
         if proc.returncode:
             out[path] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else f"exit {proc.returncode}"}

@@ -179,6 +179,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_quantize_nformer(args) -> int:
+    from models.nformer_int8 import add_to_bundle
+
+    entry = add_to_bundle(args.bundle)
+    print(f"wrote {args.bundle}/{entry['file']}: {entry['method']}; cosine to fp32 {entry['check']}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from models.data.datasets import load_dataset
     from models.evaluate import BundleEncoder, evaluate_bundle, plot_cmc
@@ -418,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-data", default="prid2011", help="dataset whose real images check the export")
     p.add_argument("--nformer", help="NFormer stage-2 checkpoint (nformer.pt) to export as nformer.onnx")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize-nformer", help="add the int8 NFormer (serves local/joint refinement) to a bundle")
+    p.add_argument("--bundle", default="service/default_bundle")
+    p.set_defaults(func=cmd_quantize_nformer)
 
     p = sub.add_parser("evaluate", help="mAP / CMC of a bundle on standard protocols")
     p.add_argument("--bundle", default="service/default_bundle")

@@ -41,13 +41,17 @@ log = logging.getLogger("reid.service")
 #: refine modes that run the bundle's nformer.onnx (the others work with any bundle)
 NFORMER_MODES = ("joint", "local")
 NFORMER_FILE = "nformer.onnx"
+NFORMER_INT8_FILE = "nformer.int8.onnx"
 
 
 def load_refiner(bundle: Bundle, settings: Settings) -> Refiner:
-    """A `Refiner` with the bundle's NFormer when it ships ``nformer.onnx`` (else NFormer-less)."""
+    """A `Refiner` with the bundle's NFormer when it ships ``nformer.onnx`` (else NFormer-less): its int8 graph
+    when ``refine_precision`` is int8 and the bundle ships one."""
     path = bundle.file(NFORMER_FILE)
     nformer = None
     if path is not None:
+        if settings.refine_precision == "int8" and bundle.file(NFORMER_INT8_FILE) is not None:
+            path = bundle.file(NFORMER_INT8_FILE)
         entry = bundle.card.get("nformer")
         if not isinstance(entry, dict):
             raise BundleError(f"model bundle {bundle.path} ships {NFORMER_FILE} but its card has no 'nformer' entry")
@@ -148,7 +152,8 @@ class ServiceState:
                         s.refine_default, bundle.model_id, NFORMER_FILE)
             refine_default = "none"
         log.info("model %s: nformer %s, default refine=%s, K=%d", bundle.model_id,
-                 "loaded" if refiner.nformer is not None else "absent", refine_default, s.refine_candidates)
+                 refiner.nformer.path.name if refiner.nformer is not None else "absent", refine_default,
+                 s.refine_candidates)
         return embedder, refiner, refine_default
 
     def install_model(self, bundle_id: str, bundle: Bundle, embedder: Embedder, refiner: Refiner,

@@ -18,10 +18,15 @@ def run(bundle_dir: Path, cfg) -> dict:
         return {"skipped": f"{data.PROTOCOL} not in the shared data (../shared/data or $REID_SHARED_DATA)"}
     card = data.card(bundle_dir)
     q, g = protocol_features(bundle_dir / "encoder.onnx", card, dataset)
-    refiner = bundle_refiner(bundle_dir)
+    refiner = bundle_refiner(bundle_dir)  # what serves: the int8 NFormer when the bundle ships one
     modes = [m for m in cfg.refine_modes if m not in ("joint", "local") or refiner.nformer is not None]
     metrics = evaluate_modes(refiner, dataset, q, g, modes, cfg.candidates, cfg.kreciprocal_candidates)
+    if refiner.nformer is not None and refiner.nformer.path.name != "nformer.onnx":
+        fp32 = evaluate_modes(bundle_refiner(bundle_dir, precision="fp32"), dataset, q, g, ("joint", "local"),
+                              (cfg.local_goal_k,), ())
+        metrics.update({f"{label} (fp32)": m for label, m in fp32.items()})
     return {"protocol": dataset.name, "queries": len(q), "gallery": len(g),
+            "nformer": refiner.nformer.path.name if refiner.nformer is not None else None,
             "modes": {label: {"rank1": m.ranks["rank1"], "rank5": m.ranks["rank5"], "mAP": m.mAP}
                       for label, m in metrics.items()},
             "_metrics": metrics}

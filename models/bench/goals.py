@@ -85,9 +85,12 @@ def _refine_goals(ref: dict) -> list[dict]:
     local = {int(k.split("@")[1]): v for k, v in lat.items() if k.startswith("local@")}
     if local:
         k = 200 if 200 in local else max(local)
+        fp32 = ref.get("fp32", {}).get("latency_ms", {}).get(f"local@{k}")
+        notes = [f"on {ref['nformer']}" if ref.get("nformer") else "",
+                 f"fp32 graph: {fp32:.1f} ms" if fp32 is not None else "", "" if k == 200 else "goal is at K=200"]
         out.append(_goal(f"local refinement at K={k}", "<= 10 ms per query", f"{local[k]:.1f} ms",
                          local[k] <= 10.0, _ratio_margin(local[k], 10.0, higher_better=False),
-                         "" if k == 200 else "goal is at K=200"))
+                         "; ".join(n for n in notes if n)))
     joint = ref.get("joint", {})
     if joint and "skipped" not in joint:
         n = ref["max_n"]

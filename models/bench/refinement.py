@@ -102,8 +102,9 @@ def run(bundle_dir: Path, cfg) -> dict:
         real = np.concatenate(protocol_features(bundle_dir / "encoder.onnx", card, dataset))
     else:
         real = clustered_vectors(500, card["embedding_dim"])
-    refiner = bundle_refiner(bundle_dir, threads=cfg.refine_threads)
+    refiner = bundle_refiner(bundle_dir, threads=cfg.refine_threads)  # what serves: int8 when shipped
     out = {"features": "real" if dataset is not None else "clustered random", "gallery": cfg.refine_gallery,
+           "nformer": refiner.nformer.path.name if refiner.nformer is not None else None,
            "latency_ms": refinement_latency(refiner, real, sizes=(cfg.refine_gallery,),
                                             queries=cfg.refine_queries, candidates=cfg.local_k)[cfg.refine_gallery],
            "restricted_kreciprocal_ms": restricted_kreciprocal(real, cfg.local_k, cfg.refine_queries)}
@@ -112,6 +113,13 @@ def run(bundle_dir: Path, cfg) -> dict:
     else:
         out["joint"] = {n: joint_cost(bundle_dir, n, cfg.refine_threads, paths=("sparse",))["sparse"]
                         for n in cfg.joint_sizes}
+        if refiner.nformer.path.name != "nformer.onnx":  # the fp32 graph beside it, same queries and N
+            fp32 = bundle_refiner(bundle_dir, threads=cfg.refine_threads, precision="fp32")
+            local = refinement_latency(fp32, real, sizes=(cfg.refine_gallery,), queries=cfg.refine_queries,
+                                       candidates=cfg.local_k)[cfg.refine_gallery]
+            out["fp32"] = {"latency_ms": {k: v for k, v in local.items() if k.startswith("local@")},
+                           "joint": {n: joint_cost(bundle_dir, n, cfg.refine_threads, paths=("sparse",),
+                                                   precision="fp32")["sparse"] for n in cfg.joint_sizes}}
     dim = card["embedding_dim"]
     out["kreciprocal_full"] = {n: kreciprocal_cost(n, dim, "scalable") for n in cfg.joint_sizes}
     dense = {n: kreciprocal_cost(n, dim, "dense") for n in cfg.dense_sizes}

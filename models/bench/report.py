@@ -108,14 +108,19 @@ def search_lines(s: dict) -> list[str]:
 
 
 def refinement_lines(r: dict) -> list[str]:
-    lat = r["latency_ms"]
+    lat, fp32 = r["latency_ms"], r.get("fp32", {})
+    graph = r.get("nformer") or "nformer.onnx"
     lines = [f"Per query ({r['features']} features; `local@K` = exact FAISS candidates from a {r['gallery']:,} "
-             "gallery + nformer.onnx; k-reciprocal on each query's same top-K):", "",
-             "| K | NFormer local ms | k-reciprocal torchreid layout ms | k-reciprocal scalable ms |", "|---|---|---|---|"]
+             f"gallery + {graph}, the graph that serves; k-reciprocal on each query's same top-K):", "",
+             "| K | NFormer local ms | NFormer local fp32 ms | k-reciprocal torchreid layout ms | "
+             "k-reciprocal scalable ms |", "|---|---|---|---|---|"]
     for k, v in r["restricted_kreciprocal_ms"].items():
-        lines.append(f"| {k} | {lat.get(f'local@{k}', float('nan')):.1f} | {v['dense_ms']:.1f} | {v['scalable_ms']:.1f} |")
-    lines += ["", "Joint over N features (fresh process each; seconds, peak RSS):", "",
-              "| N | NFormer joint | k-reciprocal scalable | k-reciprocal torchreid layout |", "|---|---|---|---|"]
+        lines.append(f"| {k} | {lat.get(f'local@{k}', float('nan')):.1f} | "
+                     f"{fp32.get('latency_ms', {}).get(f'local@{k}', float('nan')):.1f} | {v['dense_ms']:.1f} | "
+                     f"{v['scalable_ms']:.1f} |")
+    lines += ["", f"Joint over N features (fresh process each; seconds, peak RSS; NFormer = {graph}):", "",
+              "| N | NFormer joint | NFormer joint fp32 | k-reciprocal scalable | k-reciprocal torchreid layout |",
+              "|---|---|---|---|---|"]
     joint = r.get("joint", {})
     ns = sorted({*map(int, r["kreciprocal_full"]), *map(int, r["kreciprocal_dense"])})
 
@@ -125,10 +130,11 @@ def refinement_lines(r: dict) -> list[str]:
 
     for n in ns:
         lines.append(f"| {n:,} | {cell(joint, n) if 'skipped' not in joint else 'skipped'} | "
-                     f"{cell(r['kreciprocal_full'], n)} | {cell(r['kreciprocal_dense'], n)} |")
+                     f"{cell(fp32.get('joint', {}), n)} | {cell(r['kreciprocal_full'], n)} | "
+                     f"{cell(r['kreciprocal_dense'], n)} |")
     d = r.get("kreciprocal_dense_at_max_n", {})
     if d.get("extrapolated") and "seconds" in d:
-        lines.append(f"| {r['max_n']:,} (extrapolated from N={d['from_n']}) | | | {d['seconds']:.1f} s, "
+        lines.append(f"| {r['max_n']:,} (extrapolated from N={d['from_n']}) | | | | {d['seconds']:.1f} s, "
                      f"{d['peak_rss_mb']:.0f} MB |")
     return lines
 
@@ -143,7 +149,8 @@ def restart_lines(x: dict) -> list[str]:
 
 
 def accuracy_lines(a: dict) -> list[str]:
-    lines = [f"{a['protocol']}: {a['queries']} queries, {a['gallery']} gallery.", "",
+    graph = f"; NFormer modes on {a['nformer']}, `(fp32)` rows on nformer.onnx" if a.get("nformer") else ""
+    lines = [f"{a['protocol']}: {a['queries']} queries, {a['gallery']} gallery{graph}.", "",
              "| mode | rank-1 | rank-5 | mAP |", "|---|---|---|---|"]
     lines += [f"| {k} | {100 * m['rank1']:.1f} | {100 * m['rank5']:.1f} | {100 * m['mAP']:.1f} |"
               for k, m in a["modes"].items()]
