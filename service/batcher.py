@@ -1,8 +1,9 @@
 """Micro-batching: images from concurrent requests are embedded in one encoder run.
 
-A request's images go to a queue; one worker thread takes what is queued, waits up to ``max_delay_ms``
-for more (until ``max_size`` images), runs the encoder once and hands each request its rows. Requests
-are batched only with others for the same embedder (a model switch never mixes models in one run).
+A request's images, preprocessed in its own thread, go to a queue; one worker thread takes what is
+queued, waits up to ``max_delay_ms`` for more (until ``max_size`` images), runs the encoder once and hands
+each request its rows. Requests are batched only with others for the same embedder (a model switch never
+mixes models in one run).
 ``observe(n)`` receives each run's image count (the ``reid_embed_batch_size`` histogram).
 """
 
@@ -28,12 +29,14 @@ class MicroBatcher:
         self._thread.start()
 
     def embed(self, embedder, images: Sequence) -> np.ndarray:
-        """Embed ``images`` with ``embedder`` (blocking), batched with other callers' images."""
+        """Embed ``images`` with ``embedder`` (blocking), batched with other callers' images. Preprocessing
+        runs here, in the caller's thread, so it overlaps the encoder run of the batch before: the batching
+        thread only ever runs the encoder."""
         images = list(images)
         if not images:
             return np.zeros((0, embedder.dim), np.float32)
         fut: Future = Future()
-        self._q.put((embedder, images, fut))
+        self._q.put((embedder, embedder.preprocess(images), fut))
         return fut.result()
 
     def stop(self) -> None:
@@ -67,7 +70,8 @@ class MicroBatcher:
 
     def _run(self, embedder, batch: list, n: int) -> None:
         try:
-            vecs = embedder.embed([im for _, images, _ in batch for im in images])
+            arrays = [a for _, a, _ in batch]
+            vecs = embedder.embed_arrays(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
         except BaseException as e:  # every waiting request learns of the failure
             for _, _, fut in batch:
                 fut.set_exception(e)

@@ -19,7 +19,35 @@ from index.vector_index import l2_normalize
 
 from .bundle import Bundle, BundleError, load_bundle
 
-__all__ = ["Embedder", "preprocess", "l2_normalize"]
+__all__ = ["Embedder", "preprocess", "preprocess_batch", "l2_normalize"]
+
+
+def _resized_rgb(image: Image.Image | np.ndarray, w: int, h: int) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"array images must be uint8, got {image.dtype}")
+        image = Image.fromarray(image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def preprocess_batch(images: Sequence[Image.Image | np.ndarray], card_input: dict[str, Any]) -> np.ndarray:
+    """Images -> float32 (N, 3, H, W) ready for the encoder: resized in uint8, then normalised in one pass
+    over the batch (x * 1/(255 std) - mean/std, the same as ((x / 255) - mean) / std up to rounding)."""
+    w, h = int(card_input["width"]), int(card_input["height"])
+    x = np.stack([_resized_rgb(im, w, h) for im in images]) if len(images) else np.zeros((0, h, w, 3), np.uint8)
+    std = np.asarray(card_input["std"], dtype=np.float32)
+    scale, shift = (1.0 / (255.0 * std)).astype(np.float32), (np.asarray(card_input["mean"], np.float32) / std)
+    if card_input.get("channel_order", "RGB") == "BGR":
+        x, scale, shift = x[..., ::-1], scale[::-1], shift[::-1]
+    out = np.empty((len(x), 3, h, w), np.float32)
+    for c in range(3):  # channel planes straight into the CHW layout: no HWC float temporary
+        np.multiply(x[..., c], scale[c], out=out[:, c], casting="unsafe")
+        out[:, c] -= shift[c]
+    return out
 
 
 def preprocess(image: Image.Image | np.ndarray, card_input: dict[str, Any]) -> np.ndarray:
@@ -27,23 +55,7 @@ def preprocess(image: Image.Image | np.ndarray, card_input: dict[str, Any]) -> n
 
     ``image`` is a PIL image (any mode) or a uint8 array (H, W, 3) in RGB / (H, W) grey.
     """
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.dtype != np.uint8:
-            raise ValueError(f"array images must be uint8, got {arr.dtype}")
-        image = Image.fromarray(arr)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    w, h = int(card_input["width"]), int(card_input["height"])
-    if image.size != (w, h):
-        image = image.resize((w, h), Image.BILINEAR)
-    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    mean = np.asarray(card_input["mean"], dtype=np.float32)
-    std = np.asarray(card_input["std"], dtype=np.float32)
-    x = (x - mean) / std
-    if card_input.get("channel_order", "RGB") == "BGR":
-        x = x[..., ::-1]
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+    return preprocess_batch([image], card_input)[0]
 
 
 def _providers() -> list[str]:
@@ -108,11 +120,11 @@ class Embedder:
         images = list(images)
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        outs = []
-        for i in range(0, len(images), self.batch_size):
-            batch = np.stack([preprocess(im, self.card_input) for im in images[i:i + self.batch_size]])
-            outs.append(self._run(batch))
-        return l2_normalize(np.concatenate(outs, axis=0))
+        return self.embed_arrays(self.preprocess(images))
+
+    def preprocess(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+        """Images -> (N, 3, H, W) float32 for :meth:`embed_arrays` (callers may do this in their own thread)."""
+        return preprocess_batch(list(images), self.card_input)
 
     def embed_paths(self, paths: Iterable[str | os.PathLike], progress: bool = True,
                     desc: str = "embedding") -> np.ndarray:

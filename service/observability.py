@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -102,6 +102,42 @@ def count_error(app_state, code: str) -> None:
         counter.labels(code).inc()
 
 
+class _RequestMetrics:
+    """Per request: an id (the caller's ``X-Request-ID`` if well-formed, else new; echoed back and on every log
+    line), the request counter and latency by route, an access-log line. Plain ASGI, not ``@app.middleware``:
+    Starlette's BaseHTTPMiddleware relays every body chunk through extra tasks, which costs a large batch upload
+    measurable CPU."""
+
+    def __init__(self, app, requests: Counter, latency: Histogram, access: logging.Logger):
+        self.app, self.requests, self.latency, self.access = app, requests, latency, access
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+        given = next((v.decode("latin-1") for k, v in scope.get("headers") or [] if k == b"x-request-id"), "")
+        rid = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            elapsed = time.perf_counter() - t0
+            self.requests.labels(scope["method"], route, str(status)).inc()
+            self.latency.labels(scope["method"], route).observe(elapsed)
+            self.access.info("%s %s %s %.1f ms", scope["method"], scope["path"], status, elapsed * 1000.0)
+            request_id.reset(token)
+
+
 def install_metrics(app: FastAPI) -> None:
     registry = CollectorRegistry()
     requests = Counter("reid_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
@@ -122,25 +158,7 @@ def install_metrics(app: FastAPI) -> None:
     access = logging.getLogger("reid.access")
     app.state.metrics_registry = registry
 
-    @app.middleware("http")
-    async def _measure(request: Request, call_next):
-        t0 = time.perf_counter()
-        status = 500
-        given = request.headers.get("x-request-id", "")
-        rid = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
-        token = request_id.set(rid)
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            response.headers["X-Request-ID"] = rid
-            return response
-        finally:
-            route = getattr(request.scope.get("route"), "path", None) or "unmatched"
-            elapsed = time.perf_counter() - t0
-            requests.labels(request.method, route, str(status)).inc()
-            latency.labels(request.method, route).observe(elapsed)
-            access.info("%s %s %s %.1f ms", request.method, request.url.path, status, elapsed * 1000.0)
-            request_id.reset(token)
+    app.add_middleware(_RequestMetrics, requests=requests, latency=latency, access=access)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -28,7 +28,9 @@ def test_quick_bench_writes_report(tmp_path):
     assert all(row["onnxruntime"] > 0 and 0 < row["matmul_fraction"] for row in enc["by_batch"].values())
     assert enc["cost"]["flops"] > 0 and enc["resnet50"]["cost"]["flops"] > enc["cost"]["flops"]
     assert report["int8"]["speed"]["int8"] > 0
-    assert report["ingest"]["http"]["images_per_s"] > 0 and not report["ingest"]["http"]["errors"]
+    for fmt in ("png", "jpeg"):
+        http = report["ingest"]["formats"][fmt]["http"]
+        assert http["images_per_s"] > 0 and not http["errors"]
     assert all(0 <= m["recall@10"] <= 1 for by in report["search"]["in_process"].values() for m in by.values())
     assert report["search"]["http"]["excluding_embedding"]["p99_ms"] > 0
     assert {g["status"] for g in report["goals"]} <= {"met", "missed", "info", "not measured"}

@@ -60,3 +60,17 @@ def images(bundle_card: dict, n: int, part: str = "test", seed: int = 0) -> tupl
 def image_bytes(n: int) -> list[bytes]:
     """Encoded real image files (what a client uploads)."""
     return [Path(p).read_bytes() for p in image_paths(n)]
+
+
+def as_jpeg(blobs: list[bytes], quality: int = 90) -> list[bytes]:
+    """The same images re-encoded as JPEG (what camera pipelines send; the shared data ships PNG)."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for b in blobs:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(b)).convert("RGB").save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out

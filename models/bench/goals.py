@@ -42,10 +42,11 @@ def check(report: dict) -> list[dict]:
     else:
         goals.append(_missing("INT8 >= 1.8x with <= 1 point rank-1 loss", ">= 1.8x, <= 1 pt", "int8 section missing"))
     ing = report.get("ingest", {})
-    if "http_over_encoder" in ing:
-        r = ing["http_over_encoder"]
-        goals.append(_goal(f"ingest over HTTP vs encoder alone ({ing['http']['clients']} clients)", ">= 90%",
-                           f"{r:.0%}", r >= 0.9 and ing["http"]["clients"] >= 4, _ratio_margin(r, 0.9)))
+    if "formats" in ing:
+        for fmt, f in ing["formats"].items():
+            r, clients = f["http_over_encoder"], f["http"]["clients"]
+            goals.append(_goal(f"ingest over HTTP vs encoder alone, {fmt.upper()} ({clients} clients)", ">= 90%",
+                               f"{r:.0%}", r >= 0.9 and clients >= 4, _ratio_margin(r, 0.9)))
     else:
         goals.append(_missing("ingest over HTTP vs encoder alone", ">= 90%", "ingest section missing"))
     goals += _search_goals(report.get("search", {}), report.get("quick", False))

@@ -74,14 +74,22 @@ def int8_lines(q: dict) -> list[str]:
 
 
 def ingest_lines(i: dict) -> list[str]:
-    h = i["http"]
-    return [f"{i['images']}; {h['clients']} clients x {h['requests_per_client']} requests of {h['images_per_request']} "
-            f"images (batch upload endpoint, embedded Redis, REID_ORT_THREADS={i['server_ort_threads']}).", "",
-            "| path | images/s | vs encoder alone |", "|---|---|---|",
-            f"| encoder alone (ORT, preprocessed batch) | {i['encoder_only_images_per_s']:.1f} | 100% |",
-            f"| decode + preprocess + encode in process | {i['decode_and_encode_images_per_s']:.1f} | "
-            f"{i['decode_and_encode_images_per_s'] / i['encoder_only_images_per_s']:.0%} |",
-            f"| HTTP API, end to end | {h['images_per_s']:.1f} | {i['http_over_encoder']:.0%} |"]
+    enc, formats = i["encoder_only_images_per_s"], i["formats"]
+    h = next(iter(formats.values()))["http"]
+    lines = [f"{i['images']}, as shipped (PNG) and re-encoded as JPEG q90; {h['clients']} clients x "
+             f"{h['requests_per_client']} requests of {h['images_per_request']} images (batch upload endpoint, "
+             f"embedded Redis, REID_ORT_THREADS={i['server_ort_threads']}).", "",
+             "| path | " + " | ".join(f"{f.upper()} images/s | vs encoder" for f in formats) + " |",
+             "|---|" + "---|---|" * len(formats),
+             "| encoder alone (ORT, preprocessed batch) | " + " | ".join(f"{enc:.1f} | 100%" for _ in formats) + " |"]
+    for key, label in (("decode_images_per_s", "decode alone (one thread)"),
+                       ("decode_and_encode_images_per_s", "decode + preprocess + encode in process, in turn")):
+        lines.append(f"| {label} | " + " | ".join(f"{f[key]:.1f} | {f[key] / enc:.0%}" for f in formats.values()) + " |")
+    lines.append("| HTTP API, end to end | " + " | ".join(f"{f['http']['images_per_s']:.1f} | {f['http_over_encoder']:.0%}"
+                                                        for f in formats.values()) + " |")
+    lines += ["", "Bytes per image: " + ", ".join(f"{k.upper()} {f['bytes_per_image'] / 1024:.1f} KB"
+                                                 for k, f in formats.items()) + "."]
+    return lines
 
 
 def search_lines(s: dict) -> list[str]:
