@@ -101,7 +101,7 @@ def probe(r: redis.Redis, required: str = "always") -> Persistence:
         use_waitaof, durable = True, True  # WAITAOF 1 0 after every write transaction
     elif appendonly is None:
         warning = ("cannot read Redis's persistence settings (CONFIG is disabled) and the server has no WAITAOF: "
-                   f"acknowledged images are durable only if it runs appendonly yes + appendfsync always")
+                   "acknowledged images are durable only if it runs appendonly yes + appendfsync always")
     else:
         durable = False
         window = "~1 s" if appendfsync == "everysec" else "~30 s (the OS decides)"

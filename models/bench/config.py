@@ -38,7 +38,7 @@ class BenchConfig:
     refine_gallery: int = 10_000
     refine_queries: int = 20
     joint_sizes: tuple = (1_000, 5_000, 20_000)
-    dense_sizes: tuple = (1_000, 2_000, 4_000)
+    dense_sizes: tuple = (1_000, 2_000, 4_000, 8_000)  # beyond: extrapolated (20,000 would take ~60 s, 8 GB)
     refine_threads: int = field(default_factory=lambda: max(default_threads()))
     restart_n: int = 50_000
 
