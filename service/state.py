@@ -33,6 +33,7 @@ from .follower import Follower
 from .index_sync import IndexSync
 from .jobs import JobManager, JobStore
 from .model_registry import DEFAULT_BUNDLE_ID, resolve_active
+from .runtime import limit_blas_threads
 from .rwlock import RWLock
 from .settings import Settings
 
@@ -105,6 +106,7 @@ class ServiceState:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         s = self.settings
+        limit_blas_threads()
         if s.redis_url:
             url = s.redis_url
         else:

@@ -50,14 +50,22 @@ def _jsonable(x):
     return x
 
 
+def _as_served(section, *args):
+    """Run an in-process section with the serving process's thread pools (service/runtime.py)."""
+    from service.runtime import limit_blas_threads
+
+    with limit_blas_threads():
+        return section(*args)
+
+
 def _run_sections(bundle_dir: Path, cfg: BenchConfig, limits: dict, only, log) -> tuple[dict, dict]:
     jobs = {
         "encoder": lambda: encoder.run(bundle_dir, limits, cfg),
         "int8": lambda: quantize.run(bundle_dir, out.get("encoder", {}).get("best_batch", max(cfg.batches)), cfg),
         "ingest": lambda: ingest.run(bundle_dir, cfg),
         "search": lambda: search.run(bundle_dir, cfg),
-        "refinement": lambda: refinement.run(bundle_dir, cfg),
-        "accuracy": lambda: accuracy.run(bundle_dir, cfg),
+        "refinement": lambda: _as_served(refinement.run, bundle_dir, cfg),
+        "accuracy": lambda: _as_served(accuracy.run, bundle_dir, cfg),
         "restart": lambda: restart.run(cfg.restart_n, bundle_dir, out=lambda s: None),
     }
     out, seconds = {}, {}
