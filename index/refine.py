@@ -33,15 +33,18 @@ def sample_landmarks(n: int, layers: int, count: int, seed: int = 0) -> np.ndarr
 def topk_neighbors(features: np.ndarray, k: int, base: np.ndarray | None = None,
                    with_similarities: bool = False):
     """[N,k] indices of each row's k most similar rows of `base` (default: the rows themselves, so each
-    row's first neighbour is itself) by inner product, best first (ties: lower index first); FAISS's exact
-    search works in blocks, so memory stays O(N*k) whatever N. Optionally also the similarities."""
+    row's first neighbour is itself) by inner product, best first; small problems by one matmul and a partial
+    sort, larger ones by FAISS's exact search in blocks, so memory stays O(N*k) whatever N. Optionally also the
+    similarities."""
     import faiss
 
     base = features if base is None else base
     k = min(k, len(base))
     if len(features) * len(base) <= SMALL_KNN:  # one matmul: no OpenMP team to wake (ms on a busy machine)
         sims = np.asarray(features, np.float32) @ np.asarray(base, np.float32).T
-        ids = np.argsort(-sims, axis=1, kind="stable")[:, :k].astype(np.int64)
+        top = np.argpartition(sims, len(base) - k, axis=1)[:, len(base) - k:]  # the k largest, unordered
+        order = np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable")
+        ids = np.take_along_axis(top, order, 1).astype(np.int64)
         return (ids, np.take_along_axis(sims, ids, 1)) if with_similarities else ids
     index = faiss.IndexFlatIP(base.shape[1])
     index.add(np.ascontiguousarray(base, dtype=np.float32))
