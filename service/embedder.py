@@ -67,10 +67,11 @@ def _providers() -> list[str]:
 class Embedder:
     """Embed images with a bundle's ``encoder.onnx``.
 
-    ``Embedder(bundle_or_path, threads=0, batch_size=32)``; ``embed(images) -> (N, D)``.
+    ``Embedder(bundle_or_path, threads=0, batch_size=32, spin=True)``; ``embed(images) -> (N, D)``.
     """
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, threads: int = 0, batch_size: int = 32):
+    def __init__(self, bundle: Bundle | str | os.PathLike, threads: int = 0, batch_size: int = 32,
+                 spin: bool = True):
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle)
         self.bundle = bundle
@@ -82,6 +83,8 @@ class Embedder:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:  # idle pool threads sleep instead of busy-waiting for the next run (see Settings.ort_spin)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(bundle.encoder_path), sess_options=opts,
                                                 providers=_providers())

@@ -75,7 +75,7 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
             raise ImageError(422, "truncated_image", f"the {fmt} image is truncated: {msg}") from e
         raise ImageError(422, "invalid_image", f"corrupt {fmt} data: {msg}") from e
     try:
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of the (usual) upright image
     except Exception:  # malformed EXIF must not reject an otherwise good image
         pass
     if im.mode != "RGB":

@@ -145,7 +145,7 @@ class ServiceState:
     def load_model(self, bundle: Bundle) -> tuple[Embedder, Refiner, str]:
         """The bundle's encoder, refiner and the refine default it can honour (BundleError if unusable)."""
         s = self.settings
-        embedder = Embedder(bundle, threads=s.ort_threads, batch_size=s.embed_batch_size)
+        embedder = Embedder(bundle, threads=s.ort_threads, batch_size=s.embed_batch_size, spin=s.ort_spin)
         refiner = load_refiner(bundle, s)
         refine_default = s.refine_default
         if refine_default in NFORMER_MODES and refiner.nformer is None:
