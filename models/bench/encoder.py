@@ -68,13 +68,17 @@ def against_limits(cost: dict, images_per_s: float, batch: int, limits: dict) ->
 
 
 def profile_summary(onnx_path: Path, x: np.ndarray, batch: int, runs: int, top: int = 8) -> dict:
+    """The encoder's top operator types at ``batch`` (see :func:`op_profile`)."""
+    name = session(onnx_path).get_inputs()[0].name
+    return {"batch": batch, **op_profile(onnx_path, {name: np.ascontiguousarray(x[:batch])}, runs, top)}
+
+
+def op_profile(onnx_path: Path, feeds: dict, runs: int, top: int = 8, threads: int = 0) -> dict:
     """Top operator types by time from ORT's own profiler (`enable_profiling`), share of the node time."""
     with tempfile.TemporaryDirectory() as tmp:
-        sess = session(onnx_path, profile_prefix=str(Path(tmp) / "encoder"))
-        xb = np.ascontiguousarray(x[:batch])
-        name = sess.get_inputs()[0].name
+        sess = session(onnx_path, threads=threads, profile_prefix=str(Path(tmp) / "profile"))
         for _ in range(runs):
-            sess.run(None, {name: xb})
+            sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
     by_op: dict[str, float] = {}
     for e in events:
@@ -83,8 +87,8 @@ def profile_summary(onnx_path: Path, x: np.ndarray, batch: int, runs: int, top: 
             by_op[op] = by_op.get(op, 0.0) + e["dur"]
     total = sum(by_op.values()) or 1.0
     ranked = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
-    return {"batch": batch, "runs": runs,
-            "top_ops": [{"op": op, "ms_per_run": us / 1000 / runs, "share": us / total} for op, us in ranked]}
+    return {"runs": runs, "top_ops": [{"op": op, "ms_per_run": us / 1000 / runs, "share": us / total}
+                                      for op, us in ranked]}
 
 
 def build_resnet50(out_dir: Path, height: int, width: int) -> Path:

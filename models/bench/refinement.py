@@ -94,6 +94,21 @@ def extrapolate(measured: dict, n: int) -> dict | None:
             "peak_rss_mb": float(np.mean([v["baseline_rss_mb"] for _, v in ok])) + max(c, 0.0) * n * n}
 
 
+def nformer_profile(nformer, real: np.ndarray, k: int, runs: int, threads: int) -> dict:
+    """ORT's operator profile of the serving NFormer on one query and its top-``k`` candidates."""
+    from index.refine import sample_landmarks, topk_neighbors
+
+    from ..refine_eval import sample_gallery
+    from .encoder import op_profile
+
+    gallery, query = sample_gallery(real, 10_000), sample_gallery(real, 1, seed=7)
+    x = np.concatenate([query, gallery[np.argsort(-(gallery @ query[0]))[:k]]]).astype(np.float32)
+    spec = nformer.spec
+    feeds = {"features": x, "neighbors": topk_neighbors(x, spec.topk),
+             "landmarks": sample_landmarks(len(x), spec.layers, spec.landmarks, spec.landmark_seed)}
+    return {"tokens": len(x), **op_profile(nformer.path, feeds, runs, threads=threads)}
+
+
 def run(bundle_dir: Path, cfg) -> dict:
     """``cfg``: local_k, refine_gallery, refine_queries, joint_sizes, dense_sizes, refine_threads."""
     card = data.card(bundle_dir)
@@ -111,6 +126,8 @@ def run(bundle_dir: Path, cfg) -> dict:
     if refiner.nformer is None:
         out["joint"] = {"skipped": "bundle has no nformer.onnx"}
     else:
+        out["nformer_profile"] = nformer_profile(refiner.nformer, real, cfg.local_goal_k, cfg.profile_runs,
+                                                 cfg.refine_threads)
         out["joint"] = {n: joint_cost(bundle_dir, n, cfg.refine_threads, paths=("sparse",))["sparse"]
                         for n in cfg.joint_sizes}
         if refiner.nformer.path.name != "nformer.onnx":  # the fp32 graph beside it, same queries and N

@@ -144,6 +144,12 @@ def refinement_lines(r: dict) -> list[str]:
     if d.get("extrapolated") and "seconds" in d:
         lines.append(f"| {r['max_n']:,} (extrapolated from N={d['from_n']}) | | | | {d['seconds']:.1f} s, "
                      f"{d['peak_rss_mb']:.0f} MB |")
+    p = r.get("nformer_profile")
+    if p:
+        lines += ["", f"ONNX Runtime profile of {graph} on {p['tokens']} tokens (one query and its candidates, "
+                      f"{p['runs']} runs; profiling adds per-node overhead), top operators:", "",
+                  "| op | ms per run | share |", "|---|---|---|"]
+        lines += [f"| {o['op']} | {o['ms_per_run']:.2f} | {o['share']:.0%} |" for o in p["top_ops"]]
     return lines
 
 
