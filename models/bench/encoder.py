@@ -42,6 +42,16 @@ def ort_rate(sess: ort.InferenceSession, x: np.ndarray, batch: int, seconds: flo
     return rate(lambda: sess.run(None, {name: xb}), batch, seconds)
 
 
+def interleaved_rates(sessions: dict, x: np.ndarray, batch: int, seconds: float, rounds: int = 5) -> dict:
+    """img/s of each session, measured in alternating slices and given as medians: a neighbour's load on a
+    shared machine then hits every session alike instead of skewing their ratio."""
+    rates: dict = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, sess in sessions.items():
+            rates[k].append(ort_rate(sess, x, batch, seconds / rounds))
+    return {k: float(np.median(v)) for k, v in rates.items()}
+
+
 def eager_model(bundle_dir: Path):
     """The bundle's encoder in torch eager mode, from its float16 `weights.pt` (cast back to float32)."""
     from ..reid_model import NormalizedEncoder

@@ -66,15 +66,18 @@ def run(bundle_dir: Path, cfg) -> dict:
         blobs, source = noise_images(cfg.ingest_batch, seed=0), "noise PNGs (shared data absent)"
     blobs = (blobs * (cfg.ingest_batch // len(blobs) + 1))[:cfg.ingest_batch]
     x, _ = data.images(card, cfg.ingest_batch)
-    encoder_only = ort_rate(session(bundle_dir / "encoder.onnx", threads=cfg.server_threads), x, len(x), cfg.seconds)
+    encoder = session(bundle_dir / "encoder.onnx", threads=cfg.server_threads)
+    encoder_only = ort_rate(encoder, x, len(x), cfg.seconds)
     embedder = Embedder(bundle_dir, threads=cfg.server_threads, batch_size=len(blobs))
-    out = {"images": source, "batch": len(blobs), "server_ort_threads": cfg.server_threads,
-           "encoder_only_images_per_s": encoder_only, "formats": {}}
+    out = {"images": source, "batch": len(blobs), "server_ort_threads": cfg.server_threads, "formats": {}}
     for fmt, files in (("png", blobs), ("jpeg", data.as_jpeg(blobs))):
         in_process = rate(lambda: embedder.embed([decode_image(b) for b in files]), len(files), cfg.seconds)
         decode = rate(lambda: [decode_image(b) for b in files], len(files), cfg.seconds)
         http = over_http(bundle_dir, files, cfg.ingest_clients, cfg.ingest_requests, cfg.server_threads)
         out["formats"][fmt] = {"bytes_per_image": sum(map(len, files)) / len(files), "decode_images_per_s": decode,
-                               "decode_and_encode_images_per_s": in_process, "http": http,
-                               "http_over_encoder": http["images_per_s"] / encoder_only}
+                               "decode_and_encode_images_per_s": in_process, "http": http}
+    # the baseline measured before and after: a neighbour's load only lowers it, so the higher one counts
+    out["encoder_only_images_per_s"] = encoder_only = max(encoder_only, ort_rate(encoder, x, len(x), cfg.seconds))
+    for f in out["formats"].values():
+        f["http_over_encoder"] = f["http"]["images_per_s"] / encoder_only
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .encoder import ort_rate, session
+from .encoder import interleaved_rates, session
 from .features import protocol_features, score
 
 HEAD_OPS = ("ReduceMean", "Gemm", "BatchNormalization")  # pooled embedding head: kept float (0.3% of the time)
@@ -126,8 +126,7 @@ def run(bundle_dir: Path, batch: int, cfg) -> dict:
         keep_float = quantize(onnx_path, int8_path, calibration)
         fp32, int8 = session(onnx_path), session(int8_path)
         x, _ = data.images(card, batch)
-        speed = {"batch": batch, "fp32": ort_rate(fp32, x, batch, cfg.seconds),
-                 "int8": ort_rate(int8, x, batch, cfg.seconds)}
+        speed = {"batch": batch, **interleaved_rates({"fp32": fp32, "int8": int8}, x, batch, 2 * cfg.seconds)}
         speed["speedup"] = speed["int8"] / speed["fp32"]
         accuracy, skipped = {}, []
         for name in cfg.protocols:
