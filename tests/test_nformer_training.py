@@ -55,7 +55,8 @@ def test_nformer_method_trains_both_stages_resumes_and_exports(tmp_path):
          "--out", str(tmp_path / "bundle"), "--check-data", str(data), "--name", "tiny-nformer")
     bundle = load_bundle(tmp_path / "bundle")  # the service's loader verifies every sha256
     card = bundle.card
-    assert set(card["files"]) == {"encoder.onnx", "nformer.onnx", "weights.pt"}
+    assert set(card["files"]) == {"encoder.onnx", "nformer.onnx", "nformer.int8.onnx", "weights.pt"}
+    assert min(c["min_cosine"] for c in card["nformer"]["int8"]["check"].values()) >= 0.999
     assert card["nformer"]["dim"] == card["embedding_dim"] == 32
     assert card["nformer"]["stage2"]["input_norm"] == "l2"
     assert max(v for k, v in card["nformer"]["export_check"].items() if k.endswith("diff")) < 1e-4
