@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("none", "joint", "local", "kreciprocal")
+NFORMER_FILE = "nformer.onnx"
+NFORMER_INT8_FILE = "nformer.int8.onnx"
 SMALL_KNN = 1 << 20  # up to this many similarities (4 MB), k-NN is one numpy matmul; beyond, FAISS in blocks
 
 
@@ -50,6 +52,14 @@ def topk_neighbors(features: np.ndarray, k: int, base: np.ndarray | None = None,
     index.add(np.ascontiguousarray(base, dtype=np.float32))
     sims, ids = index.search(np.ascontiguousarray(features, dtype=np.float32), k)
     return (ids, sims) if with_similarities else ids
+
+
+def nformer_file(files: dict, precision: str = "int8") -> str | None:
+    """Which of a bundle's ``files`` refines at ``precision``: its int8 graph when asked for and shipped, else
+    ``nformer.onnx``; None when the bundle has no NFormer."""
+    if NFORMER_FILE not in files:
+        return None
+    return NFORMER_INT8_FILE if precision == "int8" and NFORMER_INT8_FILE in files else NFORMER_FILE
 
 
 @dataclass

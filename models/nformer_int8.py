@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from index.refine import sample_landmarks, topk_neighbors
+from index.refine import NFORMER_FILE, NFORMER_INT8_FILE as INT8_FILE, sample_landmarks, topk_neighbors
 from service.bundle import CARD_NAME, sha256_file
 
-INT8_FILE = "nformer.int8.onnx"
 MIN_COSINE = 0.999  # per refined feature, int8 vs fp32
 CHECK_SIZES = (7, 64, 301)
 
@@ -62,9 +61,9 @@ def add_to_bundle(bundle_dir: str | Path) -> dict:
     bundle_dir = Path(bundle_dir)
     card_path = bundle_dir / CARD_NAME
     card = json.loads(card_path.read_text())
-    if "nformer.onnx" not in card.get("files", {}):
-        raise ValueError(f"{bundle_dir} has no nformer.onnx to quantise")
-    fp32_path, int8_path = bundle_dir / "nformer.onnx", bundle_dir / INT8_FILE
+    if NFORMER_FILE not in card.get("files", {}):
+        raise ValueError(f"{bundle_dir} has no {NFORMER_FILE} to quantise")
+    fp32_path, int8_path = bundle_dir / NFORMER_FILE, bundle_dir / INT8_FILE
     quantize(fp32_path, int8_path)
     try:
         drift = check(fp32_path, int8_path, card["nformer"])

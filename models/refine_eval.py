@@ -14,25 +14,17 @@ import numpy as np
 from tqdm import tqdm
 
 from index.metrics import RetrievalMetrics, evaluate_rankings
-from index.refine import NeighborTransformer, NFormerSpec, Refiner, topk_neighbors
+from index.refine import NeighborTransformer, NFormerSpec, Refiner, nformer_file, topk_neighbors
 
 from .data.datasets import ReIDDataset
 
 DEFAULT_CANDIDATES = (50, 100, 200, 500)
 
 
-def nformer_file(card: dict, precision: str = "int8") -> str | None:
-    """The NFormer graph that serves at ``precision`` (as the service picks it): int8 when the bundle ships one."""
-    files = card.get("files", {})
-    if precision == "int8" and "nformer.int8.onnx" in files:
-        return "nformer.int8.onnx"
-    return "nformer.onnx" if "nformer.onnx" in files else None
-
-
 def bundle_refiner(bundle_dir: str | Path, threads: int = 0, precision: str = "int8", **kwargs) -> Refiner:
     bundle_dir = Path(bundle_dir)
     card = json.loads((bundle_dir / "model.json").read_text())
-    name, nformer = nformer_file(card, precision), None
+    name, nformer = nformer_file(card.get("files", {}), precision), None
     if name is not None:
         nformer = NeighborTransformer(bundle_dir / name, NFormerSpec.from_card(card["nformer"]), threads)
     return Refiner(nformer, **kwargs)
@@ -188,7 +180,7 @@ def joint_cost(bundle_dir: str | Path, n: int = 20_000, threads: int = 2, paths=
     out = {}
     for path in paths:
         proc = subprocess.run([sys.executable, "-c", JOINT_COST_SCRIPT, path, str(n), str(spec.dim), str(threads),
-                               json.dumps(spec.__dict__), str(bundle_dir / nformer_file(card, precision))],
+                               json.dumps(spec.__dict__), str(bundle_dir / nformer_file(card["files"], precision))],
                               cwd=root, capture_output=True, text=True)
         if proc.returncode:
             out[path] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else f"exit {proc.returncode}"}

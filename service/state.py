@@ -23,7 +23,7 @@ import numpy as np
 
 from index.durability import Persistence, probe as probe_persistence
 from index.redis_server import EmbeddedRedis
-from index.refine import NeighborTransformer, NFormerSpec, Refiner
+from index.refine import NFORMER_FILE, NeighborTransformer, NFormerSpec, Refiner, nformer_file
 from index.store import RedisStore
 from index.vector_index import VectorIndex
 
@@ -41,18 +41,15 @@ log = logging.getLogger("reid.service")
 
 #: refine modes that run the bundle's nformer.onnx (the others work with any bundle)
 NFORMER_MODES = ("joint", "local")
-NFORMER_FILE = "nformer.onnx"
-NFORMER_INT8_FILE = "nformer.int8.onnx"
 
 
 def load_refiner(bundle: Bundle, settings: Settings) -> Refiner:
     """A `Refiner` with the bundle's NFormer when it ships ``nformer.onnx`` (else NFormer-less): its int8 graph
     when ``refine_precision`` is int8 and the bundle ships one."""
-    path = bundle.file(NFORMER_FILE)
+    name = nformer_file(bundle.card.get("files", {}), settings.refine_precision)
     nformer = None
-    if path is not None:
-        if settings.refine_precision == "int8" and bundle.file(NFORMER_INT8_FILE) is not None:
-            path = bundle.file(NFORMER_INT8_FILE)
+    if name is not None:
+        path = bundle.path / name
         entry = bundle.card.get("nformer")
         if not isinstance(entry, dict):
             raise BundleError(f"model bundle {bundle.path} ships {NFORMER_FILE} but its card has no 'nformer' entry")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from index.refine import NFORMER_FILE
+
 from ..refine_eval import bundle_refiner, evaluate_modes
 from . import data
 from .features import protocol_features
@@ -21,7 +23,7 @@ def run(bundle_dir: Path, cfg) -> dict:
     refiner = bundle_refiner(bundle_dir)  # what serves: the int8 NFormer when the bundle ships one
     modes = [m for m in cfg.refine_modes if m not in ("joint", "local") or refiner.nformer is not None]
     metrics = evaluate_modes(refiner, dataset, q, g, modes, cfg.candidates, cfg.kreciprocal_candidates)
-    if refiner.nformer is not None and refiner.nformer.path.name != "nformer.onnx":
+    if refiner.nformer is not None and refiner.nformer.path.name != NFORMER_FILE:
         fp32 = evaluate_modes(bundle_refiner(bundle_dir, precision="fp32"), dataset, q, g, ("joint", "local"),
                               (cfg.local_goal_k,), ())
         metrics.update({f"{label} (fp32)": m for label, m in fp32.items()})

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from index.recall import clustered_vectors
+from index.refine import NFORMER_FILE
 from index.rerank import k_reciprocal_rerank, k_reciprocal_rerank_dense
 
 from ..refine_eval import bundle_refiner, joint_cost, refinement_latency
@@ -130,7 +131,7 @@ def run(bundle_dir: Path, cfg) -> dict:
                                                  cfg.refine_threads)
         out["joint"] = {n: joint_cost(bundle_dir, n, cfg.refine_threads, paths=("sparse",))["sparse"]
                         for n in cfg.joint_sizes}
-        if refiner.nformer.path.name != "nformer.onnx":  # the fp32 graph beside it, same queries and N
+        if refiner.nformer.path.name != NFORMER_FILE:  # the fp32 graph beside it, same queries and N
             fp32 = bundle_refiner(bundle_dir, threads=cfg.refine_threads, precision="fp32")
             local = refinement_latency(fp32, real, sizes=(cfg.refine_gallery,), queries=cfg.refine_queries,
                                        candidates=cfg.local_k)[cfg.refine_gallery]
