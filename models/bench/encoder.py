@@ -79,14 +79,16 @@ def against_limits(cost: dict, images_per_s: float, batch: int, limits: dict) ->
 
 def profile_summary(onnx_path: Path, x: np.ndarray, batch: int, runs: int, top: int = 8) -> dict:
     """The encoder's top operator types at ``batch`` (see :func:`op_profile`)."""
-    name = session(onnx_path).get_inputs()[0].name
-    return {"batch": batch, **op_profile(onnx_path, {name: np.ascontiguousarray(x[:batch])}, runs, top)}
+    return {"batch": batch, **op_profile(onnx_path, np.ascontiguousarray(x[:batch]), runs, top)}
 
 
-def op_profile(onnx_path: Path, feeds: dict, runs: int, top: int = 8, threads: int = 0) -> dict:
-    """Top operator types by time from ORT's own profiler (`enable_profiling`), share of the node time."""
+def op_profile(onnx_path: Path, feeds: dict | np.ndarray, runs: int, top: int = 8, threads: int = 0) -> dict:
+    """Top operator types by time from ORT's own profiler (`enable_profiling`), share of the node time.
+    ``feeds``: the inputs by name, or one array for a single-input graph."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = session(onnx_path, threads=threads, profile_prefix=str(Path(tmp) / "profile"))
+        if not isinstance(feeds, dict):
+            feeds = {sess.get_inputs()[0].name: feeds}
         for _ in range(runs):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
