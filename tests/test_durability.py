@@ -148,9 +148,11 @@ def _kill_and_restart_api(api: ApiProcess, clients: Clients, kill_redis: bool, p
     """Close the gate, SIGKILL (the API, and its embedded redis-server too if asked), start a new API on the same
     port and data dir, check that what was acknowledged survived, then open the gate."""
     deadline = time.monotonic() + 20
+    clients.gate.clear()  # uploads wait for the snapshot: at full speed they could all finish before it
     while not api.metric("reid_index_snapshot_writes_total"):  # a periodic snapshot exists, then more writes
         assert time.monotonic() < deadline, "no periodic snapshot"
         time.sleep(0.05)
+    clients.gate.set()
     clients.wait_acked(len(clients.acked) + 2 * BATCH)
     clients.gate.clear()
     redis_pid = api.redis_pid()
