@@ -94,14 +94,16 @@ def export_nformer(nformer, path: Path) -> None:
             input_names=["features", "neighbors", "landmarks"], output_names=["refined"],
             dynamic_axes={"features": {0: "n"}, "neighbors": {0: "n", 1: "k"}, "landmarks": {1: "l"},
                           "refined": {0: "n"}},
-            opset_version=17, dynamo=False,
+            opset_version=20, dynamo=False,  # 20: GELU is one Gelu node, not its tanh formula in 8 nodes
         )
 
 
 def check_nformer_matches_torch(nformer, onnx_path: Path, sizes=NFORMER_CHECK_SIZES, seed: int = 0) -> dict:
-    """Clustered random features (so reciprocal neighbourhoods are non-trivial) at each N."""
+    """Clustered random features (so reciprocal neighbourhoods are non-trivial) at each N, against the module's
+    own `forward` (the path that trains), not the leaner path the graph was exported from."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    exportable, rng, report = ExportableNFormer(nformer), np.random.default_rng(seed), {}
+    rng, report = np.random.default_rng(seed), {}
+    nformer.eval()
     for n in sizes:
         centres = rng.standard_normal((max(1, n // 5), nformer.cfg.dim))
         x = centres[rng.integers(len(centres), size=n)] + 0.5 * rng.standard_normal((n, nformer.cfg.dim))
@@ -109,7 +111,9 @@ def check_nformer_matches_torch(nformer, onnx_path: Path, sizes=NFORMER_CHECK_SI
         inputs = {"features": x, "neighbors": topk_neighbors(x, nformer.cfg.topk),
                   "landmarks": sample_landmarks(n, nformer.cfg.layers, nformer.cfg.landmarks)}
         with torch.no_grad():
-            expected = exportable(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+            refined = nformer(torch.from_numpy(x)[None], landmarks=torch.from_numpy(inputs["landmarks"]),
+                              neighbors=torch.from_numpy(inputs["neighbors"])[None])[0]
+            expected = torch.nn.functional.normalize(refined, dim=-1).numpy()
         got = session.run(["refined"], inputs)[0]
         max_abs = float(np.abs(got - expected).max())
         report[f"n{n}_max_abs_diff"] = max_abs
@@ -180,25 +184,9 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
             write_training_weights(state, staging / WEIGHTS_NAME)
             card["outputs"][WEIGHTS_NAME] = "float16 torch weights of the encoder (for `reid adapt`; not used to serve)"
             card["files"][WEIGHTS_NAME] = sha256_file(staging / WEIGHTS_NAME)
-        if nformer_checkpoint:
-            nformer = load_trained_nformer(nformer_checkpoint)
-            if nformer.cfg.dim != model.embedding_dim:
-                raise ValueError(f"NFormer width {nformer.cfg.dim} != encoder embedding {model.embedding_dim}")
-            nformer_path = staging / "nformer.onnx"
-            export_nformer(nformer, nformer_path)
-            parity = check_nformer_matches_torch(nformer, nformer_path)
-            state = torch.load(nformer_checkpoint, map_location="cpu", weights_only=False)
-            card["nformer"] = nformer_card(nformer, state, parity)
-            card["outputs"]["nformer.onnx"] = card["nformer"]["output"]
-            card["files"]["nformer.onnx"] = sha256_file(nformer_path)
         (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
-        if nformer_checkpoint:  # the int8 NFormer that serves refinement, checked against the fp32 one
-            try:
-                add_int8_nformer(staging)
-                card = json.loads((staging / CARD_NAME).read_text())
-            except QuantisationDrift as e:  # the bundle still serves, on its fp32 NFormer
-                warnings.warn(f"{e}: the bundle ships no int8 NFormer")
-                (staging / INT8_FILE).unlink(missing_ok=True)
+        if nformer_checkpoint:
+            card = attach_nformer(staging, nformer_checkpoint)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -208,12 +196,44 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def attach_nformer(bundle_dir: str | Path, nformer_checkpoint: str | Path) -> dict:
+    """Export an NFormer stage-2 checkpoint into a bundle: `nformer.onnx` (checked against torch) and its int8
+    graph (checked against fp32; left out with a warning when it drifts), both listed in the card. Replaces the
+    bundle's NFormer if it has one; the encoder, its vectors and the card's version are untouched."""
+    bundle_dir = Path(bundle_dir)
+    card = json.loads((bundle_dir / CARD_NAME).read_text())
+    nformer = load_trained_nformer(nformer_checkpoint)
+    if nformer.cfg.dim != card["embedding_dim"]:
+        raise ValueError(f"NFormer width {nformer.cfg.dim} != encoder embedding {card['embedding_dim']}")
+    with tempfile.TemporaryDirectory(dir=bundle_dir) as tmp:  # a failed check leaves the bundle as it was
+        staged = Path(tmp) / "nformer.onnx"
+        export_nformer(nformer, staged)
+        parity = check_nformer_matches_torch(nformer, staged)
+        staged.replace(bundle_dir / "nformer.onnx")
+    state = torch.load(nformer_checkpoint, map_location="cpu", weights_only=False)
+    card["nformer"] = nformer_card(nformer, state, parity)
+    card.setdefault("outputs", {})["nformer.onnx"] = card["nformer"]["output"]
+    card["files"]["nformer.onnx"] = sha256_file(bundle_dir / "nformer.onnx")
+    card["files"].pop(INT8_FILE, None)  # until the new one is checked
+    (bundle_dir / INT8_FILE).unlink(missing_ok=True)
+    _write_card(bundle_dir, card)
+    try:  # the int8 NFormer that serves refinement, checked against the fp32 one
+        add_int8_nformer(bundle_dir)
+    except QuantisationDrift as e:  # the bundle still serves, on its fp32 NFormer
+        warnings.warn(f"{e}: the bundle ships no int8 NFormer")
+    return json.loads((bundle_dir / CARD_NAME).read_text())
+
+
 def update_card_evaluation(bundle_dir: str | Path, evaluation: dict) -> dict:
     """Record evaluation figures in the card (the card is not hashed; the model files are)."""
     path = Path(bundle_dir) / CARD_NAME
     card = json.loads(path.read_text())
     card.setdefault("evaluation", {}).update(evaluation)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    tmp.replace(path)
+    _write_card(path.parent, card)
     return card
+
+
+def _write_card(bundle_dir: Path, card: dict) -> None:
+    staged = Path(bundle_dir) / (CARD_NAME + ".tmp")
+    staged.write_text(json.dumps(card, indent=2) + "\n")
+    staged.replace(Path(bundle_dir) / CARD_NAME)

@@ -1,12 +1,14 @@
 """NFormer (Wang et al., CVPR 2022): a Transformer over a *set* of image features, so that every feature is
 corrected by its reciprocal neighbours. Written from `../shared/specs/NFORMER.md` (the official code's
-behaviour), with two forward paths that compute the same function:
+behaviour), with three forward paths that compute the same function:
 
 - `dense=True`, the official formulation: the full N x N landmark-factorised logits and a masked softmax.
   O(N^2) memory; kept for parity tests and as the benchmark baseline.
 - sparse (default): logits only on each token's top-k neighbours, softmax restricted to the reciprocal ones.
   O(N*k*L) time and O(N*k) memory, so the paper's joint refinement of ~20,000 features fits in well under 2 GB.
-  This is the path that is trained and exported.
+  This is the path that is trained.
+- `NFormer.refine_sequence`, the sparse path for one sequence at inference, written for a small graph: this is
+  what `nformer.onnx` is exported from, and the export is checked against `forward`.
 
 Tokens are images: no positional encoding, no class token, D -> D."""
 
@@ -104,6 +106,17 @@ class LandmarkAgentAttention(nn.Module):
         merged = heads_out.transpose(1, 2).reshape(b, n, d)
         return self.dropout(self.proj(merged))
 
+    def attend_sequence(self, x, landmarks, neighbors, reciprocal_bias):
+        """The sparse path for one sequence at inference, written for a small exported graph: x [N,D],
+        neighbors [N,k], reciprocal_bias [N,k] (0 where reciprocal, -inf elsewhere) -> [N,D]. No batch index,
+        no shape arithmetic on N (that was half of the graph's nodes), plain Gathers and batched MatMuls."""
+        q, k, v = self.qkv(x).unflatten(-1, (3 * self.heads, self.head_dim)).transpose(0, 1).split(self.heads)
+        p = (q @ k[:, landmarks].transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))  # [H,N,L], scaled
+        r_t = k @ q[:, landmarks].transpose(-1, -2)  # [H,N,L]: R transposed, so neighbours are rows
+        logits = (r_t[:, neighbors] @ p.unsqueeze(-1)).squeeze(-1) + reciprocal_bias  # [H,N,k]
+        heads_out = (logits.softmax(-1).unsqueeze(-2) @ v[:, neighbors]).squeeze(-2)  # [H,N,dh]
+        return self.proj(heads_out.transpose(0, 1).flatten(1))
+
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, dropout: float):
@@ -128,6 +141,10 @@ class Block(nn.Module):
 
     def forward(self, x, landmarks, neighbors, reciprocal, dense, trace=None):
         x = self.ln_1(x + self.attn(x, landmarks, neighbors, reciprocal, dense, trace))
+        return self.ln_2(x + self.mlp(x))
+
+    def forward_sequence(self, x, landmarks, neighbors, reciprocal_bias):
+        x = self.ln_1(x + self.attn.attend_sequence(x, landmarks, neighbors, reciprocal_bias))
         return self.ln_2(x + self.mlp(x))
 
 
@@ -186,6 +203,19 @@ class NFormer(nn.Module):
             return self.classifier(features), x
         return features
 
+    def refine_sequence(self, z: torch.Tensor, neighbors: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """Eval-mode `forward` of one sequence (z [N,D], neighbors [N,k], landmarks [layers,L]) -> post-BN [N,D]:
+        the same function (tests compare the exported graph with `forward`), as the leaner graph it exports."""
+        if self.training:
+            raise RuntimeError("refine_sequence is the inference path: call .eval() first")
+        # reciprocal_mask of one sequence; shapes taken from tensors (len() would freeze N in the traced graph)
+        reciprocal = (neighbors[neighbors] == torch.arange(z.shape[0])[:, None, None]).any(-1)
+        bias = torch.zeros_like(reciprocal, dtype=z.dtype).masked_fill(~reciprocal, float("-inf"))
+        x = z
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_sequence(x, landmarks[layer], neighbors, bias)
+        return self.bottleneck(x)
+
 
 # The official state_dict names (modeling/nformer.py, GPT-style Conv1D weights stored [in, out]) mapped onto
 # this module's nn.Linear names (stored [out, in]). The one place that knows both.
@@ -227,5 +257,4 @@ class ExportableNFormer(nn.Module):
         self.eval()  # the exporter restores the wrapper's mode afterwards: make that mode eval
 
     def forward(self, features, neighbors, landmarks):
-        refined = self.nformer(features[None], landmarks=landmarks, neighbors=neighbors[None])[0]
-        return F.normalize(refined, dim=-1)
+        return F.normalize(self.nformer.refine_sequence(features, neighbors, landmarks), dim=-1)

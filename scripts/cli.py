@@ -187,6 +187,16 @@ def cmd_quantize_nformer(args) -> int:
     return 0
 
 
+def cmd_attach_nformer(args) -> int:
+    from models.export import attach_nformer
+
+    card = attach_nformer(args.bundle, args.nformer)
+    entry = card["nformer"]
+    print(f"wrote {args.bundle}/nformer.onnx (check {entry['export_check']})"
+          + (f" and {entry['int8']['file']} (cosine to fp32 {entry['int8']['check']})" if "int8" in entry else ""))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from models.data.datasets import load_dataset
     from models.evaluate import BundleEncoder, evaluate_bundle, plot_cmc
@@ -426,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-data", default="prid2011", help="dataset whose real images check the export")
     p.add_argument("--nformer", help="NFormer stage-2 checkpoint (nformer.pt) to export as nformer.onnx")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("attach-nformer", help="export an NFormer checkpoint into an existing bundle (replacing "
+                                              "its NFormer; encoder and stored vectors untouched)")
+    p.add_argument("--bundle", default="service/default_bundle")
+    p.add_argument("--nformer", required=True, help="NFormer stage-2 checkpoint (nformer.pt)")
+    p.set_defaults(func=cmd_attach_nformer)
 
     p = sub.add_parser("quantize-nformer", help="add the int8 NFormer (serves local/joint refinement) to a bundle")
     p.add_argument("--bundle", default="service/default_bundle")

@@ -76,3 +76,56 @@ def test_export_without_images_is_refused(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="real images"):
         export_bundle(checkpoint[0], tmp_path / "b", [])
     assert not (tmp_path / "b").exists()
+
+
+def _nformer_checkpoint(path, dim, seed, noise=0.05):
+    from dataclasses import asdict
+
+    from models.nformer import NFormer, NFormerConfig
+
+    torch.manual_seed(seed)
+    model = NFormer(NFormerConfig(dim=dim, heads=2, layers=2, topk=5, landmarks=3, dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    torch.save({"nformer_config": asdict(model.cfg), "nformer": model.state_dict(), "config": {"seed": seed},
+                "epoch": 1}, path)
+    return path
+
+
+def test_attach_nformer_replaces_a_bundles_nformer_and_leaves_the_encoder(tmp_path):
+    from conftest import write_tiny_bundle
+    from index.refine import NeighborTransformer, NFormerSpec, sample_landmarks, topk_neighbors
+    from models.export import attach_nformer
+    from models.nformer_int8 import INT8_FILE
+    from models.nformer_train import load_trained_nformer
+
+    bundle = write_tiny_bundle(tmp_path / "bundle", name="attach")
+    before = json.loads((bundle / "model.json").read_text())
+    dim = before["embedding_dim"]
+    x = np.random.default_rng(0).standard_normal((30, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    outputs = []
+    for seed in (0, 1):  # attach, then replace with other weights
+        ckpt = _nformer_checkpoint(tmp_path / f"nformer{seed}.pt", dim, seed)
+        card = attach_nformer(bundle, ckpt)
+        load_bundle(bundle)  # every listed file's sha256 verifies
+        assert card["files"]["encoder.onnx"] == before["files"]["encoder.onnx"]
+        assert card["version"] == before["version"] and card["nformer"]["stage2"] == {"seed": seed}
+        assert INT8_FILE in card["files"] and "int8" in card["nformer"]
+        spec = NFormerSpec.from_card(card["nformer"])
+        got = NeighborTransformer(bundle / "nformer.onnx", spec)(x)
+        model = load_trained_nformer(ckpt)
+        with torch.no_grad():  # the module's training-path forward, not the export path
+            expected = torch.nn.functional.normalize(model(
+                torch.from_numpy(x)[None], landmarks=torch.from_numpy(sample_landmarks(30, 2, 3)),
+                neighbors=torch.from_numpy(topk_neighbors(x, 5))[None])[0], dim=-1).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        outputs.append(got)
+    assert not np.allclose(outputs[0], outputs[1])
+
+    wrong = _nformer_checkpoint(tmp_path / "wide.pt", dim * 2, 2)
+    with pytest.raises(ValueError, match="NFormer width"):
+        attach_nformer(bundle, wrong)
+    assert json.loads((bundle / "model.json").read_text())["nformer"]["stage2"] == {"seed": 1}
