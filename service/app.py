@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         # concurrent requests' images share encoder runs; batch sizes go to /metrics
         state.batcher = MicroBatcher(settings.batch_max_size, settings.batch_max_delay_ms,
-                                     observe=app.state.batch_size.observe)
+                                     observe=app.state.batch_size.observe, workers=settings.embed_workers)
         app.state.reid = state
         app.state.retention = RetentionSweeper(state).start()  # per-gallery retention_days
         try:

@@ -1,8 +1,8 @@
 """Micro-batching: images from concurrent requests are embedded in one encoder run.
 
-A request's images, preprocessed in its own thread, go to a queue; one worker thread takes what is
+A request's images, preprocessed in its own thread, go to a queue; a worker thread takes what is
 queued, waits up to ``max_delay_ms`` for more (until ``max_size`` images), runs the encoder once and hands
-each request its rows. Requests are batched only with others for the same embedder (a model switch never
+each request its rows. ``workers`` such threads run at once (``Settings.embed_workers``). Requests are batched only with others for the same embedder (a model switch never
 mixes models in one run).
 ``observe(n)`` receives each run's image count (the ``reid_embed_batch_size`` histogram).
 """
@@ -19,14 +19,17 @@ import numpy as np
 
 
 class MicroBatcher:
-    def __init__(self, max_size: int, max_delay_ms: float, observe: Callable[[int], None] | None = None):
+    def __init__(self, max_size: int, max_delay_ms: float, observe: Callable[[int], None] | None = None,
+                 workers: int = 1):
         self.max_size = max(1, int(max_size))
         self.max_delay = max(0.0, float(max_delay_ms)) / 1000.0
         self.observe = observe
         self._q: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="embed-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"embed-batcher-{i}", daemon=True)
+                         for i in range(max(1, int(workers)))]
+        for t in self._threads:
+            t.start()
 
     def embed(self, embedder, images: Sequence) -> np.ndarray:
         """Embed ``images`` with ``embedder`` (blocking), batched with other callers' images. Preprocessing
@@ -41,8 +44,10 @@ class MicroBatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._q.put(None)
-        self._thread.join(timeout=10)
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
 
     def _loop(self) -> None:
         carry = None

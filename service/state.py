@@ -33,7 +33,7 @@ from .follower import Follower
 from .index_sync import IndexSync
 from .jobs import JobManager, JobStore
 from .model_registry import DEFAULT_BUNDLE_ID, resolve_active
-from .runtime import limit_blas_threads
+from .runtime import encoder_threads, limit_blas_threads
 from .rwlock import RWLock
 from .settings import Settings
 
@@ -142,7 +142,8 @@ class ServiceState:
     def load_model(self, bundle: Bundle) -> tuple[Embedder, Refiner, str]:
         """The bundle's encoder, refiner and the refine default it can honour (BundleError if unusable)."""
         s = self.settings
-        embedder = Embedder(bundle, threads=s.ort_threads, batch_size=s.embed_batch_size, spin=s.ort_spin)
+        embedder = Embedder(bundle, threads=encoder_threads(s.ort_threads, s.embed_workers),
+                            batch_size=s.embed_batch_size, spin=s.ort_spin)
         refiner = load_refiner(bundle, s)
         refine_default = s.refine_default
         if refine_default in NFORMER_MODES and refiner.nformer is None:

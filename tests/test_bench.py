@@ -29,8 +29,10 @@ def test_quick_bench_writes_report(tmp_path):
     assert enc["cost"]["flops"] > 0 and enc["resnet50"]["cost"]["flops"] > enc["cost"]["flops"]
     assert report["int8"]["speed"]["int8"] > 0
     for fmt in ("png", "jpeg"):
-        http = report["ingest"]["formats"][fmt]["http"]
-        assert http["images_per_s"] > 0 and not http["errors"]
+        runs = report["ingest"]["formats"][fmt]["http"]
+        assert set(runs) == {"1", "2"}  # REID_EMBED_WORKERS
+        assert all(h["images_per_s"] > 0 and h["server_core_ms_per_image"] > 0 and not h["errors"]
+                   for h in runs.values())
     assert all(0 <= m["recall@10"] <= 1 for by in report["search"]["in_process"].values() for m in by.values())
     assert report["search"]["http"]["excluding_embedding"]["p99_ms"] > 0
     assert {g["status"] for g in report["goals"]} <= {"met", "missed", "info", "not measured"}

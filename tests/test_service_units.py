@@ -112,6 +112,39 @@ def test_embedder_outputs_normalised_batched_and_consistent(tiny_bundle, tmp_pat
 
 # ---------------------------------------------------------------- image decoding
 
+def test_micro_batcher_runs_workers_batches_at_once_and_hands_each_request_its_rows(tiny_bundle):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.batcher import MicroBatcher
+    from service.runtime import encoder_threads
+
+    embedder = Embedder(tiny_bundle, threads=1)
+    both_running = threading.Barrier(2, timeout=10)  # two encoder runs must be in flight together
+
+    class Meeting:
+        """The real embedder, whose runs wait for each other: one worker could never pass the barrier."""
+        dim = embedder.dim
+
+        def preprocess(self, images):
+            return embedder.preprocess(images)
+
+        def embed_arrays(self, x):
+            both_running.wait()
+            return embedder.embed_arrays(x)
+
+    batcher, meeting = MicroBatcher(max_size=1, max_delay_ms=0, workers=2), Meeting()
+    images = [np.full((64, 32, 3), 40 * i, np.uint8) for i in range(2)]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda im: batcher.embed(meeting, [im]), images))
+    finally:
+        batcher.stop()
+    np.testing.assert_allclose(np.concatenate(got), embedder.embed(images), rtol=1e-5, atol=1e-6)
+    assert encoder_threads(3, 2) == 3 and encoder_threads(0, 1) == 0  # configured / ORT's default
+    assert encoder_threads(0, 64) == 1
+
+
 def test_decode_good_formats():
     for fmt in ("PNG", "JPEG", "WEBP", "BMP", "GIF"):
         data = make_image_bytes(1, fmt=fmt)

@@ -27,6 +27,7 @@ class BenchConfig:
     ingest_clients: int = 4
     ingest_requests: int = 6
     ingest_batch: int = 32
+    ingest_workers: tuple = (1, 2)  # REID_EMBED_WORKERS of the servers measured
     server_threads: int = 0
     search_sizes: tuple = (10_000, 100_000, 1_000_000)
     search_queries: int = 200

@@ -43,15 +43,17 @@ def check(report: dict) -> list[dict]:
         goals.append(_missing("INT8 >= 1.8x with <= 1 point rank-1 loss", ">= 1.8x, <= 1 pt", "int8 section missing"))
     ing = report.get("ingest", {})
     if "formats" in ing:
-        cores = ing["server_ort_threads"] or report.get("machine", {}).get("cores", 1)  # 0: ORT uses them all
-        enc_core_ms = 1000 * cores / ing["encoder_only_images_per_s"]
+        enc_ms = ing["encoder_core_ms_per_image"]
         for fmt, f in ing["formats"].items():
-            r, clients = f["http_over_encoder"], f["http"]["clients"]
+            w = f["best_workers"]
+            r, run = f["http_over_encoder"][w], f["http"][w]
             decode_ms = 1000 / f["decode_images_per_s"]
-            why = (f"decoding alone caps it at {enc_core_ms / (enc_core_ms + decode_ms):.0%} on these cores "
-                   f"({decode_ms:.2f} core-ms per image beside the encoder's {enc_core_ms:.2f})")
-            goals.append(_goal(f"ingest over HTTP vs encoder alone, {fmt.upper()} ({clients} clients)", ">= 90%",
-                               f"{r:.0%}", r >= 0.9 and clients >= 4, _ratio_margin(r, 0.9), why))
+            why = (f"REID_EMBED_WORKERS={w}. The server spends {run['server_core_ms_per_image']:.2f} core-ms per "
+                   f"image against the encoder's {enc_ms:.2f}: on busy cores that share "
+                   f"({enc_ms / run['server_core_ms_per_image']:.0%}) bounds the ratio. Decoding alone takes "
+                   f"{decode_ms:.2f} core-ms, which caps it at {enc_ms / (enc_ms + decode_ms):.0%}")
+            goals.append(_goal(f"ingest over HTTP vs encoder alone, {fmt.upper()} ({run['clients']} clients)",
+                               ">= 90%", f"{r:.0%}", r >= 0.9 and run["clients"] >= 4, _ratio_margin(r, 0.9), why))
     else:
         goals.append(_missing("ingest over HTTP vs encoder alone", ">= 90%", "ingest section missing"))
     goals += _search_goals(report.get("search", {}), report.get("quick", False))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 from . import data
-from .encoder import ort_rate, session
-from .timing import rate
+from .encoder import session
+from .timing import rate, rate_and_cpu
 
 
 def _client(url: str, gallery_prefix: str, blobs: list[bytes], requests: int, errors: list) -> None:
@@ -27,33 +27,39 @@ def _client(url: str, gallery_prefix: str, blobs: list[bytes], requests: int, er
                 errors.append(f"{resp.status_code}: {resp.text[:200]}")
 
 
-def over_http(bundle_dir: Path, blobs: list[bytes], clients: int, requests: int, threads: int) -> dict:
+def over_http(bundle_dir: Path, blobs: list[bytes], clients: int, requests: int, threads: int,
+              workers: int = 1) -> dict:
+    """images/s through a fresh server, and the server's CPU per image (API process and its redis-server) over
+    the same window: against the encoder's own CPU per image it says what share of the cores the encoder gets."""
     from .process import ApiProcess
 
     with tempfile.TemporaryDirectory(prefix="reid-bench-ingest-") as tmp:
-        api = ApiProcess(Path(tmp) / "data", bundle_dir, env={"REID_ORT_THREADS": str(threads)}).start()
+        api = ApiProcess(Path(tmp) / "data", bundle_dir,
+                         env={"REID_ORT_THREADS": str(threads), "REID_EMBED_WORKERS": str(workers)}).start()
         try:
             _client(api.url, "warmup", blobs[:4], 1, [])
             errors: list[str] = []
-            workers = [threading.Thread(target=_client, args=(api.url, f"c{c}", blobs, requests, errors))
-                       for c in range(clients)]
-            started = time.perf_counter()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            seconds = time.perf_counter() - started
+            threads = [threading.Thread(target=_client, args=(api.url, f"c{c}", blobs, requests, errors))
+                        for c in range(clients)]
+            cpu, started = api.cpu_seconds(), time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            seconds, cpu = time.perf_counter() - started, api.cpu_seconds() - cpu
         finally:
             api.stop()
     images = clients * requests * len(blobs)
     return {"clients": clients, "requests_per_client": requests, "images_per_request": len(blobs),
-            "images": images, "seconds": seconds, "images_per_s": images / seconds, "errors": errors[:5]}
+            "embed_workers": workers, "images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "server_core_ms_per_image": 1000 * cpu / images, "errors": errors[:5]}
 
 
 def run(bundle_dir: Path, cfg) -> dict:
-    """``cfg``: ingest_clients, ingest_requests, ingest_batch, seconds, server_threads (0 = ORT default).
-    Twice: the shared data's files as they are (PNG) and the same images as JPEG (q90), whose decode costs
-    a fifth as much; the encoder-alone figure is measured once, beside both."""
+    """``cfg``: ingest_clients, ingest_requests, ingest_batch, ingest_workers, seconds, server_threads (0 = ORT
+    default). Twice: the shared data's files as they are (PNG) and the same images as JPEG (q90), whose decode
+    costs a fifth as much; each through a server per REID_EMBED_WORKERS value (1, the default: one encoder run
+    on all cores; 2: two runs at once on a core each). The encoder-alone figure is measured once, beside all."""
     from service.embedder import Embedder
     from service.images import decode_image
 
@@ -67,17 +73,22 @@ def run(bundle_dir: Path, cfg) -> dict:
     blobs = (blobs * (cfg.ingest_batch // len(blobs) + 1))[:cfg.ingest_batch]
     x, _ = data.images(card, cfg.ingest_batch)
     encoder = session(bundle_dir / "encoder.onnx", threads=cfg.server_threads)
-    encoder_only = ort_rate(encoder, x, len(x), cfg.seconds)
+    name = encoder.get_inputs()[0].name
+    encoder_only = [rate_and_cpu(lambda: encoder.run(None, {name: x}), len(x), cfg.seconds)]
     embedder = Embedder(bundle_dir, threads=cfg.server_threads, batch_size=len(blobs))
     out = {"images": source, "batch": len(blobs), "server_ort_threads": cfg.server_threads, "formats": {}}
     for fmt, files in (("png", blobs), ("jpeg", data.as_jpeg(blobs))):
         in_process = rate(lambda: embedder.embed([decode_image(b) for b in files]), len(files), cfg.seconds)
         decode = rate(lambda: [decode_image(b) for b in files], len(files), cfg.seconds)
-        http = over_http(bundle_dir, files, cfg.ingest_clients, cfg.ingest_requests, cfg.server_threads)
+        http = {str(w): over_http(bundle_dir, files, cfg.ingest_clients, cfg.ingest_requests, cfg.server_threads, w)
+                for w in cfg.ingest_workers}
         out["formats"][fmt] = {"bytes_per_image": sum(map(len, files)) / len(files), "decode_images_per_s": decode,
                                "decode_and_encode_images_per_s": in_process, "http": http}
     # the baseline measured before and after: a neighbour's load only lowers it, so the higher one counts
-    out["encoder_only_images_per_s"] = encoder_only = max(encoder_only, ort_rate(encoder, x, len(x), cfg.seconds))
+    encoder_only.append(rate_and_cpu(lambda: encoder.run(None, {name: x}), len(x), cfg.seconds))
+    enc, enc_cpu = max(encoder_only)
+    out["encoder_only_images_per_s"], out["encoder_core_ms_per_image"] = enc, enc_cpu
     for f in out["formats"].values():
-        f["http_over_encoder"] = f["http"]["images_per_s"] / encoder_only
+        f["http_over_encoder"] = {w: h["images_per_s"] / enc for w, h in f["http"].items()}
+        f["best_workers"] = max(f["http_over_encoder"], key=f["http_over_encoder"].get)
     return out

@@ -107,6 +107,11 @@ class ApiProcess:
                 out[key] = int(val.split()[0])
         return out
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process and its children (the embedded redis-server), from /proc."""
+        children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(int(p.name)) == self.pid]
+        return sum(_cpu_seconds(pid) for pid in [self.pid, *children])
+
     def metric(self, name: str) -> float | None:
         for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{}"):
@@ -131,6 +136,23 @@ class ApiProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _stat_fields(pid: int) -> list[str]:
+    try:  # after the command name, which may hold spaces and parentheses
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = _stat_fields(pid)  # utime and stime are the stat file's fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
 def pid_alive(pid: int) -> bool:

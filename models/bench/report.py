@@ -75,18 +75,31 @@ def int8_lines(q: dict) -> list[str]:
 
 def ingest_lines(i: dict) -> list[str]:
     enc, formats = i["encoder_only_images_per_s"], i["formats"]
-    h = next(iter(formats.values()))["http"]
+    runs = next(iter(formats.values()))["http"]
+    h = next(iter(runs.values()))
     lines = [f"{i['images']}, as shipped (PNG) and re-encoded as JPEG q90; {h['clients']} clients x "
              f"{h['requests_per_client']} requests of {h['images_per_request']} images (batch upload endpoint, "
-             f"embedded Redis, REID_ORT_THREADS={i['server_ort_threads']}).", "",
+             f"embedded Redis, REID_ORT_THREADS={i['server_ort_threads']}). REID_EMBED_WORKERS: encoder runs in "
+             "flight (1, the default: one run on all cores; 2: two runs, a core each).", "",
              "| path | " + " | ".join(f"{f.upper()} images/s | vs encoder" for f in formats) + " |",
              "|---|" + "---|---|" * len(formats),
              "| encoder alone (ORT, preprocessed batch) | " + " | ".join(f"{enc:.1f} | 100%" for _ in formats) + " |"]
     for key, label in (("decode_images_per_s", "decode alone (one thread)"),
                        ("decode_and_encode_images_per_s", "decode + preprocess + encode in process, in turn")):
         lines.append(f"| {label} | " + " | ".join(f"{f[key]:.1f} | {f[key] / enc:.0%}" for f in formats.values()) + " |")
-    lines.append("| HTTP API, end to end | " + " | ".join(f"{f['http']['images_per_s']:.1f} | {f['http_over_encoder']:.0%}"
-                                                        for f in formats.values()) + " |")
+    for w in runs:
+        lines.append(f"| HTTP API, REID_EMBED_WORKERS={w} | " + " | ".join(
+            f"{f['http'][w]['images_per_s']:.1f} | {f['http_over_encoder'][w]:.0%}" for f in formats.values()) + " |")
+    enc_ms = i["encoder_core_ms_per_image"]
+    lines += ["", f"CPU per image: the encoder alone uses {enc_ms:.2f} core-ms. The server (API process and its "
+              "redis-server, over the same window) uses more: its decoding, preprocessing, HTTP and storage share "
+              "the cores, and the encoder's share of the server's CPU bounds HTTP / encoder when the cores are busy.",
+              "", "| server | " + " | ".join(f"{f.upper()} core-ms / image | encoder's share" for f in formats) + " |",
+              "|---|" + "---|---|" * len(formats)]
+    for w in runs:
+        lines.append(f"| REID_EMBED_WORKERS={w} | " + " | ".join(
+            f"{f['http'][w]['server_core_ms_per_image']:.2f} | {enc_ms / f['http'][w]['server_core_ms_per_image']:.0%}"
+            for f in formats.values()) + " |")
     lines += ["", "Bytes per image: " + ", ".join(f"{k.upper()} {f['bytes_per_image'] / 1024:.1f} KB"
                                                  for k, f in formats.items()) + "."]
     return lines
