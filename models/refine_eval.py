@@ -93,7 +93,17 @@ def gallery_graph(gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def refinement_latency(refiner: Refiner, real: np.ndarray, sizes=(1_000, 10_000, 100_000), queries: int = 20,
                        candidates=DEFAULT_CANDIDATES, joint_queries: int = 1) -> dict:
     """Per-query milliseconds (p50) of each mode at each gallery size: exact FAISS search for the candidates
-    plus the refinement. `joint` uses a cached gallery k-NN graph (built once per gallery, reported apart)."""
+    plus the refinement. `joint` uses a cached gallery k-NN graph (built once per gallery, reported apart).
+    Timed with the serving process's thread pools (BLAS on one thread: its spinning pool beside ONNX Runtime's
+    made `local` three times slower)."""
+    from service.runtime import limit_blas_threads
+
+    with limit_blas_threads():
+        return _refinement_latency(refiner, real, sizes, queries, candidates, joint_queries)
+
+
+def _refinement_latency(refiner: Refiner, real: np.ndarray, sizes, queries: int, candidates,
+                        joint_queries: int) -> dict:
     import faiss
 
     out: dict = {}
