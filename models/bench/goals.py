@@ -3,6 +3,8 @@ section was skipped or failed is reported as not measured, never as met."""
 
 from __future__ import annotations
 
+from .report import cpu_split
+
 
 def _goal(name: str, target: str, measured, ok: bool | None, margin: str, note: str = "") -> dict:
     return {"goal": name, "target": target, "measured": measured,
@@ -47,11 +49,12 @@ def check(report: dict) -> list[dict]:
         for fmt, f in ing["formats"].items():
             w = f["best_workers"]
             r, run = f["http_over_encoder"][w], f["http"][w]
-            decode_ms = 1000 / f["decode_images_per_s"]
-            why = (f"REID_EMBED_WORKERS={w}. The server spends {run['server_core_ms_per_image']:.2f} core-ms per "
-                   f"image against the encoder's {enc_ms:.2f}: on busy cores that share "
-                   f"({enc_ms / run['server_core_ms_per_image']:.0%}) bounds the ratio. Decoding alone takes "
-                   f"{decode_ms:.2f} core-ms, which caps it at {enc_ms / (enc_ms + decode_ms):.0%}")
+            c = cpu_split(f, enc_ms)
+            why = (f"REID_EMBED_WORKERS={w}. Core-ms per image: server {c['server']:.2f} = encoder {c['encoder']:.2f} "
+                   f"+ decode {c['decode']:.2f} + preprocess {c['preprocess']:.2f} + HTTP/Redis/index/Python "
+                   f"{c['rest']:.2f}. On busy cores the encoder's share ({c['encoder'] / c['server']:.0%}) bounds the "
+                   f"ratio; 90% allows {c['encoder'] / 9:.2f} core-ms of everything else, and decode + preprocess "
+                   f"alone take {c['decode'] + c['preprocess']:.2f}")
             goals.append(_goal(f"ingest over HTTP vs encoder alone, {fmt.upper()} ({run['clients']} clients)",
                                ">= 90%", f"{r:.0%}", r >= 0.9 and run["clients"] >= 4, _ratio_margin(r, 0.9), why))
     else:

@@ -79,10 +79,13 @@ def run(bundle_dir: Path, cfg) -> dict:
     out = {"images": source, "batch": len(blobs), "server_ort_threads": cfg.server_threads, "formats": {}}
     for fmt, files in (("png", blobs), ("jpeg", data.as_jpeg(blobs))):
         in_process = rate(lambda: embedder.embed([decode_image(b) for b in files]), len(files), cfg.seconds)
-        decode = rate(lambda: [decode_image(b) for b in files], len(files), cfg.seconds)
+        decode, decode_ms = rate_and_cpu(lambda: [decode_image(b) for b in files], len(files), cfg.seconds)
+        decoded = [decode_image(b) for b in files]
+        _, preprocess_ms = rate_and_cpu(lambda: embedder.preprocess(decoded), len(files), cfg.seconds)
         http = {str(w): over_http(bundle_dir, files, cfg.ingest_clients, cfg.ingest_requests, cfg.server_threads, w)
                 for w in cfg.ingest_workers}
         out["formats"][fmt] = {"bytes_per_image": sum(map(len, files)) / len(files), "decode_images_per_s": decode,
+                               "decode_core_ms_per_image": decode_ms, "preprocess_core_ms_per_image": preprocess_ms,
                                "decode_and_encode_images_per_s": in_process, "http": http}
     # the baseline measured before and after: a neighbour's load only lowers it, so the higher one counts
     encoder_only.append(rate_and_cpu(lambda: encoder.run(None, {name: x}), len(x), cfg.seconds))

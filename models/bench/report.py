@@ -100,9 +100,21 @@ def ingest_lines(i: dict) -> list[str]:
         lines.append(f"| REID_EMBED_WORKERS={w} | " + " | ".join(
             f"{f['http'][w]['server_core_ms_per_image']:.2f} | {enc_ms / f['http'][w]['server_core_ms_per_image']:.0%}"
             for f in formats.values()) + " |")
+    lines += ["", "Where the server's CPU per image goes (best REID_EMBED_WORKERS; decode and preprocess timed alone "
+              "in this process, the rest is HTTP, multipart parsing, Redis writes, index updates and Python):", "",
+              "| format | server core-ms | encoder | decode | preprocess (resize, normalise) | rest |", "|---|---|---|---|---|---|"]
+    for fmt, f in formats.items():
+        lines.append(f"| {fmt.upper()} | " + " | ".join(f"{v:.2f}" for v in cpu_split(f, enc_ms).values()) + " |")
     lines += ["", "Bytes per image: " + ", ".join(f"{k.upper()} {f['bytes_per_image'] / 1024:.1f} KB"
                                                  for k, f in formats.items()) + "."]
     return lines
+
+
+def cpu_split(f: dict, enc_ms: float) -> dict:
+    """A format's server core-ms per image (at its best REID_EMBED_WORKERS) split into its parts."""
+    total = f["http"][f["best_workers"]]["server_core_ms_per_image"]
+    parts = {"encoder": enc_ms, "decode": f["decode_core_ms_per_image"], "preprocess": f["preprocess_core_ms_per_image"]}
+    return {"server": total, **parts, "rest": total - sum(parts.values())}
 
 
 def search_lines(s: dict) -> list[str]:
