@@ -332,15 +332,21 @@ class RedisStore:
             existed = [bool(x) for x in check.execute()]
             pipe.multi()
             written: set[int] = set()
+            vectors: dict[str, bytes] = {}  # one HSET each for the batch's vectors and kept images
+            kept: dict[str, bytes] = {}
             for (id_, key, vbytes, meta), ex, blob in zip(prepared, existed, blobs):
                 if ex or id_ in written:
                     continue
                 written.add(id_)
-                pipe.hset(self.k_vectors(gallery), str(id_), vbytes)
+                vectors[str(id_)] = vbytes
                 pipe.hset(key, mapping=meta)
                 if blob is not None:
-                    pipe.hset(self.k_images(gallery), str(id_), bytes(blob))
+                    kept[str(id_)] = bytes(blob)
                 self._event(pipe, "put", gallery, str(id_))
+            if vectors:
+                pipe.hset(self.k_vectors(gallery), mapping=vectors)
+            if kept:
+                pipe.hset(self.k_images(gallery), mapping=kept)
             if written:
                 pipe.sadd(self.k_galleries(), gallery)
                 pipe.hsetnx(self.k_gallery(gallery), "name", gallery)

@@ -147,8 +147,11 @@ def _ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, byt
         missing = [i for n, i in slots if status[n] == "exists" and not idx.contains(i)]
         if missing:
             state.index_refresh(gallery, missing)
-        stored = store.get_many(gallery, [i for _, i in slots])
-        for (n, id_), rec in zip(slots, stored):
+        # an existing image reports the external_id it was stored with; a new one, the one just written
+        old = [(n, i) for n, i in slots if status[n] == "exists"]
+        stored = {n: rec for (n, _), rec in zip(old, store.get_many(gallery, [i for _, i in old]))}
+        for n, id_ in slots:
+            rec = stored.get(n)
             ext = rec.metadata.get("external_id") if rec is not None else metas[n].get("external_id")
             res.items.append({"index": n, "id": id_, "external_id": ext, "status": status[n]})
     res.errors.sort(key=lambda e: e["index"])
