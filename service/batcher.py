@@ -2,8 +2,8 @@
 
 A request's images, preprocessed in its own thread, go to a queue; a worker thread takes what is
 queued, waits up to ``max_delay_ms`` for more (until ``max_size`` images), runs the encoder once and hands
-each request its rows. ``workers`` such threads run at once (``Settings.embed_workers``). Requests are batched only with others for the same embedder (a model switch never
-mixes models in one run).
+each request its rows; ``workers`` such threads run at once (``Settings.embed_workers``). Requests are
+batched only with others for the same embedder (a model switch never mixes models in one run).
 ``observe(n)`` receives each run's image count (the ``reid_embed_batch_size`` histogram).
 """
 

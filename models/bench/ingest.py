@@ -39,12 +39,12 @@ def over_http(bundle_dir: Path, blobs: list[bytes], clients: int, requests: int,
         try:
             _client(api.url, "warmup", blobs[:4], 1, [])
             errors: list[str] = []
-            threads = [threading.Thread(target=_client, args=(api.url, f"c{c}", blobs, requests, errors))
-                        for c in range(clients)]
+            posting = [threading.Thread(target=_client, args=(api.url, f"c{c}", blobs, requests, errors))
+                       for c in range(clients)]
             cpu, started = api.cpu_seconds(), time.perf_counter()
-            for t in threads:
+            for t in posting:
                 t.start()
-            for t in threads:
+            for t in posting:
                 t.join()
             seconds, cpu = time.perf_counter() - started, api.cpu_seconds() - cpu
         finally:
