@@ -48,3 +48,11 @@ def test_quick_bench_writes_report(tmp_path):
     assert text.count(START) == text.count(END) == 1 and "old table" not in text and "kept" in text
     run_bench(DEFAULT_BUNDLE_DIR, tmp_path / "out", quick=True, readme=readme, only=("encoder",), log=lambda s: None)
     assert readme.read_text().count(START) == 1  # re-running replaces the block
+
+
+def test_readme_excerpts_end_at_a_whole_paragraph():
+    from models.bench.report import _head
+
+    lines = ["intro", "", "| a |", "|---|", "| 1 |", "", "profile, top operators:", "", "| op |", "|---|", "| x |"]
+    assert _head(lines, 9) == ["intro", "", "| a |", "|---|", "| 1 |"]  # no half table, no dangling intro
+    assert _head(lines, 20) == lines

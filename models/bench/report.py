@@ -229,8 +229,19 @@ def readme_summary(r: dict, report_path: str) -> str:
              "Every ratio below was measured side by side in that one run.", "", *machine_lines(r)[1:], "",
              *goals_table(r["goals"]), ""]
     for key, title, fn in (("encoder", "Encoder", encoder_lines), ("search", "Search", search_lines)):
-        lines += _section(r, key, title, lambda b, fn=fn: fn(b)[:14 if key == "encoder" else 40], "####")
+        lines += _section(r, key, title, lambda b, fn=fn, n=14 if key == "encoder" else 40: _head(fn(b), n), "####")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _head(lines: list[str], n: int) -> list[str]:
+    """At most ``n`` lines, cut at a blank line so that no table or paragraph is left half, nor a sentence
+    introducing (with ':') what was cut."""
+    if len(lines) <= n:
+        return lines
+    blanks = [i for i, line in enumerate(lines[:n + 1]) if not line.strip()]
+    while blanks and lines[blanks[-1] - 1].rstrip().endswith(":"):
+        blanks.pop()
+    return lines[:blanks[-1]] if blanks else lines[:n]
 
 
 def update_readme(readme: Path, summary: str) -> None:
