@@ -15,7 +15,6 @@ on the NFormer at several N (below and above k), rtol 1e-3, atol 1e-5; otherwise
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ import onnxruntime as ort
 import torch
 
 from index.refine import sample_landmarks, topk_neighbors
+from service.bundle import CARD_NAME, WEIGHTS_NAME, sha256_file, write_card
 
 from .data.transforms import InputSpec, TestTransform, load_rgb
 from .nformer import ExportableNFormer
@@ -36,20 +36,10 @@ from .reid_model import NormalizedEncoder
 from .train import load_trained_model
 
 RTOL, ATOL = 1e-3, 1e-5
-CARD_NAME = "model.json"
-WEIGHTS_NAME = "weights.pt"
 
 
 class ExportMismatch(RuntimeError):
     """ONNX Runtime does not reproduce torch: the bundle is refused."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_onnx(encoder: torch.nn.Module, spec: InputSpec, path: Path) -> None:
@@ -184,7 +174,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
             write_training_weights(state, staging / WEIGHTS_NAME)
             card["outputs"][WEIGHTS_NAME] = "float16 torch weights of the encoder (for `reid adapt`; not used to serve)"
             card["files"][WEIGHTS_NAME] = sha256_file(staging / WEIGHTS_NAME)
-        (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+        write_card(staging, card)
         if nformer_checkpoint:
             card = attach_nformer(staging, nformer_checkpoint)
         if out_dir.exists():
@@ -216,7 +206,7 @@ def attach_nformer(bundle_dir: str | Path, nformer_checkpoint: str | Path) -> di
     card["files"]["nformer.onnx"] = sha256_file(bundle_dir / "nformer.onnx")
     card["files"].pop(INT8_FILE, None)  # until the new one is checked
     (bundle_dir / INT8_FILE).unlink(missing_ok=True)
-    _write_card(bundle_dir, card)
+    write_card(bundle_dir, card)
     try:  # the int8 NFormer that serves refinement, checked against the fp32 one
         add_int8_nformer(bundle_dir)
     except QuantisationDrift as e:  # the bundle still serves, on its fp32 NFormer
@@ -229,11 +219,5 @@ def update_card_evaluation(bundle_dir: str | Path, evaluation: dict) -> dict:
     path = Path(bundle_dir) / CARD_NAME
     card = json.loads(path.read_text())
     card.setdefault("evaluation", {}).update(evaluation)
-    _write_card(path.parent, card)
+    write_card(path.parent, card)
     return card
-
-
-def _write_card(bundle_dir: Path, card: dict) -> None:
-    staged = Path(bundle_dir) / (CARD_NAME + ".tmp")
-    staged.write_text(json.dumps(card, indent=2) + "\n")
-    staged.replace(Path(bundle_dir) / CARD_NAME)

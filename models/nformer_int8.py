@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from index.refine import NFORMER_FILE, NFORMER_INT8_FILE as INT8_FILE, sample_landmarks, topk_neighbors
-from service.bundle import CARD_NAME, sha256_file
+from service.bundle import CARD_NAME, sha256_file, write_card
 
 MIN_COSINE = 0.999  # per refined feature, int8 vs fp32
 CHECK_SIZES = (7, 64, 301)
@@ -75,7 +75,5 @@ def add_to_bundle(bundle_dir: str | Path) -> dict:
              "check": drift}
     card["nformer"]["int8"] = entry
     card["files"][INT8_FILE] = sha256_file(int8_path)
-    staged = card_path.with_suffix(".tmp")
-    staged.write_text(json.dumps(card, indent=2) + "\n")
-    staged.replace(card_path)
+    write_card(bundle_dir, card)
     return entry

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Bundle", "BundleError", "load_bundle", "sha256_file", "CARD_NAME", "ENCODER_NAME", "WEIGHTS_NAME"]
+__all__ = ["Bundle", "BundleError", "load_bundle", "sha256_file", "write_card", "CARD_NAME", "ENCODER_NAME", "WEIGHTS_NAME"]
 
 CARD_NAME = "model.json"
 ENCODER_NAME = "encoder.onnx"
@@ -47,6 +47,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def write_card(bundle_dir: str | Path, card: dict) -> None:
+    """Replace a bundle's card atomically (staged, then renamed): a reader never sees half a card."""
+    staged = Path(bundle_dir) / (CARD_NAME + ".tmp")
+    staged.write_text(json.dumps(card, indent=2) + "\n")
+    staged.replace(Path(bundle_dir) / CARD_NAME)
 
 
 @dataclass(frozen=True)

@@ -156,11 +156,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"  # a zombie has exited
 
 
 def noise_images(n: int, seed: int, size: tuple[int, int] = (32, 64)) -> list[bytes]:
