@@ -129,7 +129,7 @@ def nformer_card(nformer, state: dict, parity: dict) -> dict:
 def write_training_weights(state: dict, path: Path) -> None:
     """A checkpoint `load_trained_model` reads, without optimiser state, its tensors in float16: a starting
     point for fine-tuning (loading casts back to float32), at a sixth of `last.pt`'s size."""
-    keep = ("config", "input", "num_classes", "label_names", "epoch", "method")
+    keep = ("config", "input", "num_classes", "label_names", "epoch", "method", "lineage")
     model = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
     torch.save({"model": model, **{k: state[k] for k in keep if k in state}}, path)
 
@@ -141,7 +141,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
     if not check_images:
         raise ValueError("export needs real images to check ONNX Runtime against torch")
     model, spec, state = load_trained_model(checkpoint)
-    encoder = NormalizedEncoder(model).eval()
+    cfg = state["config"]
+    encoder = NormalizedEncoder(model, flip_average=bool(cfg.get("flip_average"))).eval()
     transform = TestTransform(spec)
     images = np.stack([transform(load_rgb(p)) for p in check_images[:8]])
 
@@ -152,7 +153,6 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
         onnx_path = staging / "encoder.onnx"
         export_onnx(encoder, spec, onnx_path)
         parity = check_onnx_matches_torch(encoder, onnx_path, images)
-        cfg = state["config"]
         card = {
             "name": name,
             "version": version or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d.%H%M%S"),
@@ -165,6 +165,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
             "recipe": cfg,
             "training_data": {"datasets": cfg["train_data"], "split": cfg["split"],
                               "identities": state["num_classes"], "epochs_trained": state["epoch"]},
+            # every training cycle from ImageNet to this bundle (warm restarts: `reid train --init`)
+            "lineage": state.get("lineage") or [],
             "export_check": {"rtol": RTOL, "atol": ATOL, **parity},
             "evaluation": {},
             "files": {"encoder.onnx": sha256_file(onnx_path)},

@@ -19,7 +19,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig()
     for key in ("epochs", "backbone", "height", "width", "p", "k", "lr", "seed", "split", "last_stride",
                 "eval_every", "threads", "max_batches_per_epoch", "freeze_backbone_epochs",
-                "backbone_lr_factor", "warmup_epochs", "embedding_dim"):
+                "backbone_lr_factor", "warmup_epochs", "embedding_dim", "init", "frozen_stages", "pooling",
+                "random_erasing", "color_jitter", "flip_average"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -348,6 +349,43 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_lever_study(args) -> int:
+    from models import lever_study as study
+
+    out = Path(args.out)
+    rates = study.measure_rates(out)
+    chosen = [lv for i, lv in enumerate(study.LEVERS) if not args.rows or str(i) in args.rows]
+    if not args.report_only:
+        for lever in chosen:
+            study.run_row(lever, out, args.budget_minutes, rates, args.threads)
+    results = [json.loads(p.read_text()) for p in (out / study.slug(lv.name) / "result.json" for lv in study.LEVERS)
+               if p.exists()]
+    table = study.markdown(results, study.measure_encoder_rates(out) if args.report_only else {},
+                           args.budget_minutes)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+def cmd_train_speed(args) -> int:
+    from models.training_speed import SpeedCase, markdown_table, training_throughput
+
+    rows = []
+    for size in args.sizes:
+        height, width = (int(v) for v in size.split("x"))
+        for pipeline, channels_last, frozen in (("pil", False, 0), ("tensor", False, 0), ("pil", True, 0),
+                                                ("tensor", True, 0), ("tensor", True, 2)):
+            case = SpeedCase(args.backbone, height, width, pipeline, channels_last, frozen_stages=frozen)
+            rows.append(training_throughput(case, seconds=args.seconds, threads=args.threads))
+            print(json.dumps(rows[-1]), flush=True)
+    table = markdown_table(rows)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
 def cmd_loadtest(args) -> int:
     from models.bench import load
 
@@ -390,9 +428,32 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in (("epochs", int), ("backbone", str), ("height", int), ("width", int), ("p", int), ("k", int),
                       ("embedding-dim", int), ("lr", float), ("seed", int), ("split", int), ("last-stride", int),
                       ("eval-every", int), ("threads", int), ("max-batches-per-epoch", int), ("freeze-backbone-epochs", int),
-                      ("backbone-lr-factor", float), ("warmup-epochs", float)):
+                      ("backbone-lr-factor", float), ("warmup-epochs", float), ("frozen-stages", int),
+                      ("random-erasing", float), ("color-jitter", float)):
         p.add_argument(f"--{name}", type=typ)
+    p.add_argument("--init", help="warm restart from a bundle (its weights.pt) or a checkpoint: its weights, a fresh "
+                                  "optimiser and schedule; the card's lineage records every cycle")
+    p.add_argument("--pooling", choices=["avg", "gem"])
+    p.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=None,
+                   help="embed image + mirror image (evaluation and the exported encoder; twice the cost)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("lever-study", help="issue 14's lever study: one change per row, same training budget, split 1")
+    p.add_argument("--out", default="runs/levers")
+    p.add_argument("--budget-minutes", type=float, default=8.0)
+    p.add_argument("--rows", nargs="*", help="row numbers to run (default: all); parallel processes may split them")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report-only", action="store_true", help="measure encoder speeds and write the table")
+    p.add_argument("--markdown", help="write the table here")
+    p.set_defaults(func=cmd_lever_study)
+
+    p = sub.add_parser("train-speed", help="training img/s: PIL vs in-memory tensor pipeline, NCHW vs channels_last")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--sizes", nargs="+", default=["128x64", "256x128"])
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--markdown", help="write the table here")
+    p.set_defaults(func=cmd_train_speed)
 
     p = sub.add_parser("adapt", help="fine-tune a bundle on unlabeled images of new cameras (GRACL) into a new bundle")
     p.add_argument("--bundle", default="service/default_bundle", help="parent bundle (must carry weights.pt)")

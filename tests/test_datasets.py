@@ -25,6 +25,7 @@ def test_cuhk03_cameras_follow_the_pair_table():
 
 @pytest.mark.parametrize("name, n_query, n_gallery, n_train", [
     ("prid2011", 100, 649, 200), ("prid450s", 225, 225, 450), ("viper", 158, 158, 316),
+    ("cuhk01", 972, 972, 1940), ("pku-reid", 296, 296, 592),
 ])
 def test_single_shot_protocols(name, n_query, n_gallery, n_train):
     require_shared_data()
@@ -78,3 +79,21 @@ def test_combined_training_sets_never_collide():
     samples, names = combine_for_training([load_dataset("prid2011", 0), load_dataset("viper", 0)])
     assert len(names) == 100 + 158 and {s.pid for s in samples} == set(range(len(names)))
     assert len({s.camid for s in samples}) == 4
+
+
+@pytest.mark.parametrize("name, images, ids", [("cuhk01-all", 3884, 971), ("pku-reid-all", 1184, 74),
+                                                ("viper-all", 632, 316)])
+def test_whole_sets_for_training(name, images, ids):
+    require_shared_data()
+    ds = load_dataset(name)
+    assert (len(ds.train), len({s.pid for s in ds.train})) == (images, ids)
+    assert not ds.query and not ds.gallery
+    cameras = {}
+    for s in ds.train:
+        cameras.setdefault(s.pid, set()).add(s.camid)
+    assert all(c == {1, 2} for c in cameras.values())  # every person seen by both cameras
+
+
+def test_whole_set_is_offered_only_where_it_is_honest():
+    with pytest.raises(FileNotFoundError):
+        load_dataset("prid2011-all")  # its B-only people have no match; PRID450S shares its people

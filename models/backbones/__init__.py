@@ -3,11 +3,13 @@ exposes `out_channels`, `input_mean`, `input_std` (the normalisation its pretrai
 
 from __future__ import annotations
 
-from .efficientnet_lite import efficientnet_lite0
+from .efficientnet_lite import efficientnet_lite0, efficientnet_lite1, efficientnet_lite2
 from .resnet import resnet18, resnet34, resnet50
 
 BACKBONES = {
     "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite1": efficientnet_lite1,
+    "efficientnet_lite2": efficientnet_lite2,
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,

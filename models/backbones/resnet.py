@@ -79,6 +79,12 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
+    def front(self, stages: int) -> list[nn.Module]:
+        """The stem and the first `stages` of layer1..layer4 (see ReIDModel.freeze_front)."""
+        if not stages:
+            return []
+        return [self.conv1, self.bn1, *[self.layer1, self.layer2, self.layer3, self.layer4][:stages]]
+
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))

@@ -160,10 +160,34 @@ def viper(root: str | Path, split: int = 0) -> ReIDDataset:
                               "viper (half): 158 train / 158 test ids, probe A, gallery B")
 
 
+def cuhk01(root: str | Path, split: int = 0) -> ReIDDataset:
+    """CUHK01 (`IIIIVVV.png`, views 001/002 = camera A, 003/004 = camera B): 485 train / 486 test ids; probe
+    camera A, gallery camera B (2 true matches per query)."""
+    samples = [Sample(str(p), int(p.stem[:4]), 1 if int(p.stem[4:]) <= 2 else 2) for p in _images(Path(root))]
+    return _probe_a_gallery_b("cuhk01", samples, 485, split,
+                              "cuhk01: 485 train / 486 test ids, probe camera A, gallery camera B")
+
+
+def pku_reid(root: str | Path, split: int = 0) -> ReIDDataset:
+    """PKU-Reid, 74 ids here (`III_CC_O.png`: identity, camera 01/02, orientation 1-8): 37 / 37 ids;
+    probe camera 01, gallery camera 02 (8 true matches per query)."""
+    samples = []
+    for p in _images(Path(root)):
+        pid, cam, _orientation = p.stem.split("_")
+        samples.append(Sample(str(p), int(pid), int(cam)))
+    return _probe_a_gallery_b("pku_reid", samples, 37, split,
+                              "pku_reid: 37 train / 37 test ids, probe camera 01, gallery camera 02")
+
+
+def all_identities(dataset: ReIDDataset) -> ReIDDataset:
+    """Every identity of a protocol as training data (for models evaluated on other sets)."""
+    base = dataset.name.split("/")[0]
+    return ReIDDataset(name=f"{base}/all", train=sorted(dataset.train + dataset.query + dataset.gallery))
+
+
 def viper_all(root: str | Path) -> ReIDDataset:
     """All 316 VIPeR identities as training data (for models evaluated elsewhere)."""
-    full = viper(root, 0)
-    return ReIDDataset(name="viper/all", train=sorted(full.train + full.query + full.gallery))
+    return all_identities(viper(root, 0))
 
 
 CUHK03_PAIR_STARTS = (0, 843, 1283, 1360, 1418)  # first identity of camera pairs 1..5
@@ -202,7 +226,12 @@ def cuhk03(root: str | Path, split: int = 0) -> ReIDDataset:
     )
 
 
-SHARED_READERS = {"prid450s": prid450s, "prid2011": prid2011, "viper": viper, "cuhk03": cuhk03}
+SHARED_READERS = {"prid450s": prid450s, "prid2011": prid2011, "viper": viper, "cuhk03": cuhk03, "cuhk01": cuhk01,
+                  "pku-reid": pku_reid}
+SHARED_FOLDERS = {"pku-reid": "pku_reid"}
+# sets usable whole as training data (`<name>-all`); PRID2011's camera-B-only people have no match, and
+# PRID450S shares its people with PRID2011, so neither is offered whole
+WHOLE_SETS = ("viper", "cuhk01", "pku-reid")
 
 
 def shared_data_dir() -> Path | None:
@@ -220,18 +249,20 @@ def shared_data_dir() -> Path | None:
 
 
 def load_dataset(spec: str, split: int = 0) -> ReIDDataset:
-    """`prid2011`, `cuhk03`, `prid450s`, `viper`, `viper-all` (from the shared data), or a folder path
-    (Market-1501 layout or a custom `<pid>_c<cam>` folder)."""
+    """`prid2011`, `cuhk03`, `prid450s`, `viper`, `cuhk01`, `pku-reid` (from the shared data, split `split`),
+    `viper-all`, `cuhk01-all`, `pku-reid-all` (every identity, for training), or a folder path (Market-1501
+    layout or a custom `<pid>_c<cam>` folder)."""
     name = spec.lower()
-    if name in SHARED_READERS or name == "viper-all":
+    whole = name.endswith("-all") and name[:-4] in WHOLE_SETS
+    reader = name[:-4] if whole else name
+    if reader in SHARED_READERS:
         base = shared_data_dir()
         if base is None:
             raise FileNotFoundError(
                 f"dataset {spec!r} needs the shared data folder (../shared/data or $REID_SHARED_DATA)"
             )
-        if name == "viper-all":
-            return viper_all(base / "viper")
-        return SHARED_READERS[name](base / name, split)
+        dataset = SHARED_READERS[reader](base / SHARED_FOLDERS.get(reader, reader), split)
+        return all_identities(dataset) if whole else dataset
     path = Path(spec)
     if not path.is_dir():
         raise FileNotFoundError(f"no dataset named {spec!r} and no such folder")

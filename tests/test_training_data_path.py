@@ -1,0 +1,164 @@
+"""The training data path of issue 14: decoded uint8 images in memory, per-batch augmentation in torch,
+channels_last, frozen front stages, Lite1/Lite2, GeM, flip-averaged embeddings, warm restarts with lineage."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.backbones import build_backbone
+from models.data.batch_augment import Augmentation, BatchAugment, DecodedImages
+from models.data.datasets import Sample, market1501
+from models.data.transforms import InputSpec, TestTransform
+from models.export import export_bundle
+from models.reid_model import NormalizedEncoder, ReIDModel
+from models.synthetic import make_synthetic
+from models.train import TrainConfig, load_trained_model, train
+
+SPEC = InputSpec(64, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, n_train_ids=24, n_test_ids=12, cameras=2, images_per_id_per_cam=2, seed=3)
+    return root
+
+
+def test_decoded_images_are_what_the_test_transform_sees(synthetic):
+    samples = market1501(synthetic).train[:5]
+    decoded = DecodedImages(samples, 64, 32, progress=False)
+    assert decoded.images.dtype == torch.uint8 and decoded.images.shape == (5, 3, 64, 32)
+    plain = BatchAugment(SPEC, Augmentation(flip_p=0, pad=0, erase_p=0))(decoded.images)
+    expected = np.stack([TestTransform(SPEC)(Image.open(s.path).convert("RGB")) for s in samples])
+    assert np.allclose(plain.numpy(), expected, atol=1e-6)
+    assert decoded.labels.tolist() == [s.pid for s in samples]
+
+
+def test_batch_augmentation_flips_pads_and_erases():
+    gradient = torch.arange(32, dtype=torch.uint8).repeat(2, 3, 64, 1) * 8  # left dark, right bright
+    normalised = BatchAugment(SPEC, Augmentation(flip_p=0, pad=0, erase_p=0))(gradient)
+    flipped = BatchAugment(SPEC, Augmentation(flip_p=1, pad=0, erase_p=0))(gradient)
+    assert torch.equal(flipped, normalised.flip(3))
+    assert flipped.is_contiguous(memory_format=torch.channels_last)
+
+    padded = BatchAugment(SPEC, Augmentation(flip_p=0, pad=10, erase_p=0), seed=1)
+    shifted = [padded(gradient) for _ in range(10)]
+    assert any(not torch.equal(s, normalised) for s in shifted)
+    assert all(s.shape == (2, 3, 64, 32) for s in shifted)
+    assert any((s == 0).any() for s in shifted)  # the pad is the mean colour: 0 after normalisation
+
+    erased = BatchAugment(SPEC, Augmentation(flip_p=0, pad=0, erase_p=1), seed=2)(gradient)
+    changed = (erased != normalised).any(dim=1)  # [B,H,W]: which pixels the erasing touched
+    for image in changed:
+        area = image.sum().item()
+        assert 0.02 * 64 * 32 * 0.5 <= area <= 0.4 * 64 * 32 * 1.1
+        rows, cols = image.any(1).nonzero(), image.any(0).nonzero()  # one rectangle
+        assert area == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+
+
+def test_batch_augmentation_is_seeded():
+    images = torch.randint(0, 255, (4, 3, 64, 32), dtype=torch.uint8)
+    a = BatchAugment(SPEC, Augmentation(color_jitter=0.2), seed=5)(images)
+    b = BatchAugment(SPEC, Augmentation(color_jitter=0.2), seed=5)(images)
+    c = BatchAugment(SPEC, Augmentation(color_jitter=0.2), seed=6)(images)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_colour_jitter_changes_colours_within_range():
+    grey = torch.full((8, 3, 16, 8), 128, dtype=torch.uint8)
+    grey[:, 0] = 200  # a reddish patch: saturation has something to act on
+    off = BatchAugment(SPEC, Augmentation(flip_p=0, pad=0, erase_p=0))(grey)
+    on = BatchAugment(SPEC, Augmentation(flip_p=0, pad=0, erase_p=0, color_jitter=0.3), seed=0)(grey)
+    assert not torch.allclose(on, off)
+    assert on.min() >= -1 - 1e-6 and on.max() <= 1 + 1e-6  # stayed within [0, 255] before normalising
+
+
+@pytest.mark.parametrize("name, width", [("efficientnet_lite1", 320), ("efficientnet_lite2", 352)])
+def test_larger_lite_backbones_load_their_packaged_weights_strictly(name, width):
+    backbone = build_backbone(name, pretrained=True)
+    assert backbone._blocks[-1]._project_conv.out_channels == width
+    assert backbone(torch.zeros(1, 3, 64, 32)).shape == (1, 1280, 4, 2)
+
+
+def test_frozen_front_keeps_imagenet_weights_and_statistics():
+    model = ReIDModel("efficientnet_lite0", 10, pretrained=True, embedding_dim=32)
+    model.freeze_front(2)
+    stem_before = model.backbone._conv_stem.weight.clone()
+    stats_before = model.backbone._bn0.running_mean.clone()
+    later = model.backbone._blocks[5]._project_conv.weight
+    later_before = later.clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    features, logits = model(torch.randn(4, 3, 64, 32))
+    logits.sum().backward()
+    optimizer.step()
+    assert torch.equal(model.backbone._conv_stem.weight, stem_before)
+    assert torch.equal(model.backbone._bn0.running_mean, stats_before)  # frozen BN stays in eval mode
+    assert not torch.equal(later, later_before)
+    model.set_backbone_trainable(True)  # the head-only epochs end: the front stays frozen
+    assert not model.backbone._conv_stem.weight.requires_grad and later.requires_grad
+    frozen_blocks = model.backbone.stage_ends[1]
+    assert not any(p.requires_grad for b in model.backbone._blocks[:frozen_blocks] for p in b.parameters())
+    assert all(p.requires_grad for b in model.backbone._blocks[frozen_blocks:] for p in b.parameters())
+
+
+def test_gem_pooling_and_flip_average_export_match_torch(tmp_path):
+    """Both change the exported graph: the ONNX export check must still hold."""
+    from models.export import check_onnx_matches_torch, export_onnx
+
+    torch.manual_seed(0)
+    model = ReIDModel("efficientnet_lite0", 10, pretrained=True, embedding_dim=32, pooling="gem").eval()
+    images = np.random.default_rng(0).standard_normal((8, 3, 64, 32)).astype(np.float32)
+    for flip in (False, True):
+        encoder = NormalizedEncoder(model, flip_average=flip).eval()
+        export_onnx(encoder, SPEC, tmp_path / f"e{flip}.onnx")
+        parity = check_onnx_matches_torch(encoder, tmp_path / f"e{flip}.onnx", images)
+        assert parity["batch8_max_abs_diff"] < 1e-4
+    x = torch.from_numpy(images)
+    plain, flipped = NormalizedEncoder(model)(x), NormalizedEncoder(model, flip_average=True)(x)
+    mirrored = NormalizedEncoder(model, flip_average=True)(x.flip(3))
+    assert torch.allclose(flipped, mirrored, atol=1e-5)  # the mirror image embeds the same
+    assert not torch.allclose(plain, flipped, atol=1e-3)
+
+
+def tiny(root, **overrides) -> TrainConfig:
+    base = dict(train_data=[str(root)], eval_data=[], backbone="efficientnet_lite0", height=64, width=32, p=4, k=2,
+                epochs=1, max_batches_per_epoch=2, freeze_backbone_epochs=0, warmup_epochs=0.1, decay_epochs=[],
+                embedding_dim=32, eval_every=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_warm_restart_from_a_bundle_records_the_lineage(synthetic, tmp_path):
+    train(tiny(synthetic, frozen_stages=2), tmp_path / "first", resume=False)
+    first = load_trained_model(tmp_path / "first" / "last.pt")[2]
+    images = [s.path for s in market1501(synthetic).train[:8]]
+    export_bundle(tmp_path / "first" / "last.pt", tmp_path / "bundle", images)
+
+    # cycle 2: from the bundle, other data (the classifier is new), a larger input
+    other = tmp_path / "other"
+    make_synthetic(other, n_train_ids=10, n_test_ids=4, cameras=2, images_per_id_per_cam=2, seed=9)
+    cfg = tiny(other, init=str(tmp_path / "bundle"), height=96, width=48, epochs=2, frozen_stages=2)
+    train(cfg, tmp_path / "second", resume=False)
+    model, spec, second = load_trained_model(tmp_path / "second" / "last.pt")
+    lineage = second["lineage"]
+    assert [c["init"] for c in lineage] == ["imagenet", str(tmp_path / "bundle")]
+    assert [c["input"] for c in lineage] == [[64, 32], [96, 48]]
+    assert [c["epochs"] for c in lineage] == [1, 2] and all(c["minutes"] >= 0 for c in lineage)
+    assert lineage[1]["data"] == [str(other)] and (spec.height, spec.width) == (96, 48)
+    # the warm start carried the backbone: untouched frozen stem equals the first cycle's (fp16-rounded) weights
+    assert torch.allclose(model.backbone._conv_stem.weight, first["model"]["backbone._conv_stem.weight"], atol=1e-3)
+
+    card = export_bundle(tmp_path / "second" / "last.pt", tmp_path / "bundle2", images)
+    assert card["lineage"] == json.loads(json.dumps(lineage))
+
+
+def test_warm_restart_refuses_a_checkpoint_of_another_architecture(synthetic, tmp_path):
+    train(tiny(synthetic), tmp_path / "lite0", resume=False)
+    with pytest.raises(ValueError, match="does not fit"):
+        train(tiny(synthetic, init=str(tmp_path / "lite0" / "last.pt"), backbone="efficientnet_lite1"),
+              tmp_path / "lite1", resume=False)
+    with pytest.raises(FileNotFoundError, match="weights.pt"):
+        train(tiny(synthetic, init=str(tmp_path)), tmp_path / "none", resume=False)
