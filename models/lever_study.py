@@ -172,3 +172,29 @@ def measure_encoder_rates(out: Path, seconds: float = 5.0, threads: int = 2) -> 
         path.write_text(json.dumps(rates, indent=2))
     torch.set_num_threads(threads)
     return rates
+
+
+def plot_accuracy_vs_speed(results: list[dict], encoder_rates: dict[str, float], path: Path) -> Path:
+    """CUHK03 mAP against the encoder's ONNX Runtime img/s: one point per candidate (accuracy per
+    encoder-millisecond is what the default bundle is chosen by)."""
+    from .bench.plots import _plt, _save
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    target = f"cuhk03/split{STUDY_SPLIT}"
+    for r in results:
+        for flip, evaluation in ((False, r["evaluation"]), (True, r.get("flip_average_evaluation"))):
+            rate = encoder_rates.get(encoder_key(r["config"], flip))
+            if not evaluation or target not in evaluation or not rate:
+                continue
+            label = FLIP_ROW if flip else r["lever"]
+            ax.scatter(rate, evaluation[target]["mAP"])
+            ax.annotate(label, (rate, evaluation[target]["mAP"]), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")
+    ax.axvline(200, color="grey", linestyle="--", linewidth=1)
+    ax.text(202, ax.get_ylim()[0], "200 img/s floor", fontsize=7, color="grey")
+    ax.set_xlabel("encoder images / s (ONNX Runtime, batch 32, 2 threads)")
+    ax.set_ylabel(f"{target} mAP")
+    ax.set_title("lever study: accuracy against encoder speed")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

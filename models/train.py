@@ -18,8 +18,6 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from service.bundle import WEIGHTS_NAME
-
 from .data.batch_augment import Augmentation, BatchAugment, DecodedImages
 from .data.datasets import ReIDDataset, Sample, combine_for_training, load_dataset
 from .data.sampler import PKBatchSampler
@@ -69,8 +67,8 @@ class TrainConfig:
     random_erasing: float = 0.5  # probability per image
     color_jitter: float = 0.0  # brightness / contrast / saturation strength (0 = off)
     flip_average: bool = False  # embed image + mirror image (evaluation and the exported encoder; 2x cost)
-    # Warm restart: start from a bundle's (its weights.pt) or a checkpoint's weights with a fresh optimiser
-    # and schedule. The classifier is kept when the identities are the same, else trained anew.
+    # Warm restart: start from a checkpoint's weights (`last.pt`, or a bundle's `weights.pt`) with a fresh
+    # optimiser and schedule. The classifier is kept when the identities are the same, else trained anew.
     init: str = ""
 
     def input_spec(self, backbone_module) -> InputSpec:
@@ -131,20 +129,12 @@ class DistributedContext:
             dist.destroy_process_group()
 
 
-def init_weights_file(init: str | Path) -> Path:
-    """`--init`: a bundle directory (its weights.pt) or a checkpoint file."""
-    path = Path(init)
-    path = path / WEIGHTS_NAME if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"--init {init}: no checkpoint there (a bundle needs {WEIGHTS_NAME}; "
-                                "`reid export` writes it by default)")
-    return path
-
-
 def warm_start(model: ReIDModel, center: CenterLoss, init: str | Path, label_names: list[str]) -> list[dict]:
     """Load another run's weights into a fresh model; returns that run's lineage (its training cycles).
     The classifier and the class centres carry over only when they are about the same identities."""
-    state = torch.load(init_weights_file(init), map_location="cpu", weights_only=False)
+    if not Path(init).is_file():
+        raise FileNotFoundError(f"--init {init}: no such checkpoint file")
+    state = torch.load(init, map_location="cpu", weights_only=False)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
     same_ids = state.get("label_names") == label_names
     if not same_ids:

@@ -32,11 +32,26 @@ def cmd_train(args) -> int:
         cfg.eval_data = args.eval_data
     if args.pretrained is not None:
         cfg.pretrained = parse_pretrained(args.pretrained)
+    if cfg.init:
+        cfg.init = init_checkpoint(cfg.init)
     results = train(cfg, args.run_dir, resume=not args.no_resume)
     print(json.dumps({name: {"mAP": m["mAP"], **m["ranks"]} for name, m in results.items()}, indent=2))
     if args.method == "nformer":
         return train_stage2(args, Path(args.run_dir) / "last.pt")
     return 0
+
+
+def init_checkpoint(value: str) -> str:
+    """`--init`: a bundle directory means its torch weights (weights.pt); a file is a checkpoint."""
+    from service.bundle import WEIGHTS_NAME
+
+    path = Path(value)
+    if path.is_dir():
+        if not (path / WEIGHTS_NAME).is_file():
+            raise SystemExit(f"--init {value}: this bundle has no {WEIGHTS_NAME} (torch weights); "
+                             "`reid export` writes it by default")
+        return str(path / WEIGHTS_NAME)
+    return value
 
 
 def parse_pretrained(value: str) -> str | bool:
@@ -360,11 +375,13 @@ def cmd_lever_study(args) -> int:
             study.run_row(lever, out, args.budget_minutes, rates, args.threads)
     results = [json.loads(p.read_text()) for p in (out / study.slug(lv.name) / "result.json" for lv in study.LEVERS)
                if p.exists()]
-    table = study.markdown(results, study.measure_encoder_rates(out) if args.report_only else {},
-                           args.budget_minutes)
+    encoder_rates = study.measure_encoder_rates(out) if args.report_only else {}
+    table = study.markdown(results, encoder_rates, args.budget_minutes)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)
+    if args.plot and encoder_rates:
+        study.plot_accuracy_vs_speed(results, encoder_rates, Path(args.plot))
     return 0
 
 
@@ -445,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report-only", action="store_true", help="measure encoder speeds and write the table")
     p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--plot", help="with --report-only: CUHK03 mAP against encoder img/s (PNG)")
     p.set_defaults(func=cmd_lever_study)
 
     p = sub.add_parser("train-speed", help="training img/s: PIL vs in-memory tensor pipeline, NCHW vs channels_last")

@@ -2,6 +2,7 @@
 channels_last, frozen front stages, Lite1/Lite2, GeM, flip-averaged embeddings, warm restarts with lineage."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from models.reid_model import NormalizedEncoder, ReIDModel
 from models.synthetic import make_synthetic
 from models.train import TrainConfig, load_trained_model, train
 
+ROOT = Path(__file__).resolve().parents[1]
 SPEC = InputSpec(64, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
@@ -140,11 +142,11 @@ def test_warm_restart_from_a_bundle_records_the_lineage(synthetic, tmp_path):
     # cycle 2: from the bundle, other data (the classifier is new), a larger input
     other = tmp_path / "other"
     make_synthetic(other, n_train_ids=10, n_test_ids=4, cameras=2, images_per_id_per_cam=2, seed=9)
-    cfg = tiny(other, init=str(tmp_path / "bundle"), height=96, width=48, epochs=2, frozen_stages=2)
+    cfg = tiny(other, init=str(tmp_path / "bundle" / "weights.pt"), height=96, width=48, epochs=2, frozen_stages=2)
     train(cfg, tmp_path / "second", resume=False)
     model, spec, second = load_trained_model(tmp_path / "second" / "last.pt")
     lineage = second["lineage"]
-    assert [c["init"] for c in lineage] == ["imagenet", str(tmp_path / "bundle")]
+    assert [c["init"] for c in lineage] == ["imagenet", str(tmp_path / "bundle" / "weights.pt")]
     assert [c["input"] for c in lineage] == [[64, 32], [96, 48]]
     assert [c["epochs"] for c in lineage] == [1, 2] and all(c["minutes"] >= 0 for c in lineage)
     assert lineage[1]["data"] == [str(other)] and (spec.height, spec.width) == (96, 48)
@@ -160,5 +162,15 @@ def test_warm_restart_refuses_a_checkpoint_of_another_architecture(synthetic, tm
     with pytest.raises(ValueError, match="does not fit"):
         train(tiny(synthetic, init=str(tmp_path / "lite0" / "last.pt"), backbone="efficientnet_lite1"),
               tmp_path / "lite1", resume=False)
-    with pytest.raises(FileNotFoundError, match="weights.pt"):
-        train(tiny(synthetic, init=str(tmp_path)), tmp_path / "none", resume=False)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        train(tiny(synthetic, init=str(tmp_path / "missing.pt")), tmp_path / "none", resume=False)
+
+
+def test_init_accepts_a_bundle_directory(tmp_path):
+    from scripts.cli import init_checkpoint
+
+    bundle = ROOT / "service" / "default_bundle"
+    assert init_checkpoint(str(bundle)) == str(bundle / "weights.pt")
+    assert init_checkpoint("runs/x/last.pt") == "runs/x/last.pt"
+    with pytest.raises(SystemExit, match="no weights.pt"):
+        init_checkpoint(str(tmp_path))
