@@ -23,7 +23,8 @@ def extract_features(model, samples: list[Sample], spec: InputSpec, batch_size: 
     chunks = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False):
         batch = np.stack([transform(load_rgb(s.path)) for s in samples[start:start + batch_size]])
-        chunks.append(model(torch.from_numpy(batch).to(device)).float().cpu().numpy())
+        images = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+        chunks.append(model(images).float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
