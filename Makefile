@@ -6,7 +6,7 @@ SERVE_STAMP := $(VENV)/.serve-installed
 DEV_STAMP   := $(VENV)/.dev-installed
 ARGS   ?=
 
-.PHONY: demo test train-default refinement-report gracl-viper gracl-imagenet bench serve clean-venv
+.PHONY: demo test train-default refinement-report gracl-viper gracl-imagenet bench serve clean-venv lever-study train-speed
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -71,6 +71,20 @@ gracl-imagenet: $(DEV_STAMP)
 		--decay-epochs 8 --batches-per-epoch 20 --p 16 --k 2 --min-samples 2 --k1 10 --k2 2 --eps 0.3 \
 		--variants cluster-contrast gracl --seeds 0 1 2 --out runs/gracl-imagenet-prid450s \
 		--markdown docs/gracl-imagenet.md --title "Unsupervised from ImageNet, PRID450S split 0"
+
+# Issue 14's lever study on split 1 (README "Lever study"): training rates measured first on an idle machine,
+# then the rows in two single-thread processes side by side (a row is its image count, not its wall time),
+# then encoder speeds, the table and the accuracy-vs-speed plot. About 110 minutes here; resumable.
+LEVER_BUDGET ?= 8
+lever-study: $(DEV_STAMP)
+	$(PY) -c "from pathlib import Path; from models.lever_study import measure_rates; measure_rates(Path('runs/levers'))"
+	OMP_NUM_THREADS=1 $(PY) -m scripts.cli lever-study --budget-minutes $(LEVER_BUDGET) --threads 1 --rows 0 2 4 6 8 10 & \
+	OMP_NUM_THREADS=1 $(PY) -m scripts.cli lever-study --budget-minutes $(LEVER_BUDGET) --threads 1 --rows 1 3 5 7 9; wait
+	$(PY) -m scripts.cli lever-study --budget-minutes $(LEVER_BUDGET) --report-only \
+		--markdown docs/lever-study.md --plot docs/lever-study.png
+
+train-speed: $(DEV_STAMP)
+	$(PY) -m scripts.cli train-speed --seconds 20 --markdown docs/train-speed.md
 
 bench: $(DEV_STAMP)
 	$(PY) -m scripts.cli bench $(ARGS)
