@@ -63,7 +63,9 @@ class TrainConfig:
     eval_every: int = 4  # epochs; 0 = only after the last epoch
     seed: int = 0
     threads: int = 2  # torch intra-op threads; 0 = leave torch's default
-    max_batches_per_epoch: int = 0  # 0 = full epochs; small values make quick smoke runs
+    # 0 = full epochs; otherwise this many batches per epoch, with more than one pass over the data if it
+    # takes more (the lever study's equal budgets) or part of one (quick smoke runs)
+    max_batches_per_epoch: int = 0
     random_erasing: float = 0.5  # probability per image
     color_jitter: float = 0.0  # brightness / contrast / saturation strength (0 = off)
     flip_average: bool = False  # embed image + mirror image (evaluation and the exported encoder; 2x cost)
@@ -90,6 +92,20 @@ class ImageSamples(torch.utils.data.Dataset):
             self.images[index] = load_rgb(self.samples[index].path)
         s = self.samples[index]
         return torch.from_numpy(self.transform(self.images[index])), s.pid, s.camid
+
+
+def epoch_batches(sampler: PKBatchSampler, epoch: int, count: int):
+    """`count` batches for `epoch`: the epoch's own pass over the data, then further freshly drawn passes
+    if `count` is longer than one."""
+    extra = 0
+    while True:
+        sampler.set_epoch(epoch + 100_003 * extra)
+        for batch in sampler:
+            if count <= 0:
+                return
+            count -= 1
+            yield batch
+        extra += 1
 
 
 def learning_rate_factor(epoch_float: float, cfg: TrainConfig) -> float:
@@ -229,7 +245,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
     net, net_frozen = None, None
     train_seconds = seconds_before
     for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
         augment.generator.manual_seed(cfg.seed * 1000 + ctx.rank + 7919 * epoch)  # resumable draws
         frozen = epoch < cfg.freeze_backbone_epochs
         if frozen != net_frozen:
@@ -237,13 +252,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
         net.train()
         if frozen:
             model.backbone.eval()  # keep the pretrained BN statistics while only the head learns
-        batches = len(sampler) if not cfg.max_batches_per_epoch else min(len(sampler), cfg.max_batches_per_epoch)
+        batches = cfg.max_batches_per_epoch or len(sampler)
         totals = {"loss": 0.0, "id": 0.0, "triplet": 0.0, "center": 0.0, "acc": 0.0}
         started = time.time()
-        bar = tqdm(sampler, total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not ctx.is_main)
+        bar = tqdm(epoch_batches(sampler, epoch, batches), total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not ctx.is_main)
         for step, indices in enumerate(bar):
-            if step >= batches:
-                break
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * learning_rate_factor(epoch + step / batches, cfg)
             batch = augment(images.images[indices]).to(ctx.device)

@@ -165,3 +165,16 @@ def test_two_process_ddp_matches_one_process(synthetic, tmp_path):
     assert two[-1] < two[0]
     for a, b in zip(one, two):
         assert abs(a - b) / a < 0.1, (one, two)
+
+
+def test_epochs_longer_than_the_data_take_further_passes():
+    from models.train import epoch_batches
+
+    labels = [i // 4 for i in range(40)]  # 10 ids x 4 images: 2 batches of P=5 x K=4 per pass
+    sampler = PKBatchSampler(labels, p=5, k=4, seed=0)
+    one_pass = list(epoch_batches(sampler, 3, len(sampler)))
+    sampler.set_epoch(3)
+    assert one_pass == list(sampler)  # an ordinary epoch is the sampler's own
+    longer = list(epoch_batches(sampler, 3, 5))
+    assert len(longer) == 5 and longer[:2] == one_pass and longer[2:4] != one_pass
+    assert list(epoch_batches(sampler, 3, 1)) == one_pass[:1]
