@@ -63,7 +63,7 @@ def training_throughput(case: SpeedCase, seconds: float = 30.0, warmup_steps: in
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = TrainConfig(backbone=case.backbone, height=case.height, width=case.width, pooling=case.pooling)
-    samples, labels = combine_for_training([load_dataset("cuhk03", 0)])
+    samples, _ = combine_for_training([load_dataset("cuhk03", 0)])
     samples = samples[:images]
     label_count = max(s.pid for s in samples) + 1
     model = ReIDModel(case.backbone, label_count, True, cfg.last_stride, cfg.embedding_dim, case.pooling)
