@@ -27,7 +27,10 @@ class Lever:
     name: str
     overrides: dict = field(default_factory=dict)
     budget_factor: float = 1.0  # schedule-length rows train for a multiple of the budget
-    eval_flip_average: bool = False  # evaluated with flip-averaged embeddings (no training change)
+
+    def config(self) -> TrainConfig:
+        """The current recipe with this row's change."""
+        return replace(TrainConfig(), **self.overrides)
 
 
 MORE_DATA = ["cuhk03", "prid450s", "prid2011", "viper-all", "cuhk01-all", "pku-reid-all"]
@@ -51,8 +54,7 @@ FLIP_ROW = "flip-averaged embeddings (current recipe's model)"
 
 
 def row_config(lever: Lever, budget_minutes: float, rate: float, threads: int) -> TrainConfig:
-    cfg = replace(TrainConfig(split=STUDY_SPLIT, eval_data=list(EVAL_DATA), eval_every=0, threads=threads),
-                  **lever.overrides)
+    cfg = replace(lever.config(), split=STUDY_SPLIT, eval_data=list(EVAL_DATA), eval_every=0, threads=threads)
     images = budget_minutes * 60 * rate * lever.budget_factor
     return replace(cfg, epochs=RECIPE_EPOCHS, max_batches_per_epoch=max(1, round(images / RECIPE_EPOCHS / (cfg.p * cfg.k))))
 
@@ -67,7 +69,7 @@ def measure_rates(out: Path, seconds: float = 20.0) -> dict[str, float]:
     path = out / "rates.json"
     rates = json.loads(path.read_text()) if path.exists() else {}
     for lever in LEVERS:
-        case = speed_case(replace(TrainConfig(), **lever.overrides))
+        case = speed_case(lever.config())
         if case.label() not in rates:
             rates[case.label()] = training_throughput(case, seconds=seconds)["images_per_second"]
             out.mkdir(parents=True, exist_ok=True)
@@ -76,16 +78,13 @@ def measure_rates(out: Path, seconds: float = 20.0) -> dict[str, float]:
 
 
 def run_row(lever: Lever, out: Path, budget_minutes: float, rates: dict[str, float], threads: int) -> dict:
-    from .features import evaluate_model
-    from .data.datasets import load_dataset
-    from .reid_model import NormalizedEncoder
-    from .train import load_trained_model
+    from .train import evaluate_all, load_trained_model
 
     row_dir = out / slug(lever.name)
     result_path = row_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    rate = rates[speed_case(replace(TrainConfig(), **lever.overrides)).label()]
+    rate = rates[speed_case(lever.config()).label()]
     cfg = row_config(lever, budget_minutes, rate, threads)
     evaluation = train(cfg, row_dir)
     result = {"lever": lever.name, "train_images_per_second": rate, "steps": cfg.epochs * cfg.max_batches_per_epoch,
@@ -93,11 +92,7 @@ def run_row(lever: Lever, out: Path, budget_minutes: float, rates: dict[str, flo
               "evaluation": summarise(evaluation)}
     if lever.name == LEVERS[0].name:  # the flip row: the same model, embedded with its mirror image too
         model, spec, _ = load_trained_model(row_dir / "last.pt")
-        encoder = NormalizedEncoder(model, flip_average=True)
-        flipped = {}
-        for name in EVAL_DATA:
-            ds = load_dataset(name, STUDY_SPLIT)
-            flipped[ds.name] = evaluate_model(encoder, ds, spec).as_dict()
+        flipped = evaluate_all(model, replace(cfg, flip_average=True), spec, "cpu")
         result["flip_average_evaluation"] = summarise(flipped)
     result_path.write_text(json.dumps(result, indent=2))
     return result
@@ -150,7 +145,6 @@ def measure_encoder_rates(out: Path, seconds: float = 5.0, threads: int = 2) -> 
     import tempfile
 
     import numpy as np
-    import torch
 
     from .bench.encoder import ort_rate, session
     from .export import export_onnx
@@ -158,7 +152,7 @@ def measure_encoder_rates(out: Path, seconds: float = 5.0, threads: int = 2) -> 
 
     path = out / "encoder_rates.json"
     rates = json.loads(path.read_text()) if path.exists() else {}
-    variants = [(asdict(replace(TrainConfig(), **lever.overrides)), False) for lever in LEVERS]
+    variants = [(asdict(lever.config()), False) for lever in LEVERS]
     variants.append((asdict(TrainConfig()), True))
     for cfg, flip in variants:
         key = encoder_key(cfg, flip)
@@ -173,7 +167,6 @@ def measure_encoder_rates(out: Path, seconds: float = 5.0, threads: int = 2) -> 
             rates[key] = round(ort_rate(session(onnx_path, threads=threads), x, 32, seconds), 1)
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rates, indent=2))
-    torch.set_num_threads(threads)
     return rates
 
 

@@ -167,17 +167,16 @@ def warm_start(model: ReIDModel, center: CenterLoss, init: str | Path, label_nam
 
 
 def legacy_cycle(state: dict) -> dict:
-    """The one cycle a checkpoint from before lineage records describes."""
-    cfg = state.get("config", {})
-    return {"init": "imagenet" if cfg.get("pretrained") else "scratch", "data": cfg.get("train_data"),
-            "split": cfg.get("split"), "backbone": cfg.get("backbone"), "epochs": state.get("epoch"),
-            "input": [cfg.get("height"), cfg.get("width")], "minutes": None}
+    """The one cycle a checkpoint from before lineage records describes (its minutes were not kept)."""
+    return cycle_record(state.get("config", {}), state.get("epoch"), None)
 
 
-def this_cycle(cfg: TrainConfig, epochs_done: int, seconds: float) -> dict:
-    return {"init": cfg.init or ("imagenet" if cfg.pretrained else "scratch"), "data": cfg.train_data,
-            "split": cfg.split, "backbone": cfg.backbone, "epochs": epochs_done, "input": [cfg.height, cfg.width],
-            "minutes": round(seconds / 60, 1)}
+def cycle_record(cfg: dict, epochs_done: int | None, seconds: float | None) -> dict:
+    """One lineage entry: where a training cycle started, on what, for how long."""
+    return {"init": cfg.get("init") or ("imagenet" if cfg.get("pretrained") else "scratch"),
+            "data": cfg.get("train_data"), "split": cfg.get("split"), "backbone": cfg.get("backbone"),
+            "epochs": epochs_done, "input": [cfg.get("height"), cfg.get("width")],
+            "minutes": None if seconds is None else round(seconds / 60, 1)}
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
@@ -283,7 +282,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
                 print(f"  {name}: mAP {100 * metrics['mAP']:.1f} rank-1 {100 * metrics['ranks']['rank1']:.1f}")
             with open(run_dir / "log.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
-            lineage = parent_lineage + [this_cycle(cfg, epoch + 1, train_seconds)]
+            lineage = parent_lineage + [cycle_record(asdict(cfg), epoch + 1, train_seconds)]
             save_checkpoint(checkpoint_path, model, center, optimizer, center_optimizer, epoch + 1, cfg, spec,
                             label_names, lineage, train_seconds)
     ctx.close()

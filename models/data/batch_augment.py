@@ -29,10 +29,6 @@ class DecodedImages:
             resized = load_rgb(sample.path).resize((width, height), Image.BILINEAR)
             self.images[i] = torch.from_numpy(np.array(resized)).permute(2, 0, 1)
         self.labels = torch.tensor([s.pid for s in samples], dtype=torch.long)
-        self.cameras = torch.tensor([s.camid for s in samples], dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 @dataclass(frozen=True)
