@@ -97,7 +97,7 @@ def train_stage2(args, encoder_checkpoint) -> int:
 
     cfg = NFormerTrainConfig()
     for key in ("nformer_epochs", "sequence_length", "steps_per_epoch", "nformer_lr", "input_norm", "seed",
-                "threads", "landmarks", "topk"):
+                "threads", "landmarks", "topk", "served_share", "served_candidates"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key.removeprefix("nformer_") if key.startswith("nformer_") else key, value)
@@ -385,6 +385,44 @@ def cmd_lever_study(args) -> int:
     return 0
 
 
+def cmd_refine_auto_study(args) -> int:
+    import torch
+
+    from models import refine_auto_study as study
+    from models.evaluate import BundleEncoder
+    from models.refine_eval import bundle_refiner
+
+    torch.set_num_threads(args.threads)
+    if args.bundle:
+        encoder = BundleEncoder(args.bundle, threads=args.threads)
+        embed, refiner = encoder.embed, bundle_refiner(args.bundle, threads=args.threads)
+    else:
+        from index.refine import Refiner
+        from models.features import extract_features
+        from models.nformer_train import load_trained_nformer, torch_refiner_function
+        from models.train import load_trained_model
+
+        model, spec, _ = load_trained_model(args.encoder)
+        embed = lambda samples: extract_features(model, samples, spec)  # noqa: E731
+        nformer = torch_refiner_function(load_trained_nformer(args.nformer)) if args.nformer else None
+        refiner = Refiner(nformer)
+    modes = [("none", 0)] + [(m, args.candidates) for m in args.modes]
+    rows = study.run_study(embed, args.data, args.split, refiner, modes)
+    labels = [study.label(m, k) for m, k in modes]
+    auto = study.label(args.auto_mode, args.candidates)
+    threshold = study.choose_threshold(rows, auto, args.tolerance)
+    table = study.markdown(rows, labels, auto, threshold)
+    print(table + f"\nthreshold for {auto} (no gallery above it loses more than {args.tolerance} mAP): {threshold}")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    if args.plot:
+        study.plot(rows, labels, threshold, args.plot)
+    if args.json:
+        study.save(rows, args.json, threshold=threshold, auto_mode=auto, split=args.split,
+                   source=args.bundle or args.encoder, nformer=args.nformer)
+    return 0
+
+
 def cmd_train_speed(args) -> int:
     from models.training_speed import SpeedCase, markdown_table, training_throughput
 
@@ -439,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--method gracl: start from this encoder")
     add_gracl_arguments(p)
     for name, typ in (("nformer-epochs", int), ("sequence-length", int), ("steps-per-epoch", int),
-                      ("nformer-lr", float), ("landmarks", int), ("topk", int)):
+                      ("nformer-lr", float), ("landmarks", int), ("topk", int), ("served-share", float),
+                      ("served-candidates", int)):
         p.add_argument(f"--{name}", type=typ, help="NFormer stage 2")
     p.add_argument("--input-norm", choices=["l2", "raw"], help="NFormer stage 2 input convention")
     for name, typ in (("epochs", int), ("backbone", str), ("height", int), ("width", int), ("p", int), ("k", int),
@@ -464,6 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--plot", help="with --report-only: CUHK03 mAP against encoder img/s (PNG)")
     p.set_defaults(func=cmd_lever_study)
+
+    p = sub.add_parser("refine-auto-study", help="refine=auto's rule: the label-free gallery statistic beside "
+                                                 "each mode's mAP gain, per protocol and gallery size")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", help="a model bundle (its encoder and NFormer)")
+    source.add_argument("--encoder", help="an encoder checkpoint (last.pt), e.g. one trained on split 1")
+    p.add_argument("--nformer", help="with --encoder: an NFormer stage-2 checkpoint for local")
+    p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011", "cuhk01", "pku-reid"])
+    p.add_argument("--split", type=int, default=1)
+    p.add_argument("--modes", nargs="+", default=["kreciprocal"], choices=["local", "kreciprocal"])
+    p.add_argument("--auto-mode", default="kreciprocal", choices=["local", "kreciprocal"])
+    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--tolerance", type=float, default=0.5, help="mAP a refined gallery may lose")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--markdown")
+    p.add_argument("--plot")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_refine_auto_study)
 
     p = sub.add_parser("train-speed", help="training img/s: PIL vs in-memory tensor pipeline, NCHW vs channels_last")
     p.add_argument("--backbone", default="efficientnet_lite0")
@@ -571,8 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key")
     p.add_argument("--gallery", required=True)
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--refine", choices=["none", "joint", "local", "kreciprocal"],
-                   help="re-ranking mode (default: the server's REID_REFINE_DEFAULT)")
+    p.add_argument("--refine", choices=["none", "joint", "local", "kreciprocal", "auto"],
+                   help="re-ranking mode (default: the server's REID_REFINE_DEFAULT; auto: the server picks per "
+                        "gallery)")
     p.add_argument("--candidates", type=int, help="K of local/kreciprocal (default: the server's)")
     p.add_argument("--exclude-camera-id")
     p.add_argument("--json", action="store_true")

@@ -99,7 +99,7 @@ class ReIDClient:
 
     def search(self, gallery: str, image: str | Path | bytes, top_k: int = 10, refine: str | None = "none",
                exclude_camera_id: str | None = None, candidates: int | None = None) -> dict:
-        """One query. `refine`: none, local, joint or kreciprocal (None = the server's default); `candidates`:
+        """One query. `refine`: none, local, joint, kreciprocal or auto (None = the server's default); `candidates`:
         K of local/kreciprocal (None = the server's)."""
         content = image if isinstance(image, bytes) else Path(image).read_bytes()
         name = "query" if isinstance(image, bytes) else Path(image).name

@@ -81,7 +81,9 @@ class SearchResponse(OmitsAbsent):
     results: list[SearchResult]
     timing_ms: SearchTiming
     model: str
-    refine: str = Field(description="refine mode used")
+    refine: str = Field(description="refine mode asked for (or the server's default)")
+    refine_applied: str = Field(description="the mode that ran: refine itself, or what auto chose for this "
+                                            "gallery (none, local or kreciprocal)")
     candidates: int | None = Field(None, description="local/kreciprocal: gallery candidates refined per query "
                                                      "(max(K, top_k), before any expansion); else null")
     threshold: float | None = Field(None, description="the calibrated cosine threshold behind ``match`` "
@@ -101,6 +103,7 @@ class BatchSearchResponse(OmitsAbsent):
     timing_ms: SearchTiming
     model: str
     refine: str
+    refine_applied: str
     candidates: int | None = None
     threshold: float | None = None
 
@@ -119,6 +122,8 @@ class GalleryDetail(GalleryInfo):
     model: str = Field(description="the model (bundle name:version) that made the served vectors")
     index: str | None = Field(None, description="FAISS index family in use now (flat, ivf_flat, hnsw, ivf_pq)")
     indexed: int = Field(description="vectors in this process's index (equals count when in sync)")
+    refine_auto: dict[str, Any] = Field(description="what refine=auto applies to this gallery now (mode), the rule, "
+                                                    "and the statistic behind it (profile; null below 20 images)")
 
 
 RETENTION_DAYS = Field(None, ge=1, le=36500, description="delete images older than this many days "

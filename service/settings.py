@@ -6,7 +6,7 @@
     REID_API_KEY=secret                optional: /v1/* then requires the X-API-Key header (a read-write key)
     REID_API_KEYS_READ='["k1"]'        keys that may only read (GET); REID_API_KEYS_WRITE: keys that may also write
     REID_CORS_ORIGINS='["https://a"]'  CORS is off unless origins are listed here
-    REID_REFINE_DEFAULT=none           search-time refinement when a request names none (none/local/joint/kreciprocal)
+    REID_REFINE_DEFAULT=none           search-time refinement when a request names none (none/local/joint/kreciprocal/auto)
     REID_KEEP_IMAGES=true              keep each accepted image's bytes in Redis (needed to adapt and re-embed)
     REID_ADAPT_MIN_IMAGES=64           POST /v1/galleries/{g}/adapt needs at least this many kept images
     REID_ADAPT_EXTRA_ARGS='["--threads","4"]'  extra arguments for the `reid adapt` it runs
@@ -30,6 +30,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.index_factory import IndexSpec
 from index.refine import MODES
+
+#: what a request may ask for: a refiner mode, or "auto" (the service picks one per gallery)
+REFINE_CHOICES = (*MODES, "auto")
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
 
@@ -57,9 +60,14 @@ class Settings(BaseSettings):
                                "over HTTP (a decoding request stalls one run, not both cores' shared run), but "
                                "one image embeds in 4.0 ms instead of 2.4")
 
-    # Search-time refinement (index/refine.py). The default stays "none": it becomes "local" only once local
-    # is measured better than none on the shared protocols (the model owner decides, not the service).
-    refine_default: str = Field("none", description=f"refine mode when a request names none; one of {MODES}")
+    # Search-time refinement (index/refine.py). "auto" decides per gallery from its own features whether
+    # refinement pays (service/refine_auto.py, docs/refine-auto.md).
+    refine_default: str = Field("none", description=f"refine mode when a request names none; one of "
+                                                    f"{REFINE_CHOICES}")
+    refine_auto_mode: Literal["local", "kreciprocal"] = Field("kreciprocal", description="what refine=auto "
+                                                              "applies to a gallery it finds multi-shot")
+    refine_auto_threshold: float = Field(0.3, description="refine=auto: the neighbour_excess at or above which a "
+                                                          "gallery counts as multi-shot (docs/refine-auto.md)")
     refine_candidates: int = Field(200, ge=1, le=2000, description="K: FAISS candidates that local/kreciprocal "
                                                                   "refine (a request may override it)")
     refine_expand: int = Field(0, ge=0, le=100, description="local: also refine each candidate's own nearest "
@@ -159,8 +167,8 @@ class Settings(BaseSettings):
     @field_validator("refine_default")
     @classmethod
     def _known_mode(cls, v: str) -> str:
-        if v not in MODES:
-            raise ValueError(f"refine_default must be one of {', '.join(MODES)}, got {v!r}")
+        if v not in REFINE_CHOICES:
+            raise ValueError(f"refine_default must be one of {', '.join(REFINE_CHOICES)}, got {v!r}")
         return v
 
     @property

@@ -33,6 +33,7 @@ from .follower import Follower
 from .index_sync import IndexSync
 from .jobs import JobManager, JobStore
 from .model_registry import DEFAULT_BUNDLE_ID, resolve_active
+from .refine_auto import RefineAdvisor
 from .runtime import encoder_threads, limit_blas_threads
 from .rwlock import RWLock
 from .settings import Settings
@@ -84,6 +85,8 @@ class ServiceState:
     refiner: Refiner = field(default_factory=Refiner)
     #: the refine mode of requests that name none (settings.refine_default, or "none" if the bundle cannot)
     refine_default: str = "none"
+    #: refine=auto's per-gallery decisions (made from each gallery's features, remade when stale)
+    refine_advisor: RefineAdvisor = field(init=False)
     redis_server: EmbeddedRedis | None = None
     indexes: dict[str, VectorIndex] = field(default_factory=dict)
     #: gallery -> number of stored vectors that could not be indexed (wrong dimension)
@@ -99,6 +102,9 @@ class ServiceState:
     #: shared by every request that uses the model or the indexes; exclusive to switch the model
     model_lock: RWLock = field(default_factory=RWLock)
     _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        self.refine_advisor = RefineAdvisor(self.settings.refine_auto_mode, self.settings.refine_auto_threshold)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -198,6 +204,10 @@ class ServiceState:
     @property
     def has_nformer(self) -> bool:
         return self.refiner.nformer is not None
+
+    def auto_refine(self, gallery: str):
+        """refine=auto's decision for the gallery under the served model (service/refine_auto.py)."""
+        return self.refine_advisor.decide(gallery, self.index_for(gallery), self.bundle.model_id, self.has_nformer)
 
     # ------------------------------------------------------------------ indexes
     @property

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from index.refine import NeighborTransformer, NFormerSpec
-from models.nformer_train import draw_sequence, load_trained_nformer, torch_refiner_function
+from models.nformer_train import (NFormerTrainConfig, draw_sequence, draw_served_sequence, draw_step,
+                                  load_trained_nformer, torch_refiner_function)
 from models.synthetic import make_synthetic
 from service.bundle import load_bundle
 
@@ -33,12 +34,26 @@ def test_draw_sequence_takes_a_neighbourhood_of_the_anchor():
     assert len(draw_sequence(bank[:50], 100, rng)) == 50  # a bank smaller than the sequence: all of it
 
 
+def test_served_sequences_are_an_anchor_and_its_nearest_candidates():
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((500, 8)).astype(np.float32)
+    seq = draw_served_sequence(bank, 40, rng)
+    anchor, rest = seq[0], seq[1:]
+    scores = bank @ bank[anchor]
+    assert len(seq) == len(set(seq)) == 41 and anchor not in rest
+    assert list(rest) == [i for i in np.argsort(-scores) if i != anchor][:40]  # the 40 nearest, nearest first
+    cfg = NFormerTrainConfig(sequence_length=100, served_candidates=40, sequences_per_step=400, served_share=0.25)
+    lengths = [len(s) for s in draw_step(bank, cfg, rng)]
+    assert set(lengths) == {41, 100} and 0.15 < lengths.count(41) / 400 < 0.35
+
+
 def test_nformer_method_trains_both_stages_resumes_and_exports(tmp_path):
     data = tmp_path / "data"
     make_synthetic(data, n_train_ids=24, n_test_ids=12, cameras=3, images_per_id_per_cam=2, seed=5)
     run = tmp_path / "run"
     common = ["--data", str(data), "--eval-data", str(data), "--run-dir", str(run), "--threads", "2",
-              "--nformer-epochs", "2", "--sequence-length", "96", "--steps-per-epoch", "6", "--nformer-lr", "1e-3"]
+              "--nformer-epochs", "2", "--sequence-length", "96", "--steps-per-epoch", "6", "--nformer-lr", "1e-3",
+              "--served-share", "0.5", "--served-candidates", "30"]
     reid("train", "--method", "nformer", "--backbone", "resnet18", "--pretrained", "false", "--height", "64",
          "--width", "32", "--embedding-dim", "32", "--epochs", "1", "--max-batches-per-epoch", "6", *common)
     log = [json.loads(line) for line in (run / "nformer_log.jsonl").read_text().splitlines()]

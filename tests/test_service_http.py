@@ -51,8 +51,10 @@ def test_ingest_search_reupload_delete(live_server, gallery_name, image_bytes):
     assert [it["external_id"] for it in body["items"]] == [f"e{s}" for s in range(6)]
     detail = httpx.get(f"{base}/v1/galleries/{g}").json()
     model = httpx.get(f"{base}/v1/models").json()["active"]
+    auto = detail.pop("refine_auto")
     assert detail == {"name": g, "count": 6, "cameras": {"0": 2, "1": 2, "2": 2}, "indexed": 6, "index": "flat",
                       "model": f"{model['name']}:{model['version']}"}
+    assert auto["mode"] == "none" and auto["profile"] is None  # 6 images: too few to tell, so not refined
     assert {"name": g, "count": 6} in httpx.get(f"{base}/v1/galleries").json()["galleries"]
 
     r = search(base, g, imgs[4][1], top_k=3)

@@ -43,7 +43,8 @@ async def list_galleries(state: StateDep) -> GalleryList:
 
 @router.get("/{gallery}", response_model=GalleryDetail, responses=_ERRORS)
 async def get_gallery(gallery: GalleryDep, state: StateDep) -> GalleryDetail:
-    """Count, images per camera (a scan of the gallery's metadata), model, index type and index size."""
+    """Count, images per camera (a scan of the gallery's metadata), model, index type and index size, and what
+    refine=auto applies to it with the statistic behind the choice."""
     def work():
         info = state.store.gallery_info(gallery)
         if info is None:
@@ -55,10 +56,15 @@ async def get_gallery(gallery: GalleryDep, state: StateDep) -> GalleryDetail:
     info, cameras = await run_in_threadpool(work)
     if info is None:
         raise ApiError(404, "gallery_not_found", f"gallery {gallery!r} does not exist")
-    idx = state.index_for(gallery)
+    def current():  # one model for the index and the auto decision
+        with state.model_lock.shared():
+            return state.index_for(gallery), state.bundle.model_id, state.auto_refine(gallery).to_dict()
+
+    idx, model, auto = await run_in_threadpool(current)
     return GalleryDetail(name=info["name"], count=info["count"], retention_days=info["retention_days"],
-                         cameras=dict(sorted(cameras.items())), model=state.bundle.model_id,
-                         index=idx.kind if idx is not None else None, indexed=len(idx) if idx is not None else 0)
+                         cameras=dict(sorted(cameras.items())), model=model,
+                         index=idx.kind if idx is not None else None, indexed=len(idx) if idx is not None else 0,
+                         refine_auto=auto)
 
 
 @router.delete("/{gallery}", response_model=Deleted, responses=_ERRORS)
@@ -70,6 +76,7 @@ async def delete_gallery(gallery: GalleryDep, state: StateDep) -> Deleted:
         with state.model_lock.shared():  # not in the middle of a model switch
             count = state.store.count(gallery)  # for the answer; uploads racing with the delete are lost anyway
             existed = state.store.delete_gallery(gallery)
+            state.refine_advisor.forget(gallery)
             if state.sync is not None:
                 state.sync.drop(gallery)  # and its snapshot
             else:

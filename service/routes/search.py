@@ -9,6 +9,8 @@ Refine modes (index/refine.py; the bundle's ``nformer.onnx`` runs local and join
 - ``kreciprocal``: k-reciprocal re-ranking of each query's own K candidates.
 - ``joint``: NFormer over the queries plus the whole gallery (the paper's protocol; for galleries up to
   ``joint_max_gallery``); the filters then drop results.
+- ``auto``: per gallery, ``REID_REFINE_AUTO_MODE`` when the gallery's own features say it is multi-shot, else
+  ``none`` (service/refine_auto.py). The answer's ``refine_applied`` says which.
 
 Filters (service/search_filter.py): camera allow/deny lists, ``exclude_same_camera`` with the query's camera,
 a time window and a person label. ``/search:tracklet`` takes several crops of one person and searches with
@@ -29,7 +31,6 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from index.refine import MODES
 from index.vector_index import l2_normalize
 from index.store import StoredImage
 from index.vector_index import VectorIndex
@@ -43,13 +44,14 @@ from ..images import ImageError, decode_image
 from ..limits import EmbedSlot
 from ..observability import observe_stage
 from ..search_filter import SearchFilter
+from ..settings import REFINE_CHOICES
 from ..schemas import (BatchSearchResponse, ErrorResponse, QueryResults, SearchResponse, SearchResult,
                        SearchTiming)
 from ..state import NFORMER_FILE, NFORMER_MODES, ServiceState
 
 router = APIRouter(prefix="/v1/galleries", tags=["search"])
 
-SUPPORTED_REFINE = MODES
+SUPPORTED_REFINE = REFINE_CHOICES
 MAX_CANDIDATES = 2000
 _ERRORS = {c: {"model": ErrorResponse} for c in (404, 413, 415, 422, 503)}
 
@@ -57,7 +59,8 @@ _ERRORS = {c: {"model": ErrorResponse} for c in (404, 413, 415, 422, 503)}
 @dataclass
 class Params:
     top_k: int
-    refine: str
+    refine: str  # as requested (or the default)
+    applied: str  # the mode that runs: refine itself, or auto's choice for the gallery
     candidates: int | None  # K of local/kreciprocal; None for none/joint
     filter: SearchFilter
 
@@ -150,17 +153,17 @@ def _rank(state: ServiceState, gallery: str, queries: np.ndarray,
     idx = state.index_for(gallery)
     if idx is None or not len(idx):
         return [[] for _ in range(nq)], time.perf_counter() - t0, 0.0
-    if p.refine == "joint" and len(idx) > state.settings.joint_max_gallery:
+    if p.applied == "joint" and len(idx) > state.settings.joint_max_gallery:
         raise ApiError(422, "gallery_too_large_for_joint",
                        f"gallery {gallery!r} has {len(idx)} images; refine=joint refines the whole gallery and is "
                        f"limited to {state.settings.joint_max_gallery} (REID_JOINT_MAX_GALLERY): use refine=local")
 
-    if p.refine == "none":
+    if p.applied == "none":
         results = [[_result(h.id, h.cosine, h.cosine, h.rec) for h in hits]
                    for hits in _hits(state, gallery, idx, queries, p.top_k, p.filter)]
         return results, time.perf_counter() - t0, 0.0
 
-    if p.refine == "joint":
+    if p.applied == "joint":
         ids, gallery_vecs = idx.items()
         t1 = time.perf_counter()
         sims = state.refiner.similarities("joint", queries, gallery_vecs)
@@ -183,7 +186,7 @@ def _rank(state: ServiceState, gallery: str, queries: np.ndarray,
     per_query = _candidates(state, gallery, idx, queries, p)
     t1 = time.perf_counter()
     results = []
-    if p.refine == "local":
+    if p.applied == "local":
         # One NFormer pass: all queries + the union of their candidates (first-seen order), as the paper
         # refines a query batch together; every query is then ranked over the whole union.
         union: dict[int, int] = {}
@@ -233,7 +236,7 @@ def _run(state: ServiceState, gallery: str, blobs: list[tuple[str | None, bytes]
     images = _decode(state, blobs, batch or tracklet)
     td = time.perf_counter()
     with state.model_lock.shared():
-        p = _params(state, *form, flt=flt)  # again: the model may have changed since the request was checked
+        p = _params(state, *form, flt=flt, gallery=gallery)  # again: the model may have changed since
         t1 = time.perf_counter()
         queries = embed_images(state, images)
         if tracklet:
@@ -248,12 +251,13 @@ def _run(state: ServiceState, gallery: str, blobs: list[tuple[str | None, bytes]
                 r.match = r.cosine > calib["threshold"]
     t3 = time.perf_counter()
     timing = SearchTiming(decode=_ms(t0, td), embed=_ms(t1, t2), search=round(search_s * 1000.0, 3),
-                          refine=None if p.refine == "none" else round(refine_s * 1000.0, 3), total=_ms(t0, t3))
+                          refine=None if p.applied == "none" else round(refine_s * 1000.0, 3), total=_ms(t0, t3))
     return results, timing, p, model, calib
 
 
 def _params(state: ServiceState, top_k: int, refine: str | None, candidates: int | None,
-            flt: SearchFilter | None = None) -> Params:
+            flt: SearchFilter | None = None, gallery: str | None = None) -> Params:
+    """The request's parameters, checked; with ``gallery``, ``auto`` is resolved to the mode it applies."""
     s = state.settings
     if not 1 <= top_k <= s.max_top_k:
         raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {s.max_top_k}, got {top_k}")
@@ -269,10 +273,13 @@ def _params(state: ServiceState, top_k: int, refine: str | None, candidates: int
     if candidates is not None and not 1 <= candidates <= MAX_CANDIDATES:
         raise ApiError(422, "invalid_candidates", f"candidates must be between 1 and {MAX_CANDIDATES}, "
                                                   f"got {candidates}")
+    applied = refine
+    if refine == "auto":
+        applied = state.auto_refine(gallery).mode if gallery is not None else "none"
     k = None
-    if refine in ("local", "kreciprocal"):
+    if applied in ("local", "kreciprocal"):
         k = max(candidates or s.refine_candidates, top_k)
-    return Params(top_k, refine, k, flt or SearchFilter())
+    return Params(top_k, refine, applied, k, flt or SearchFilter())
 
 
 def search_filter(
@@ -302,14 +309,14 @@ FilterDep = Annotated[SearchFilter, Depends(search_filter)]
 def _observe(request: Request, p: Params, timing: SearchTiming) -> None:
     hist = getattr(request.app.state, "refine_seconds", None)
     if hist is not None and timing.refine is not None:
-        hist.labels(p.refine).observe(timing.refine / 1000.0)
+        hist.labels(p.applied).observe(timing.refine / 1000.0)
     for stage in ("decode", "embed", "search", "refine"):
         v = getattr(timing, stage)
         observe_stage(request.app.state, stage, None if v is None else v / 1000.0)
 
 
-_REFINE_DOC = (f"re-ranking mode, one of {', '.join(MODES)}; default: REID_REFINE_DEFAULT "
-               f"(local and joint need a bundle with {NFORMER_FILE})")
+_REFINE_DOC = (f"re-ranking mode, one of {', '.join(REFINE_CHOICES)}; default: REID_REFINE_DEFAULT "
+               f"(local and joint need a bundle with {NFORMER_FILE}; auto picks per gallery)")
 _CANDIDATES_DOC = (f"local/kreciprocal: K FAISS candidates to refine (1..{MAX_CANDIDATES}); "
                    "default REID_REFINE_CANDIDATES")
 
@@ -338,7 +345,7 @@ async def search(
                                                                form, flt, False)
     _observe(request, p, timing)
     return SearchResponse(results=results[0], timing_ms=timing, model=model, refine=p.refine,
-                          candidates=p.candidates, threshold=_threshold(calib))
+                          refine_applied=p.applied, candidates=p.candidates, threshold=_threshold(calib))
 
 
 @router.post("/{gallery}/search:tracklet", response_model=SearchResponse, responses=_ERRORS,
@@ -366,7 +373,7 @@ async def search_tracklet(
     results, timing, p, model, calib = await run_in_threadpool(_run, state, gallery, blobs, form, flt, False, True)
     _observe(request, p, timing)
     return SearchResponse(results=results[0], timing_ms=timing, model=model, refine=p.refine,
-                          candidates=p.candidates, threshold=_threshold(calib))
+                          refine_applied=p.applied, candidates=p.candidates, threshold=_threshold(calib))
 
 
 @router.post("/{gallery}/search:batch", response_model=BatchSearchResponse,
@@ -396,4 +403,5 @@ async def search_batch(
     return BatchSearchResponse(
         queries=[QueryResults(index=i, filename=name, results=r)
                  for i, ((name, _), r) in enumerate(zip(blobs, results))],
-        timing_ms=timing, model=model, refine=p.refine, candidates=p.candidates, threshold=_threshold(calib))
+        timing_ms=timing, model=model, refine=p.refine, refine_applied=p.applied, candidates=p.candidates,
+        threshold=_threshold(calib))

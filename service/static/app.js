@@ -84,7 +84,7 @@ async function search(ev) {
     const body = await api(`v1/galleries/${encodeURIComponent(gallery)}/search`, {method: "POST", body: fd});
     render(gallery, body);
     const th = body.threshold === undefined ? "not calibrated" : `match above cosine ${body.threshold.toFixed(3)}`;
-    $("status").textContent = `${body.results.length} result(s), refine ${body.refine}, ` +
+    $("status").textContent = `${body.results.length} result(s), refine ${body.refine_applied}${body.refine === "auto" ? " (auto)" : ""}, ` +
       `${body.timing_ms.total.toFixed(1)} ms, model ${body.model}, ${th}`;
   } catch (e) { fail($("status"), e); $("grid").innerHTML = ""; }
 }

@@ -1,0 +1,100 @@
+"""``refine=auto``: refine only the galleries where it pays, decided from each gallery's own features.
+
+The rule (index/gallery_profile.py, measurements in docs/refine-auto.md): a gallery whose items have near
+twins (``neighbour_excess`` at or above ``REID_REFINE_AUTO_THRESHOLD``) is multi-shot and gets
+``REID_REFINE_AUTO_MODE``; any other gets ``none``.
+
+`RefineAdvisor` is the one owner of the per-gallery decisions. A decision is made on first use and again
+once the gallery's size has moved by more than ``REPROFILE_DRIFT`` of itself, or under another model (its
+features differ). Making one costs one FAISS top-2 search for at most ``DEFAULT_SAMPLE`` items (tens of
+milliseconds at a million vectors), so a search request may pay it once in a while."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.gallery_profile import DEFAULT_SAMPLE, MIN_ITEMS, GalleryProfile, choose_refine, profile_gallery
+from index.vector_index import VectorIndex
+
+REPROFILE_DRIFT = 0.1
+
+
+@dataclass(frozen=True)
+class AutoDecision:
+    mode: str  # what refine=auto applies to this gallery now
+    rule: str  # the rule in words, for /v1/galleries/{g}
+    profile: GalleryProfile | None  # None: too few items to tell
+    model: str
+    decided_at: float
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "rule": self.rule, "model": self.model,
+                "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.decided_at)),
+                "profile": None if self.profile is None else self.profile.to_dict()}
+
+
+def nearest_other(idx: VectorIndex, ids: np.ndarray):
+    """Each sampled item's largest cosine to another gallery item (its top 2 minus itself)."""
+    def run(vectors: np.ndarray) -> np.ndarray:
+        scores, found = idx.search(vectors, 2)
+        other = np.where(found[:, 0] == ids, scores[:, 1] if scores.shape[1] > 1 else -np.inf, scores[:, 0])
+        return np.where(np.isfinite(other), other, -1.0)
+    return run
+
+
+class RefineAdvisor:
+    def __init__(self, mode: str, threshold: float, sample: int = DEFAULT_SAMPLE, seed: int = 0):
+        self.mode, self.threshold, self.sample, self.seed = mode, threshold, sample, seed
+        self._lock = threading.Lock()
+        self._decisions: dict[str, AutoDecision] = {}
+
+    def rule(self, mode: str) -> str:
+        return (f"{mode} when neighbour_excess >= {self.threshold:g} (items have near twins: multi-shot), "
+                f"else none; none below {MIN_ITEMS} items")
+
+    def decide(self, gallery: str, idx: VectorIndex | None, model: str, has_nformer: bool = True) -> AutoDecision:
+        """The gallery's current decision, re-made when it is stale. Without an NFormer in the model, a
+        multi-shot gallery gets kreciprocal instead of local."""
+        size = 0 if idx is None else len(idx)
+        mode = self.mode if has_nformer or self.mode == "kreciprocal" else "kreciprocal"
+        with self._lock:
+            current = self._decisions.get(gallery)
+        if current is not None and current.model == model and not self._drifted(current, size):
+            return current
+        profile = self._profile(idx) if size >= MIN_ITEMS else None
+        decision = AutoDecision(choose_refine(profile, self.threshold, mode), self.rule(mode), profile, model,
+                                time.time())
+        with self._lock:
+            self._decisions[gallery] = decision
+        return decision
+
+    def peek(self, gallery: str) -> AutoDecision | None:
+        """The last decision made for the gallery (None: auto has not run on it yet)."""
+        with self._lock:
+            return self._decisions.get(gallery)
+
+    def forget(self, gallery: str | None = None) -> None:
+        with self._lock:
+            if gallery is None:
+                self._decisions.clear()
+            else:
+                self._decisions.pop(gallery, None)
+
+    @staticmethod
+    def _drifted(decision: AutoDecision, size: int) -> bool:
+        before = 0 if decision.profile is None else decision.profile.items
+        if decision.profile is None:  # undecided for want of items: look again once there are enough
+            return size >= MIN_ITEMS
+        return abs(size - before) > REPROFILE_DRIFT * before
+
+    def _profile(self, idx: VectorIndex) -> GalleryProfile:
+        ids = idx.ids()
+        if len(ids) > self.sample:
+            ids = np.sort(np.random.default_rng(self.seed).choice(ids, size=self.sample, replace=False))
+        vectors, found = idx.vectors(ids)
+        ids, vectors = ids[found], vectors[found]
+        return profile_gallery(vectors, len(idx), nearest_other(idx, ids))
