@@ -30,16 +30,9 @@ test: $(DEV_STAMP)
 
 # Reproduces service/default_bundle: encoder (stage 1) then NFormer (stage 2), both resumable; export (each
 # graph checked against ONNX Runtime); evaluation of the encoder and of every refinement mode.
-# The default bundle's whole lineage (docs/default-model.md): cycle 1 is the original 12-epoch recipe from
-# ImageNet; cycle 2 a warm restart from it with the lever study's choices (stem + 2 stages frozen, a longer
-# schedule); then NFormer stage 2 on the cycle-2 encoder, export (fp32 + int8 NFormer) and evaluation.
-# About 50 + 100 + 7 minutes on 2 CPU cores; each step resumes from its run directory.
 train-default: $(DEV_STAMP)
-	$(PY) -m scripts.cli train --run-dir runs/default/cycle1
-	$(PY) -m scripts.cli train --init runs/default/cycle1/last.pt --run-dir runs/default/cycle2 \
-		--frozen-stages 2 --epochs 70 --decay-epochs 48 62 --warmup-epochs 2 --freeze-backbone-epochs 0 --eval-every 10
-	$(PY) -m scripts.cli train --method nformer --encoder runs/default/cycle2/last.pt --run-dir runs/default/cycle2
-	$(PY) -m scripts.cli export --checkpoint runs/default/cycle2/last.pt --nformer runs/default/cycle2/nformer.pt \
+	$(PY) -m scripts.cli train --method nformer --run-dir runs/default
+	$(PY) -m scripts.cli export --checkpoint runs/default/last.pt --nformer runs/default/nformer.pt \
 		--out service/default_bundle --name reid-default
 	$(PY) -m scripts.cli evaluate --bundle service/default_bundle --data cuhk03 prid450s prid2011 \
 		--write-card --json runs/default/evaluation.json --plot docs/cmc-default.png

@@ -1,10 +1,11 @@
 """The measurements behind refine=auto's rule (index/gallery_profile.py): for galleries of every kind, the
 label-free statistic (`neighbour_excess`) beside what each refinement mode gains over `none`.
 
-Galleries: each protocol's test gallery, whole and cut to fewer identities (the statistic must not drift with
-size), queries restricted to the same identities. The threshold is the smallest statistic above which no
-gallery loses more than `tolerance` mAP to the auto mode: choose it with an encoder whose test identities
-are unseen (split 1's, or data it never trained on), never on split 0's test identities."""
+Galleries: each protocol's test gallery, whole and cut to fewer identities (the statistic should not drift
+with size), queries restricted to the same identities; galleries under MIN_ITEMS images are never refined.
+The threshold sits midway between the galleries the auto mode harms and those it helps (`choose_threshold`).
+Choose it with an encoder whose test identities are unseen (split 1's, or data it never trained on), never
+on split 0's test identities."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index.gallery_profile import profile_gallery
+from index.gallery_profile import MIN_ITEMS, profile_gallery
 from index.metrics import evaluate_rankings
 from index.refine import Refiner
 
 from .data.datasets import ReIDDataset, load_dataset
 
-SIZES = (0, 100, 30)  # identities kept in the gallery; 0 = all
+SIZES = (0, 150, 100, 50)  # identities kept in the gallery; 0 = all
 
 
 @dataclass
@@ -71,10 +72,13 @@ def label(mode: str, k: int) -> str:
 
 
 def choose_threshold(rows: list[GalleryRow], mode: str, tolerance: float = 0.5) -> float:
-    """The smallest excess t such that every gallery at or above t loses at most `tolerance` mAP to `mode`
-    (just above the highest excess of a gallery that loses more)."""
-    losing = [r.excess for r in rows if r.gain(mode) < -tolerance]
-    return round(max(losing) + 0.01, 2) if losing else round(min(r.excess for r in rows), 2)
+    """Midway between the highest excess of a gallery that loses more than `tolerance` mAP to `mode` and the
+    lowest excess above it of one that gains more than that: the widest margin on both sides. Galleries below
+    MIN_ITEMS are never refined, so they do not count."""
+    rows = [r for r in rows if r.gallery >= MIN_ITEMS]
+    losing = max((r.excess for r in rows if r.gain(mode) < -tolerance), default=min(r.excess for r in rows))
+    gaining = [r.excess for r in rows if r.gain(mode) > tolerance and r.excess > losing]
+    return round((losing + min(gaining)) / 2, 2) if gaining else round(losing + 0.01, 2)
 
 
 def run_study(embed, protocols: list[str], split: int, refiner: Refiner, modes: list[tuple[str, int]],
@@ -93,7 +97,7 @@ def markdown(rows: list[GalleryRow], modes: list[str], auto_mode: str, threshold
     lines = [head, "|" + "---|" * (6 + len(modes))]
     for r in rows:
         cells = [f"{r.map['none']:.1f}"] + [f"{r.map[m]:.1f} ({r.gain(m):+.1f})" for m in modes[1:]]
-        auto = auto_mode if r.excess >= threshold else "none"
+        auto = "none (too small)" if r.gallery < MIN_ITEMS else auto_mode if r.excess >= threshold else "none"
         lines.append(f"| {r.protocol} | {r.identities} | {r.gallery} | {r.images_per_identity:g} | "
                      f"{r.excess:+.2f} | " + " | ".join(cells) + f" | {auto} |")
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ twins (``neighbour_excess`` at or above ``REID_REFINE_AUTO_THRESHOLD``) is multi
 
 `RefineAdvisor` is the one owner of the per-gallery decisions. A decision is made on first use and again
 once the gallery's size has moved by more than ``REPROFILE_DRIFT`` of itself, or under another model (its
-features differ). Making one costs one FAISS top-2 search for at most ``DEFAULT_SAMPLE`` items (tens of
+features differ). Making one costs one FAISS top-4 search for at most ``DEFAULT_SAMPLE`` items (tens of
 milliseconds at a million vectors), so a search request may pay it once in a while."""
 
 from __future__ import annotations
@@ -37,12 +37,16 @@ class AutoDecision:
                 "profile": None if self.profile is None else self.profile.to_dict()}
 
 
-def nearest_other(idx: VectorIndex, ids: np.ndarray):
-    """Each sampled item's largest cosine to another gallery item (its top 2 minus itself)."""
-    def run(vectors: np.ndarray) -> np.ndarray:
-        scores, found = idx.search(vectors, 2)
-        other = np.where(found[:, 0] == ids, scores[:, 1] if scores.shape[1] > 1 else -np.inf, scores[:, 0])
-        return np.where(np.isfinite(other), other, -1.0)
+def kth_other(idx: VectorIndex, ids: np.ndarray):
+    """Each sampled item's k-th largest cosine to other gallery items: its top k + 1, itself dropped."""
+    def run(vectors: np.ndarray, k: int) -> np.ndarray:
+        scores, found = idx.search(vectors, k + 1)
+        out = np.full(len(ids), -1.0)
+        for row, (item, s, f) in enumerate(zip(ids, scores, found)):
+            others = s[(f != item) & (f >= 0)]
+            if len(others) >= k:
+                out[row] = others[k - 1]
+        return out
     return run
 
 
@@ -97,4 +101,4 @@ class RefineAdvisor:
             ids = np.sort(np.random.default_rng(self.seed).choice(ids, size=self.sample, replace=False))
         vectors, found = idx.vectors(ids)
         ids, vectors = ids[found], vectors[found]
-        return profile_gallery(vectors, len(idx), nearest_other(idx, ids))
+        return profile_gallery(vectors, len(idx), kth_other(idx, ids))

@@ -6,7 +6,7 @@
     REID_API_KEY=secret                optional: /v1/* then requires the X-API-Key header (a read-write key)
     REID_API_KEYS_READ='["k1"]'        keys that may only read (GET); REID_API_KEYS_WRITE: keys that may also write
     REID_CORS_ORIGINS='["https://a"]'  CORS is off unless origins are listed here
-    REID_REFINE_DEFAULT=none           search-time refinement when a request names none (none/local/joint/kreciprocal/auto)
+    REID_REFINE_DEFAULT=auto           search-time refinement when a request names none (none/local/joint/kreciprocal/auto)
     REID_KEEP_IMAGES=true              keep each accepted image's bytes in Redis (needed to adapt and re-embed)
     REID_ADAPT_MIN_IMAGES=64           POST /v1/galleries/{g}/adapt needs at least this many kept images
     REID_ADAPT_EXTRA_ARGS='["--threads","4"]'  extra arguments for the `reid adapt` it runs
@@ -62,11 +62,11 @@ class Settings(BaseSettings):
 
     # Search-time refinement (index/refine.py). "auto" decides per gallery from its own features whether
     # refinement pays (service/refine_auto.py, docs/refine-auto.md).
-    refine_default: str = Field("none", description=f"refine mode when a request names none; one of "
+    refine_default: str = Field("auto", description=f"refine mode when a request names none; one of "
                                                     f"{REFINE_CHOICES}")
     refine_auto_mode: Literal["local", "kreciprocal"] = Field("kreciprocal", description="what refine=auto "
                                                               "applies to a gallery it finds multi-shot")
-    refine_auto_threshold: float = Field(0.3, description="refine=auto: the neighbour_excess at or above which a "
+    refine_auto_threshold: float = Field(0.25, description="refine=auto: the neighbour_excess at or above which a "
                                                           "gallery counts as multi-shot (docs/refine-auto.md)")
     refine_candidates: int = Field(200, ge=1, le=2000, description="K: FAISS candidates that local/kreciprocal "
                                                                   "refine (a request may override it)")

@@ -213,8 +213,8 @@ def test_batch_errors_and_route(server_factory, nformer_bundle, gallery_name, im
     assert upload(base, g, blobs, metadata=json.dumps(meta)).status_code == 201
     queries = query_blobs(image_bytes, 3)
     # ":batch" is its own route: the gallery parameter does not swallow it, GET is not allowed
-    body = ok(batch(base, g, queries[:2], top_k=2))
-    assert len(body["queries"]) == 2 and body["refine"] == "none"
+    body = ok(batch(base, g, queries[:2], top_k=2))  # no refine field: the default, auto; 5 images: none runs
+    assert len(body["queries"]) == 2 and body["refine"] == "auto" and body["refine_applied"] == "none"
     assert_error(batch(base, "nope-" + g, queries[:1]), 404, "gallery_not_found")
     assert httpx.get(f"{base}/v1/galleries/{g}/search:batch").status_code == 405
     assert_error(httpx.post(f"{base}/v1/galleries/{g}:batch/search", files={"file": ("q.png", queries[0][1])}),
@@ -248,7 +248,7 @@ def test_model_card_and_default_mode(server_factory, nformer_bundle, gallery_nam
     assert srv.app.state.reid.has_nformer
     page = httpx.get(f"{srv.url}/").text  # the web page offers the modes
     assert '<select id="refine">' in page and all(f'value="{m}"' in page for m in ("none", "local", "joint",
-                                                                                  "kreciprocal"))
+                                                                                  "kreciprocal", "auto"))
 
 
 def test_bundle_without_nformer(server_factory, gallery_name, image_bytes):

@@ -31,7 +31,7 @@ async def _client(base: str, queries: list[bytes], fresh: list[bytes], deadline:
                 op = "search"
                 files = {"file": ("q.jpg", rng.choice(queries), "application/octet-stream")}
                 started = time.perf_counter()
-                r = await client.post(f"/v1/galleries/{GALLERY}/search", files=files, data={"top_k": "10"})
+                r = await client.post(f"/v1/galleries/{GALLERY}/search", files=files, data={"top_k": "10", "refine": "none"})
             else:
                 op = "ingest"
                 files = [("files", ("g.png", fresh.pop(), "application/octet-stream"))]

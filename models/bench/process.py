@@ -186,7 +186,7 @@ def top1(url: str, gallery: str, images: list[bytes], batch: int = 32) -> list[i
     out: list[int | None] = []
     for i in range(0, len(images), batch):
         part = images[i:i + batch]
-        r = httpx.post(f"{url}/v1/galleries/{gallery}/search:batch", data={"top_k": "1"},
+        r = httpx.post(f"{url}/v1/galleries/{gallery}/search:batch", data={"top_k": "1", "refine": "none"},
                        files=[("files", (f"q{j}.png", b, "image/png")) for j, b in enumerate(part)], timeout=120)
         assert r.status_code == 200, r.text
         out.extend(q["results"][0]["id"] if q["results"] else None for q in r.json()["queries"])
