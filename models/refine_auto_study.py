@@ -19,6 +19,7 @@ from tqdm import tqdm
 from index.gallery_profile import MIN_ITEMS, profile_gallery
 from index.metrics import evaluate_rankings
 from index.refine import Refiner
+from index.vector_index import l2_normalize
 
 from .data.datasets import ReIDDataset, load_dataset
 
@@ -38,17 +39,13 @@ class GalleryRow:
         return self.map[mode] - self.map["none"]
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
 def study_protocol(dataset: ReIDDataset, query: np.ndarray, gallery: np.ndarray, refiner: Refiner,
                    modes: list[tuple[str, int]], sizes=SIZES, seed: int = 0) -> list[GalleryRow]:
     q_pid = np.array([s.pid for s in dataset.query])
     g_pid = np.array([s.pid for s in dataset.gallery])
     q_cam = np.array([s.camid for s in dataset.query])
     g_cam = np.array([s.camid for s in dataset.gallery])
-    query, gallery = _normalize(query), _normalize(gallery)
+    query, gallery = l2_normalize(query), l2_normalize(gallery)
     people = np.unique(g_pid)
     rows = []
     for size in sizes:

@@ -7,8 +7,9 @@ twins (``neighbour_excess`` at or above ``REID_REFINE_AUTO_THRESHOLD``) is multi
 `RefineAdvisor` is the one owner of the per-gallery decisions. A decision is made on first use and again
 once the gallery's size has moved by more than ``REPROFILE_DRIFT`` of itself, or under another model (its
 features differ). Making one costs one FAISS top-4 search for at most ``DEFAULT_SAMPLE`` (500) items: a
-few milliseconds with IVF or HNSW, an estimated 1.4 s per million vectors with the exact flat index (0.26 TFLOP
-at the 186 GFLOP/s sgemm rate `make bench` measured), paid by one search request each time the gallery grows by 10 %."""
+few milliseconds with IVF or HNSW, an estimated 1.4 s per million vectors with the exact flat index
+(0.26 TFLOP at the 186 GFLOP/s sgemm rate `make bench` measured), paid by one search request each time the
+gallery grows by 10 %."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class RefineAdvisor:
         """The gallery's current decision, re-made when it is stale. Without an NFormer in the model, a
         multi-shot gallery gets kreciprocal instead of local."""
         size = 0 if idx is None else len(idx)
-        mode = self.mode if has_nformer or self.mode == "kreciprocal" else "kreciprocal"
+        mode = self.mode if has_nformer else "kreciprocal"
         with self._lock:
             current = self._decisions.get(gallery)
         if current is not None and current.model == model and not self._drifted(current, size):
@@ -77,11 +78,6 @@ class RefineAdvisor:
             self._decisions[gallery] = decision
         return decision
 
-    def peek(self, gallery: str) -> AutoDecision | None:
-        """The last decision made for the gallery (None: auto has not run on it yet)."""
-        with self._lock:
-            return self._decisions.get(gallery)
-
     def forget(self, gallery: str | None = None) -> None:
         with self._lock:
             if gallery is None:
@@ -91,9 +87,9 @@ class RefineAdvisor:
 
     @staticmethod
     def _drifted(decision: AutoDecision, size: int) -> bool:
-        before = 0 if decision.profile is None else decision.profile.items
         if decision.profile is None:  # undecided for want of items: look again once there are enough
             return size >= MIN_ITEMS
+        before = decision.profile.items
         return abs(size - before) > REPROFILE_DRIFT * before
 
     def _profile(self, idx: VectorIndex) -> GalleryProfile:
