@@ -12,7 +12,7 @@ from typing import Iterator
 
 import redis
 
-__all__ = ["Event", "StreamInfo", "ZERO", "decode", "parse_id", "read_range", "stream_info"]
+__all__ = ["Event", "EventReader", "StreamInfo", "ZERO", "decode", "parse_id", "read_range", "stream_info"]
 
 ZERO = "0-0"
 
@@ -95,3 +95,21 @@ def read_range(r: redis.Redis, key: str, after: str, until: str, count: int = 10
         batch = decode(entries)
         yield batch
         start = batch[-1].id
+
+
+class EventReader:
+    """Follows the log: :meth:`read` waits up to ``block_ms`` for the entries after a position (a blocking XREAD,
+    on a client of its own: :meth:`index.store.RedisStore.event_reader`)."""
+
+    def __init__(self, r: redis.Redis, key: str, block_ms: int):
+        self.r, self.key, self.block_ms = r, key, block_ms
+
+    def read(self, after: str, count: int) -> list[Event]:
+        got = self.r.xread({self.key: after}, count=count, block=self.block_ms)
+        return decode(got[0][1]) if got else []
+
+    def info(self) -> StreamInfo:
+        return stream_info(self.r, self.key)
+
+    def close(self) -> None:
+        self.r.close()

@@ -14,15 +14,15 @@ O(N*k) in memory and a request always gives the same answer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from .bundle import NFormerSpec
+
 MODES = ("none", "joint", "local", "kreciprocal")
-NFORMER_FILE = "nformer.onnx"
-NFORMER_INT8_FILE = "nformer.int8.onnx"
 SMALL_KNN = 1 << 20  # up to this many similarities (4 MB), k-NN is one numpy matmul; beyond, FAISS in blocks
 
 
@@ -71,27 +71,16 @@ def _k_largest(sims: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(sims, sims.shape[1] - k, axis=1)[:, sims.shape[1] - k:]
 
 
-def nformer_file(files: dict, precision: str = "int8") -> str | None:
-    """Which of a bundle's ``files`` refines at ``precision``: its int8 graph when asked for and shipped, else
-    ``nformer.onnx``; None when the bundle has no NFormer."""
-    if NFORMER_FILE not in files:
-        return None
-    return NFORMER_INT8_FILE if precision == "int8" and NFORMER_INT8_FILE in files else NFORMER_FILE
-
-
-@dataclass
-class NFormerSpec:
-    """The card's `nformer` entry."""
-    dim: int
-    layers: int
-    landmarks: int
-    topk: int
-    landmark_seed: int = 0
-
-    @classmethod
-    def from_card(cls, entry: dict) -> "NFormerSpec":
-        return cls(int(entry["dim"]), int(entry["layers"]), int(entry["landmarks"]), int(entry["topk"]),
-                   int(entry.get("landmark_seed", 0)))
+def expand_candidates(top: np.ndarray, expand: int, nearest: Callable[[int], np.ndarray]) -> np.ndarray:
+    """A query's refine candidates: `top` (its K nearest gallery ids, best first) followed by each one's
+    `expand` nearest gallery entries not already among them, in first-seen order. `nearest(k)` gives each
+    candidate's k nearest gallery ids as [len(top), k] (each candidate is its own first, hence expand + 1;
+    FAISS's -1 padding is skipped). The one rule for `Refiner` offline and the service over FAISS."""
+    if not expand or not len(top):
+        return top
+    seen = set(top.tolist())
+    extra = [i for i in nearest(expand + 1).ravel().tolist() if i >= 0 and not (i in seen or seen.add(i))]
+    return np.concatenate([top, np.asarray(extra, dtype=top.dtype)])
 
 
 class NeighborTransformer:
@@ -159,15 +148,11 @@ class Refiner:
         return out
 
     def candidate_ids(self, cosine_row: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+        """One query's candidates: its K best by cosine, best first, then their expansion."""
         k = len(cosine_row) if not self.candidates else min(self.candidates, len(cosine_row))
         top = np.argpartition(-cosine_row, k - 1)[:k] if k < len(cosine_row) else np.arange(len(cosine_row))
         top = top[np.argsort(-cosine_row[top], kind="stable")]
-        if self.expand:
-            neighbours = topk_neighbors(gallery[top], self.expand + 1, base=gallery)
-            seen = set(top.tolist())  # new neighbours in first-seen order, as the service adds them
-            extra = [i for i in neighbours.ravel().tolist() if not (i in seen or seen.add(i))]
-            top = np.concatenate([top, np.asarray(extra, dtype=top.dtype)])
-        return top
+        return expand_candidates(top, self.expand, lambda kk: topk_neighbors(gallery[top], kk, base=gallery))
 
     def rerank(self, mode: str, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """[Q,C] refined similarities of queries to candidate features (what the service calls after FAISS)."""

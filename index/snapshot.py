@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write
 from .vector_index import VectorIndex
 
 __all__ = ["Manifest", "load_snapshot", "read_manifest", "remove_snapshot", "snapshot_galleries", "touch_manifest",
@@ -48,20 +48,9 @@ def _paths(root: Path, gallery: str) -> tuple[Path, Path]:
     return root / f"{gallery}.faiss", root / f"{gallery}.json"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def _write_manifest(path: Path, manifest: Manifest) -> None:
+    with atomic_write(path, mode=0o600) as tmp:  # owner-only, like the index file beside it
+        tmp.write_bytes(json.dumps(asdict(manifest), indent=1).encode())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,7 +75,7 @@ def write_snapshot(root: str | os.PathLike, index: VectorIndex, manifest: Manife
     index.save(faiss_path)  # atomic, under the index's own lock
     manifest.index_bytes = faiss_path.stat().st_size
     manifest.written_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    _write_atomic(json_path, json.dumps(asdict(manifest), indent=1).encode())
+    _write_manifest(json_path, manifest)
     _fsync_dir(root)
     return manifest
 
@@ -142,7 +131,7 @@ def touch_manifest(root: str | os.PathLike, gallery: str, stream_id: str) -> boo
     if m is None:
         return False
     m.stream_id = stream_id
-    _write_atomic(_paths(Path(root), gallery)[1], json.dumps(asdict(m), indent=1).encode())
+    _write_manifest(_paths(Path(root), gallery)[1], m)
     return True
 
 

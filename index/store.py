@@ -18,6 +18,11 @@ so they never contain ``:``)::
     reid:events                         STREAM change log (op=put|delete|drop|activate, gallery, id),
                                                capped at ~``events_maxlen`` entries (approximate
                                                trimming), for replicas to follow (index.events)
+    reid:{name}:lock                    STRING a lease that one replica holds for a periodic chore
+                                               (:meth:`RedisStore.hold_lease`; ``retention`` sweeps)
+    reid:job:{id}, reid:jobs:lock:{kind}       background jobs' records and locks (index.job_store)
+
+Nothing outside this package reads or writes these keys itself: it calls the methods here.
 
 Image ids are stable: the first 8 bytes of ``sha256(gallery + b"\\0" + image bytes)`` read
 big-endian with the top bit cleared (a positive signed 63-bit integer). Re-uploading the
@@ -49,7 +54,9 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .durability import WaitAofPipeline
+from .durability import Persistence, WaitAofPipeline, probe
+from .events import Event, EventReader, StreamInfo, read_range, stream_info
+from .job_store import JobStore
 
 __all__ = [
     "GALLERY_NAME_RE",
@@ -67,6 +74,19 @@ GALLERY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: user-supplied metadata fields (strings)
 METADATA_FIELDS = ("external_id", "camera_id", "person_id", "captured_at", "filename")
 EVENTS_MAXLEN = 100_000
+#: fields of a gallery's settings hash that the store manages itself (others: :meth:`RedisStore.set_gallery_field`)
+GALLERY_OWN_FIELDS = ("name", "created_at", "retention_days")
+
+# Set and remove fields of an image's record only if it exists (no record resurrected by a late PATCH).
+_PATCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = tonumber(ARGV[1])
+for i = 0, n - 1 do
+  local k, v = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  if v == '' then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, v) end
+end
+return 1
+"""
 
 
 class InvalidGalleryName(ValueError):
@@ -138,6 +158,7 @@ class RedisStore:
         self.events_maxlen = int(events_maxlen)
         #: WAITAOF timeout after each write transaction; None: the server's own fsync policy is enough
         self.wait_aof_ms = wait_aof_ms
+        self._patch = client.register_script(_PATCH)
 
     def _pipeline(self) -> redis.client.Pipeline:
         """A MULTI/EXEC pipeline for a change: followed by WAITAOF when ``wait_aof_ms`` is set."""
@@ -165,6 +186,22 @@ class RedisStore:
         """Id of the newest change-log entry ("0-0" if none)."""
         last = self.r.xrevrange(self.k_events(), count=1)
         return last[0][0].decode() if last else "0-0"
+
+    def change_log_info(self) -> StreamInfo:
+        return stream_info(self.r, self.k_events())
+
+    def read_events(self, after: str, until: str) -> Iterator[list[Event]]:
+        """Batches of the change-log entries with ``after < id <= until``."""
+        return read_range(self.r, self.k_events(), after, until)
+
+    def event_reader(self, block_ms: int) -> EventReader:
+        """A reader of new change-log entries on a connection of its own: a blocking XREAD holds its connection, so it
+        must not share the request pool, nor its socket timeout (shorter than ``block_ms`` may be)."""
+        pool = self.r.connection_pool
+        client = redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class,
+            **{**pool.connection_kwargs, "socket_timeout": block_ms / 1000 + 5.0}))
+        return EventReader(client, self.k_events(), block_ms)
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -199,6 +236,10 @@ class RedisStore:
     def k_active_bundle() -> str:
         return PREFIX + "active_bundle"
 
+    @staticmethod
+    def k_lease(name: str) -> str:
+        return f"{PREFIX}{name}:lock"
+
     # ------------------------------------------------------------------ basics
     def ping(self) -> bool:
         return bool(self.r.ping())
@@ -208,6 +249,22 @@ class RedisStore:
             self.r.close()
         except Exception:  # pragma: no cover - best effort
             pass
+
+    def probe_persistence(self, required: str = "always") -> Persistence:
+        """How the server persists acknowledged writes (:func:`index.durability.probe`)."""
+        return probe(self.r, required)
+
+    def job_store(self) -> JobStore:
+        """The background jobs' records and locks, on this store's connections."""
+        return JobStore(self.r)
+
+    def hold_lease(self, name: str, token: str, ttl_ms: int) -> bool:
+        """Take the lease ``name`` for ``token`` unless another token holds it; True if ``token`` holds it now. It
+        expires by itself after ``ttl_ms`` (so one replica does a periodic chore per period, and a dead one frees it)."""
+        key = self.k_lease(name)
+        if self.r.set(key, token, nx=True, px=ttl_ms):
+            return True
+        return self.r.get(key) == token.encode()
 
     # ------------------------------------------------------------------ galleries
     def create_gallery(self, gallery: str, retention_days: int | None = None) -> bool:
@@ -239,6 +296,40 @@ class RedisStore:
     def count(self, gallery: str) -> int:
         return int(self.r.hlen(self.k_vectors(gallery)))
 
+    def counts(self, galleries: Iterable[str] | None = None) -> dict[str, int]:
+        """Gallery -> its number of images (stored vectors), for ``galleries`` (default: every one), in one round
+        trip."""
+        names = self.list_galleries() if galleries is None else list(galleries)
+        pipe = self.r.pipeline(transaction=False)
+        for g in names:
+            pipe.hlen(self.k_vectors(g))
+        return {g: int(n) for g, n in zip(names, pipe.execute())}
+
+    def counts_at_log_position(self) -> tuple[dict[str, int], set[str], str | None]:
+        """``(counts, galleries, last)`` read in ONE MULTI/EXEC, so that the counts are exactly those that the change
+        log reflects up to its newest entry ``last`` (None while it is empty). ``counts`` covers the galleries listed
+        just before; ``galleries`` is the set inside the transaction."""
+        names = self.list_galleries()
+        pipe = self.r.pipeline(transaction=True)
+        for g in names:
+            pipe.hlen(self.k_vectors(g))
+        pipe.smembers(self.k_galleries())
+        pipe.xrevrange(self.k_events(), count=1)
+        *counts, members, last = pipe.execute()
+        return ({g: int(n) for g, n in zip(names, counts)}, {_s(m) for m in members},
+                last[0][0].decode() if last else None)
+
+    def images_without_bytes(self) -> dict[str, int]:
+        """Gallery -> how many of its images have no kept bytes, for the galleries that have such images."""
+        names = self.list_galleries()
+        pipe = self.r.pipeline(transaction=False)
+        for g in names:
+            pipe.hlen(self.k_vectors(g))
+            pipe.hlen(self.k_images(g))
+        res = pipe.execute()
+        missing = {g: int(n) - int(kept) for g, n, kept in zip(names, res[::2], res[1::2])}
+        return {g: n for g, n in missing.items() if n > 0}
+
     def gallery_info(self, gallery: str) -> dict[str, Any] | None:
         """``{"name", "count", "created_at", "retention_days"}`` or None if the gallery does not exist."""
         if not self.gallery_exists(gallery):
@@ -246,9 +337,27 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.hlen(self.k_vectors(gallery))
         pipe.hmget(self.k_gallery(gallery), "created_at", "retention_days")
-        n, (created, days) = pipe.execute()
-        return {"name": gallery, "count": int(n), "created_at": _s(created),
-                "retention_days": int(days) if days is not None else None}
+        return _gallery_info(gallery, *pipe.execute())
+
+    def list_gallery_info(self) -> list[dict[str, Any]]:
+        """:meth:`gallery_info` of every gallery, in one round trip after the listing."""
+        names = self.list_galleries()
+        pipe = self.r.pipeline(transaction=False)
+        for g in names:
+            pipe.hlen(self.k_vectors(g))
+            pipe.hmget(self.k_gallery(g), "created_at", "retention_days")
+        res = pipe.execute()
+        return [_gallery_info(g, n, fields) for g, n, fields in zip(names, res[::2], res[1::2])]
+
+    def set_gallery_field(self, gallery: str, field: str, value: str) -> None:
+        """Keep ``value`` under ``field`` in the gallery's settings hash: every replica reads it, and it goes with the
+        gallery. Not for the fields the store manages itself (:data:`GALLERY_OWN_FIELDS`)."""
+        if field in GALLERY_OWN_FIELDS:
+            raise ValueError(f"the gallery field {field!r} is the store's own")
+        self.r.hset(self.k_gallery(gallery), field, value)
+
+    def get_gallery_field(self, gallery: str, field: str) -> str | None:
+        return _s(self.r.hget(self.k_gallery(gallery), field))
 
     def delete_gallery(self, gallery: str, batch: int = 500) -> bool:
         """Delete a gallery and all its images. Returns False if it did not exist."""
@@ -274,6 +383,13 @@ class RedisStore:
     # ------------------------------------------------------------------ images
     def exists(self, gallery: str, id_: int) -> bool:
         return bool(self.r.exists(self.k_image(gallery, id_)))
+
+    def exists_many(self, gallery: str, ids: Iterable[int]) -> list[bool]:
+        """Whether each image exists, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.exists(self.k_image(gallery, i))
+        return [bool(x) for x in pipe.execute()]
 
     def put(
         self,
@@ -326,10 +442,7 @@ class RedisStore:
             nonlocal existed
             # Keys are WATCHed on `pipe`'s connection; read their state in one round trip on
             # another connection (any change after WATCH still aborts EXEC).
-            check = self.r.pipeline(transaction=False)
-            for k in keys:
-                check.exists(k)
-            existed = [bool(x) for x in check.execute()]
+            existed = self.exists_many(gallery, [id_ for id_, _, _, _ in prepared])
             pipe.multi()
             written: set[int] = set()
             vectors: dict[str, bytes] = {}  # one HSET each for the batch's vectors and kept images
@@ -394,6 +507,18 @@ class RedisStore:
         raw = self.r.hget(self.k_vectors(gallery), str(int(id_)))
         return None if raw is None else np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
+    def patch_metadata(self, gallery: str, id_: int, changes: Mapping[str, str | None]) -> bool:
+        """Set the metadata fields in ``changes`` (None removes one) if the image exists. Returns False if it does not:
+        a late change must not resurrect the record of a deleted image. Only :data:`METADATA_FIELDS`."""
+        args: list[str] = []
+        for k, v in changes.items():
+            if k not in METADATA_FIELDS:
+                raise ValueError(f"{k!r} is not a metadata field ({', '.join(METADATA_FIELDS)})")
+            if v == "":
+                raise ValueError(f"{k}: empty value (None removes the field)")
+            args += [k, "" if v is None else str(v)]
+        return bool(self._patch(keys=[self.k_image(gallery, id_)], args=[len(args) // 2, *args]))
+
     def delete(self, gallery: str, id_: int) -> bool:
         """Delete one image. Returns False if it did not exist."""
         pipe = self._pipeline()
@@ -426,9 +551,14 @@ class RedisStore:
     # ------------------------------------------------------------------ bulk deletion and retention
     def get_vectors(self, gallery: str, ids: Iterable[int]) -> list[np.ndarray | None]:
         """The stored vectors of ``ids`` (None where absent), in one HMGET."""
+        return [None if v is None else np.frombuffer(v, dtype="<f4").astype(np.float32)
+                for v in self.get_raw_vectors(gallery, ids)]
+
+    def get_raw_vectors(self, gallery: str, ids: Iterable[int]) -> list[bytes | None]:
+        """The stored vectors of ``ids`` as they are kept (float32 little endian; None where absent), in one HMGET:
+        for callers that check each length against a dimension and decode many at once."""
         ids = [str(int(i)) for i in ids]
-        raw = self.r.hmget(self.k_vectors(gallery), ids) if ids else []
-        return [None if v is None else np.frombuffer(v, dtype="<f4").astype(np.float32) for v in raw]
+        return self.r.hmget(self.k_vectors(gallery), ids) if ids else []
 
     def iter_image_ids(self, gallery: str, batch: int = 1000) -> Iterator[list[int]]:
         """Batches of the gallery's image ids (HSCAN of its vectors; NOVALUES where Redis >= 7.4 has it)."""
@@ -602,6 +732,12 @@ class RedisStore:
             self._event(pipe, "activate", "", bundle_id)  # replicas switch models too (service.follower)
 
         self._transaction(txn, *keys)
+
+
+def _gallery_info(gallery: str, count: Any, fields: Sequence[Any]) -> dict[str, Any]:
+    created, days = fields
+    return {"name": gallery, "count": int(count), "created_at": _s(created),
+            "retention_days": int(days) if days is not None else None}
 
 
 def _pack(ids: list[int], vecs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

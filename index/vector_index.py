@@ -4,7 +4,7 @@
 * every vector carries a caller-chosen, stable int64 id (the store's image id);
 * ``add`` with an id that is already present replaces that vector (no duplicates);
 * ``search`` clips ``k`` to the index size and returns empty arrays on an empty index;
-* ``save``/``load`` write a FAISS file atomically (temp file + ``os.replace``).
+* ``save``/``load`` write a FAISS file atomically (:func:`index.files.atomic_write`).
 
 The FAISS index behind it is chosen by an :class:`~index.index_factory.IndexSpec` (exact ``flat`` by
 default; ``ivf_flat``, ``hnsw``, ``ivf_pq``; see :mod:`index.index_factory` and :mod:`index.id_indexes`).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import faiss
 import numpy as np
 
 from . import index_factory
+from .files import atomic_write
 from .gpu import GpuMirror, num_gpus
 from .id_indexes import from_faiss
 from .index_factory import IndexSpec
@@ -379,20 +379,8 @@ class VectorIndex:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            with self._lock:
-                faiss.write_index(self._impl.faiss_index, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with atomic_write(path, mode=0o600) as tmp, self._lock:  # owner-only: it holds people's embeddings
+            faiss.write_index(self._impl.faiss_index, str(tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike, dim: int | None = None, spec: IndexSpec | None = None,

@@ -8,7 +8,6 @@ holds BatchNorm folded into the convolutions, which cannot be fine-tuned faithfu
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -17,8 +16,10 @@ from typing import Callable
 
 import numpy as np
 
+from index.bundle import WEIGHTS_FILE, read_card, sha256_file
+
 from .data.datasets import Sample
-from .export import CARD_NAME, WEIGHTS_NAME, export_bundle, sha256_file
+from .export import export_bundle
 from .gracl.pseudo_labels import cluster_stats
 from .gracl.train import GRACLConfig, cluster_training_set, train_gracl, training_samples
 from .nformer_train import NFormerTrainConfig, train_nformer
@@ -44,12 +45,13 @@ class AdaptationError(ValueError):
 
 
 def read_parent(bundle_dir: Path) -> dict:
-    card = json.loads((bundle_dir / CARD_NAME).read_text())
-    weights = bundle_dir / WEIGHTS_NAME
-    if WEIGHTS_NAME not in card.get("files", {}) or not weights.exists():
-        raise AdaptationError(f"bundle {bundle_dir} has no {WEIGHTS_NAME} (torch weights): re-export it with "
+    weights = bundle_dir / WEIGHTS_FILE
+    # only the weights are read here, so only their hash is checked (and their absence is ours to report)
+    card = read_card(bundle_dir, verify=False) if weights.exists() else {}
+    if WEIGHTS_FILE not in card.get("files", {}):
+        raise AdaptationError(f"bundle {bundle_dir} has no {WEIGHTS_FILE} (torch weights): re-export it with "
                               "`reid export`, which includes them by default")
-    if sha256_file(weights) != card["files"][WEIGHTS_NAME]:
+    if sha256_file(weights) != card["files"][WEIGHTS_FILE]:
         raise AdaptationError(f"{weights}: sha256 does not match the card")
     return card
 
@@ -76,7 +78,7 @@ def adapt_bundle(bundle_dir: str | Path, images: str | Path, out_dir: str | Path
     if out_dir.exists():
         raise AdaptationError(f"{out_dir} exists: choose a new output directory")
     parent = read_parent(bundle_dir)
-    cfg = replace(gracl, data=[str(images)], init_checkpoint=str(bundle_dir / WEIGHTS_NAME))
+    cfg = replace(gracl, data=[str(images)], init_checkpoint=str(bundle_dir / WEIGHTS_FILE))
     samples = training_samples(cfg)
     if len(samples) < cfg.p * cfg.k:
         raise AdaptationError(f"{len(samples)} images: adaptation needs at least P x K = {cfg.p * cfg.k}")

@@ -4,31 +4,28 @@ No torch needed. Also draws CMC curves."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from index.bundle import load_bundle
 from index.metrics import JUNK_IDS, RetrievalMetrics, evaluate_features
 
 from .data.datasets import ReIDDataset, Sample
-from .data.transforms import InputSpec, TestTransform, load_rgb
+from .data.transforms import TestTransform, load_rgb
 
 
 class BundleEncoder:
     def __init__(self, bundle_dir: str | Path, batch_size: int = 32, threads: int = 0):
-        bundle_dir = Path(bundle_dir)
-        card = json.loads((bundle_dir / "model.json").read_text())
-        inp = card["input"]
-        self.spec = InputSpec(inp["height"], inp["width"], tuple(inp["mean"]), tuple(inp["std"]))
+        bundle = load_bundle(bundle_dir)  # the card checked against its files, as the service does
+        self.spec = bundle.input_spec
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(bundle_dir / "encoder.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
-        self.transform, self.batch_size, self.card = TestTransform(self.spec), batch_size, card
+        self.session = ort.InferenceSession(str(bundle.encoder_path), options, providers=["CPUExecutionProvider"])
+        self.transform, self.batch_size, self.card = TestTransform(self.spec), batch_size, bundle.card
 
     def embed(self, samples: list[Sample], desc: str = "embedding") -> np.ndarray:
         chunks = []

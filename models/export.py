@@ -15,7 +15,6 @@ on the NFormer at several N (below and above k), rtol 1e-3, atol 1e-5; otherwise
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import tempfile
 import warnings
@@ -25,12 +24,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from index.bundle import (ENCODER_FILE, NFORMER_FILE, NFORMER_INT8_FILE, WEIGHTS_FILE, InputSpec, read_card,
+                          sha256_file, write_card)
+from index.files import atomic_write
 from index.refine import sample_landmarks, topk_neighbors
-from service.bundle import CARD_NAME, WEIGHTS_NAME, sha256_file, write_card
 
-from .data.transforms import InputSpec, TestTransform, load_rgb
+from .data.transforms import TestTransform, load_rgb
 from .nformer import ExportableNFormer
-from .nformer_int8 import INT8_FILE, QuantisationDrift, add_to_bundle as add_int8_nformer
+from .nformer_int8 import QuantisationDrift, add_to_bundle as add_int8_nformer
 from .nformer_train import load_trained_nformer
 from .reid_model import NormalizedEncoder
 from .train import load_trained_model
@@ -108,7 +109,7 @@ def check_nformer_matches_torch(nformer, onnx_path: Path, sizes=NFORMER_CHECK_SI
         max_abs = float(np.abs(got - expected).max())
         report[f"n{n}_max_abs_diff"] = max_abs
         if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL):
-            raise ExportMismatch(f"nformer.onnx differs from torch at N={n}: max |diff| {max_abs:.2e}")
+            raise ExportMismatch(f"{NFORMER_FILE} differs from torch at N={n}: max |diff| {max_abs:.2e}")
     return report
 
 
@@ -150,7 +151,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out_dir.parent if out_dir.parent.exists() else None))
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by other users (the container)
     try:
-        onnx_path = staging / "encoder.onnx"
+        onnx_path = staging / ENCODER_FILE
         export_onnx(encoder, spec, onnx_path)
         parity = check_onnx_matches_torch(encoder, onnx_path, images)
         card = {
@@ -161,7 +162,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
             "input": spec.card(),
             "embedding_dim": int(model.embedding_dim),
             "normalized": True,
-            "outputs": {"encoder.onnx": "features [B, D], L2-normalised BNNeck feature"},
+            "outputs": {ENCODER_FILE: "features [B, D], L2-normalised BNNeck feature"},
             "recipe": cfg,
             "training_data": {"datasets": cfg["train_data"], "split": cfg["split"],
                               "identities": state["num_classes"], "epochs_trained": state["epoch"]},
@@ -169,13 +170,13 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
             "lineage": state.get("lineage") or [],
             "export_check": {"rtol": RTOL, "atol": ATOL, **parity},
             "evaluation": {},
-            "files": {"encoder.onnx": sha256_file(onnx_path)},
+            "files": {ENCODER_FILE: sha256_file(onnx_path)},
             **(extra_card or {}),
         }
         if include_weights:
-            write_training_weights(state, staging / WEIGHTS_NAME)
-            card["outputs"][WEIGHTS_NAME] = "float16 torch weights of the encoder (for `reid adapt`; not used to serve)"
-            card["files"][WEIGHTS_NAME] = sha256_file(staging / WEIGHTS_NAME)
+            write_training_weights(state, staging / WEIGHTS_FILE)
+            card["outputs"][WEIGHTS_FILE] = "float16 torch weights of the encoder (for `reid adapt`; not used to serve)"
+            card["files"][WEIGHTS_FILE] = sha256_file(staging / WEIGHTS_FILE)
         write_card(staging, card)
         if nformer_checkpoint:
             card = attach_nformer(staging, nformer_checkpoint)
@@ -193,33 +194,30 @@ def attach_nformer(bundle_dir: str | Path, nformer_checkpoint: str | Path) -> di
     graph (checked against fp32; left out with a warning when it drifts), both listed in the card. Replaces the
     bundle's NFormer if it has one; the encoder, its vectors and the card's version are untouched."""
     bundle_dir = Path(bundle_dir)
-    card = json.loads((bundle_dir / CARD_NAME).read_text())
+    card = read_card(bundle_dir)
     nformer = load_trained_nformer(nformer_checkpoint)
     if nformer.cfg.dim != card["embedding_dim"]:
         raise ValueError(f"NFormer width {nformer.cfg.dim} != encoder embedding {card['embedding_dim']}")
-    with tempfile.TemporaryDirectory(dir=bundle_dir) as tmp:  # a failed check leaves the bundle as it was
-        staged = Path(tmp) / "nformer.onnx"
+    with atomic_write(bundle_dir / NFORMER_FILE) as staged:  # a failed check leaves the bundle as it was
         export_nformer(nformer, staged)
         parity = check_nformer_matches_torch(nformer, staged)
-        staged.replace(bundle_dir / "nformer.onnx")
     state = torch.load(nformer_checkpoint, map_location="cpu", weights_only=False)
     card["nformer"] = nformer_card(nformer, state, parity)
-    card.setdefault("outputs", {})["nformer.onnx"] = card["nformer"]["output"]
-    card["files"]["nformer.onnx"] = sha256_file(bundle_dir / "nformer.onnx")
-    card["files"].pop(INT8_FILE, None)  # until the new one is checked
-    (bundle_dir / INT8_FILE).unlink(missing_ok=True)
+    card.setdefault("outputs", {})[NFORMER_FILE] = card["nformer"]["output"]
+    card["files"][NFORMER_FILE] = sha256_file(bundle_dir / NFORMER_FILE)
+    card["files"].pop(NFORMER_INT8_FILE, None)  # until the new one is checked
+    (bundle_dir / NFORMER_INT8_FILE).unlink(missing_ok=True)
     write_card(bundle_dir, card)
     try:  # the int8 NFormer that serves refinement, checked against the fp32 one
         add_int8_nformer(bundle_dir)
     except QuantisationDrift as e:  # the bundle still serves, on its fp32 NFormer
         warnings.warn(f"{e}: the bundle ships no int8 NFormer")
-    return json.loads((bundle_dir / CARD_NAME).read_text())
+    return read_card(bundle_dir)
 
 
 def update_card_evaluation(bundle_dir: str | Path, evaluation: dict) -> dict:
     """Record evaluation figures in the card (the card is not hashed; the model files are)."""
-    path = Path(bundle_dir) / CARD_NAME
-    card = json.loads(path.read_text())
+    card = read_card(bundle_dir)
     card.setdefault("evaluation", {}).update(evaluation)
-    write_card(path.parent, card)
+    write_card(bundle_dir, card)
     return card

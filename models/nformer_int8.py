@@ -8,14 +8,13 @@ check below refuses a quantised graph that drifts further than ``MIN_COSINE`` on
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from index.refine import NFORMER_FILE, NFORMER_INT8_FILE as INT8_FILE, sample_landmarks, topk_neighbors
-from service.bundle import CARD_NAME, sha256_file, write_card
+from index.bundle import NFORMER_FILE, NFORMER_INT8_FILE, read_card, sha256_file, write_card
+from index.refine import sample_landmarks, topk_neighbors
 
 MIN_COSINE = 0.999  # per refined feature, int8 vs fp32
 CHECK_SIZES = (7, 64, 301)
@@ -28,7 +27,8 @@ class QuantisationDrift(RuntimeError):
 def quantize(fp32_path: Path, out_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory() as tmp:  # the quantiser writes helper files next to its output
+    # the quantiser writes helper files next to its output: staged beside the bundle, so the rename is atomic
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         staged = Path(tmp) / out_path.name
         quantize_dynamic(str(fp32_path), str(staged), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
         staged.replace(out_path)
@@ -59,21 +59,20 @@ def add_to_bundle(bundle_dir: str | Path) -> dict:
     (``files`` and ``nformer.int8``); :class:`QuantisationDrift` (and no file) if it drifts. The encoder and the
     bundle's version are untouched: stored vectors stay valid."""
     bundle_dir = Path(bundle_dir)
-    card_path = bundle_dir / CARD_NAME
-    card = json.loads(card_path.read_text())
+    card = read_card(bundle_dir)
     if NFORMER_FILE not in card.get("files", {}):
         raise ValueError(f"{bundle_dir} has no {NFORMER_FILE} to quantise")
-    fp32_path, int8_path = bundle_dir / NFORMER_FILE, bundle_dir / INT8_FILE
+    fp32_path, int8_path = bundle_dir / NFORMER_FILE, bundle_dir / NFORMER_INT8_FILE
     quantize(fp32_path, int8_path)
     try:
         drift = check(fp32_path, int8_path, card["nformer"])
     except QuantisationDrift:
         int8_path.unlink()
         raise
-    entry = {"file": INT8_FILE, "method": "onnxruntime dynamic quantisation: MatMul weights int8 per tensor, "
-                                          "activations uint8 per call",
+    entry = {"file": NFORMER_INT8_FILE,
+             "method": "onnxruntime dynamic quantisation: MatMul weights int8 per tensor, activations uint8 per call",
              "check": drift}
     card["nformer"]["int8"] = entry
-    card["files"][INT8_FILE] = sha256_file(int8_path)
+    card["files"][NFORMER_INT8_FILE] = sha256_file(int8_path)
     write_card(bundle_dir, card)
     return entry

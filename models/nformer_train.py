@@ -13,7 +13,6 @@ Choices where we depart from the official code, each for a reason recorded here:
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from index.metrics import evaluate_rankings
 from index.refine import Refiner
@@ -33,10 +31,11 @@ from .features import extract_features
 from .losses import BatchHardTripletLoss, CenterLoss, CrossEntropyLabelSmooth
 from .nformer import NFormer, NFormerConfig
 from .train import load_trained_model
+from .trainer import Checkpoint, EpochCallback, Evaluation, JsonlLog, Trainer, TrainerConfig, resume_state
 
 
 @dataclass
-class NFormerTrainConfig:
+class NFormerTrainConfig(TrainerConfig):
     epochs: int = 4
     sequence_length: int = 1000
     sequences_per_step: int = 2  # the official batch: 2 sequences
@@ -61,9 +60,7 @@ class NFormerTrainConfig:
     center_weight: float = 5e-4
     center_lr: float = 0.5
     eval_data: list[str] = field(default_factory=lambda: ["cuhk03", "prid450s", "prid2011"])
-    eval_every: int = 1  # epochs; 0 = only after the last
-    seed: int = 0
-    threads: int = 2
+    eval_every: int = 1
 
 
 def draw_sequence(bank: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -113,91 +110,100 @@ def train_nformer(encoder_checkpoint: str | Path, run_dir: str | Path, cfg: NFor
     """Train, checkpoint each epoch to `run_dir/nformer.pt`, log to `run_dir/nformer_log.jsonl`.
     `samples` (labels 0..C-1, e.g. pseudo-labels) replace the encoder's own training data; `on_epoch` gets
     each epoch's log record."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    encoder, spec, encoder_state = load_trained_model(encoder_checkpoint)
-    stage1 = encoder_state["config"]
-    if samples is None:
-        samples, _ = combine_for_training([load_dataset(n, stage1["split"]) for n in stage1["train_data"]])
-    labels = torch.tensor([s.pid for s in samples])
-    num_classes = int(labels.max()) + 1
-    ncfg = NFormerConfig(dim=encoder.embedding_dim, heads=cfg.heads, layers=cfg.layers, topk=cfg.topk,
-                         landmarks=cfg.landmarks, dropout=cfg.dropout, num_classes=num_classes)
-    nformer = NFormer(ncfg)
-    ce = CrossEntropyLabelSmooth(num_classes, cfg.label_smoothing)
-    triplet = BatchHardTripletLoss(cfg.triplet_margin)
-    center = CenterLoss(num_classes, ncfg.dim)
-    optimizer = torch.optim.Adam([p for p in nformer.parameters() if p.requires_grad], lr=cfg.lr)
-    center_optimizer = torch.optim.SGD(center.parameters(), lr=cfg.center_lr)
+    return NFormerTrainer(encoder_checkpoint, Path(run_dir), cfg, resume, samples, on_epoch).train()
 
-    start_epoch, checkpoint_path, log_path = 0, run_dir / "nformer.pt", run_dir / "nformer_log.jsonl"
-    if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
-        nformer.load_state_dict(state["nformer"])
-        center.load_state_dict(state["center"])
-        optimizer.load_state_dict(state["optimizer"])
-        center_optimizer.load_state_dict(state["center_optimizer"])
-        start_epoch = state["epoch"]
-        print(f"resumed NFormer stage 2 at epoch {start_epoch}")
-    elif log_path.exists():
-        log_path.unlink()
-    (run_dir / "nformer_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
-    test_sets = prepare_evaluation(encoder, spec, cfg.eval_data, stage1["split"])
-    evaluation: dict = {}
-    for epoch in range(start_epoch, cfg.epochs):
+class NFormerTrainer(Trainer):
+    """Each epoch a new feature bank from the frozen encoder (training augmentation), then steps on
+    sequences drawn from it."""
+
+    def __init__(self, encoder_checkpoint: str | Path, run_dir: Path, cfg: NFormerTrainConfig, resume: bool,
+                 samples: list[Sample] | None, on_epoch: Callable[[dict], None] | None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.start_torch()
+        self.encoder_checkpoint = encoder_checkpoint
+        self.encoder, self.spec, encoder_state = load_trained_model(encoder_checkpoint)
+        stage1 = encoder_state["config"]
+        if samples is None:
+            samples, _ = combine_for_training([load_dataset(n, stage1["split"]) for n in stage1["train_data"]])
+        self.samples = samples
+        self.labels = torch.tensor([s.pid for s in samples])
+        num_classes = int(self.labels.max()) + 1
+        self.ncfg = ncfg = NFormerConfig(dim=self.encoder.embedding_dim, heads=cfg.heads, layers=cfg.layers,
+                                         topk=cfg.topk, landmarks=cfg.landmarks, dropout=cfg.dropout,
+                                         num_classes=num_classes)
+        self.nformer = NFormer(ncfg)
+        self.ce = CrossEntropyLabelSmooth(num_classes, cfg.label_smoothing)
+        self.triplet = BatchHardTripletLoss(cfg.triplet_margin)
+        self.center = CenterLoss(num_classes, ncfg.dim)
+        self.optimizer = torch.optim.Adam([p for p in self.nformer.parameters() if p.requires_grad], lr=cfg.lr)
+        self.center_optimizer = torch.optim.SGD(self.center.parameters(), lr=cfg.center_lr)
+
+        start_epoch, checkpoint_path = 0, run_dir / "nformer.pt"
+        state = resume_state(checkpoint_path, resume)
+        if state is not None:
+            self.nformer.load_state_dict(state["nformer"])
+            self.center.load_state_dict(state["center"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.center_optimizer.load_state_dict(state["center_optimizer"])
+            start_epoch = state["epoch"]
+            print(f"resumed NFormer stage 2 at epoch {start_epoch}")
+        (run_dir / "nformer_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+        test_sets = prepare_evaluation(self.encoder, self.spec, cfg.eval_data, stage1["split"])
+        hooks = [Evaluation(lambda: evaluate_joint(self.nformer, test_sets)),
+                 JsonlLog(run_dir / "nformer_log.jsonl", describe_joint), Checkpoint(checkpoint_path)]
+        if on_epoch:
+            hooks.append(EpochCallback(on_epoch))
+        super().__init__(cfg, start_epoch, hooks)
+
+    def run_epoch(self) -> dict:
+        cfg, epoch = self.cfg, self.epoch
         started = time.time()
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)
-        bank = extract_features(encoder, samples, spec, transform=TrainTransform(spec, seed=cfg.seed * 1000 + epoch),
+        bank = extract_features(self.encoder, self.samples, self.spec,
+                                transform=TrainTransform(self.spec, seed=cfg.seed * 1000 + epoch),
                                 desc=f"feature bank {epoch + 1}/{cfg.epochs}")
         if cfg.input_norm == "l2":
             bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-        bank_t = torch.from_numpy(bank)
+        self.bank = torch.from_numpy(bank)
         steps = cfg.steps_per_epoch or max(1, len(bank) // 30 // cfg.sequences_per_step)
-        totals = {"loss": 0.0, "id": 0.0, "triplet": 0.0, "center": 0.0, "acc": 0.0}
-        nformer.train()
-        bar = tqdm(range(steps), desc=f"nformer epoch {epoch + 1}/{cfg.epochs}")
-        for _ in bar:
-            # sequences may differ in length (served vs the paper's): one NFormer pass each, losses over all
-            sequences = [torch.from_numpy(seq) for seq in draw_step(bank, cfg, rng)]
-            outputs = [nformer(bank_t[seq][None]) for seq in sequences]
-            logits = torch.cat([out[0][0] for out in outputs])
-            pre_bn = torch.cat([out[1][0] for out in outputs])
-            target = labels[torch.cat(sequences)]
-            id_loss, tri_loss, center_loss = ce(logits, target), triplet(pre_bn, target), center(pre_bn, target)
-            loss = id_loss + tri_loss + cfg.center_weight * center_loss
-            optimizer.zero_grad()
-            center_optimizer.zero_grad()
-            loss.backward()
-            center.centers.grad *= 1.0 / cfg.center_weight  # centre update independent of the loss weight
-            optimizer.step()
-            center_optimizer.step()
-            acc = (logits.argmax(1) == target).float().mean().item()
-            for key, value in (("loss", loss.item()), ("id", id_loss.item()), ("triplet", tri_loss.item()),
-                               ("center", center_loss.item()), ("acc", acc)):
-                totals[key] += value / steps
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-        record = {**totals, "epoch": epoch + 1, "seconds": round(time.time() - started, 1)}
-        if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            evaluation = evaluate_joint(nformer, test_sets)
-            record["eval"] = evaluation
-            for name, m in evaluation.items():
-                print(f"  {name}: none mAP {100 * m['none']['mAP']:.1f} R1 {100 * m['none']['rank1']:.1f} | "
-                      f"joint mAP {100 * m['joint']['mAP']:.1f} R1 {100 * m['joint']['rank1']:.1f}")
-        print(json.dumps({k: v for k, v in record.items() if k != "eval"}))
-        with open(log_path, "a") as log:
-            log.write(json.dumps(record) + "\n")
-        tmp = checkpoint_path.with_suffix(".tmp")
-        torch.save({"nformer": nformer.state_dict(), "nformer_config": asdict(ncfg), "center": center.state_dict(),
-                    "optimizer": optimizer.state_dict(), "center_optimizer": center_optimizer.state_dict(),
-                    "epoch": epoch + 1, "config": asdict(cfg), "encoder_checkpoint": str(encoder_checkpoint)}, tmp)
-        os.replace(tmp, checkpoint_path)
-        if on_epoch:
-            on_epoch(record)
-    return evaluation
+        self.nformer.train()
+        step_sequences = (draw_step(bank, cfg, rng) for _ in range(steps))
+        means = self.run_steps(step_sequences, steps, f"nformer epoch {epoch + 1}/{cfg.epochs}")
+        return {**means, "epoch": epoch + 1, "seconds": round(time.time() - started, 1)}
+
+    def run_step(self, sequences: list[np.ndarray]) -> dict[str, float]:
+        # sequences may differ in length (served vs the paper's): one NFormer pass each, losses over all
+        sequences = [torch.from_numpy(seq) for seq in sequences]
+        outputs = [self.nformer(self.bank[seq][None]) for seq in sequences]
+        logits = torch.cat([out[0][0] for out in outputs])
+        pre_bn = torch.cat([out[1][0] for out in outputs])
+        target = self.labels[torch.cat(sequences)]
+        id_loss, tri_loss = self.ce(logits, target), self.triplet(pre_bn, target)
+        center_loss = self.center(pre_bn, target)
+        loss = id_loss + tri_loss + self.cfg.center_weight * center_loss
+        self.optimizer.zero_grad()
+        self.center_optimizer.zero_grad()
+        loss.backward()
+        self.center.centers.grad *= 1.0 / self.cfg.center_weight  # centre update independent of the loss weight
+        self.optimizer.step()
+        self.center_optimizer.step()
+        return {"loss": loss.item(), "id": id_loss.item(), "triplet": tri_loss.item(), "center": center_loss.item(),
+                "acc": (logits.argmax(1) == target).float().mean().item()}
+
+    def state_dict(self) -> dict:
+        return {"nformer": self.nformer.state_dict(), "nformer_config": asdict(self.ncfg),
+                "center": self.center.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "center_optimizer": self.center_optimizer.state_dict(), "epoch": self.epoch + 1,
+                "config": asdict(self.cfg), "encoder_checkpoint": str(self.encoder_checkpoint)}
+
+
+def describe_joint(evaluation: dict) -> list[str]:
+    """The console lines of an evaluation: mAP and rank-1 per dataset, without and with joint refinement."""
+    return [f"  {name}: none mAP {100 * m['none']['mAP']:.1f} R1 {100 * m['none']['rank1']:.1f} | "
+            f"joint mAP {100 * m['joint']['mAP']:.1f} R1 {100 * m['joint']['rank1']:.1f}"
+            for name, m in evaluation.items()]
 
 
 def prepare_evaluation(encoder, spec, names: list[str], split: int) -> list[tuple]:

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from index.blas_threads import limit_blas_threads
+from index.bundle import NFormerSpec, load_bundle, nformer_file
 from index.metrics import RetrievalMetrics, evaluate_rankings
-from index.refine import NeighborTransformer, NFormerSpec, Refiner, nformer_file, topk_neighbors
+from index.refine import NeighborTransformer, Refiner, topk_neighbors
 
 from .data.datasets import ReIDDataset
 
@@ -22,11 +24,10 @@ DEFAULT_CANDIDATES = (50, 100, 200, 500)
 
 
 def bundle_refiner(bundle_dir: str | Path, threads: int = 0, precision: str = "int8", **kwargs) -> Refiner:
-    bundle_dir = Path(bundle_dir)
-    card = json.loads((bundle_dir / "model.json").read_text())
-    name, nformer = nformer_file(card.get("files", {}), precision), None
+    bundle = load_bundle(bundle_dir)
+    name, nformer = nformer_file(bundle.card["files"], precision), None
     if name is not None:
-        nformer = NeighborTransformer(bundle_dir / name, NFormerSpec.from_card(card["nformer"]), threads)
+        nformer = NeighborTransformer(bundle.path / name, NFormerSpec.from_card(bundle.card["nformer"]), threads)
     return Refiner(nformer, **kwargs)
 
 
@@ -96,8 +97,6 @@ def refinement_latency(refiner: Refiner, real: np.ndarray, sizes=(1_000, 10_000,
     plus the refinement. `joint` uses a cached gallery k-NN graph (built once per gallery, reported apart).
     Timed with the serving process's thread pools (BLAS on one thread: its spinning pool beside ONNX Runtime's
     made `local` three times slower)."""
-    from service.runtime import limit_blas_threads
-
     with limit_blas_threads():
         return _refinement_latency(refiner, real, sizes, queries, candidates, joint_queries)
 
@@ -170,7 +169,8 @@ if path == "dense":
     with torch.no_grad():
         NFormer(NFormerConfig(dim=dim)).eval()(torch.from_numpy(x)[None], dense=True)
 else:
-    from index.refine import NeighborTransformer, NFormerSpec
+    from index.bundle import NFormerSpec
+    from index.refine import NeighborTransformer
     spec = NFormerSpec(**json.loads(sys.argv[5]))
     NeighborTransformer(sys.argv[6], spec, threads=int(sys.argv[4]))(x)
 seconds = time.perf_counter() - started
@@ -183,14 +183,14 @@ def joint_cost(bundle_dir: str | Path, n: int = 20_000, threads: int = 2, paths=
     """Time and peak memory of one joint refinement of N features, each path in a fresh process so the
     peaks do not mix: `sparse` = the bundle's NFormer graph at `precision` on ONNX Runtime (what serves), `dense` = the
     official formulation (N x N logits and mask) in torch, same width and depth."""
-    bundle_dir = Path(bundle_dir)
-    card = json.loads((bundle_dir / "model.json").read_text())
-    spec = NFormerSpec.from_card(card["nformer"])
+    bundle = load_bundle(bundle_dir)
+    spec = NFormerSpec.from_card(bundle.card["nformer"])
+    graph = bundle.path / nformer_file(bundle.card["files"], precision)
     root = Path(__file__).resolve().parents[1]
     out = {}
     for path in paths:
         proc = subprocess.run([sys.executable, "-c", JOINT_COST_SCRIPT, path, str(n), str(spec.dim), str(threads),
-                               json.dumps(spec.__dict__), str(bundle_dir / nformer_file(card["files"], precision))],
+                               json.dumps(spec.__dict__), str(graph)],
                               cwd=root, capture_output=True, text=True)
         if proc.returncode:
             out[path] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else f"exit {proc.returncode}"}

@@ -12,11 +12,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from tqdm import tqdm
 
 from .data.batch_augment import Augmentation, BatchAugment, DecodedImages
 from .data.datasets import ReIDDataset, Sample, combine_for_training, load_dataset
@@ -25,10 +23,11 @@ from .data.transforms import InputSpec, load_rgb
 from .features import evaluate_model
 from .losses import BatchHardTripletLoss, CenterLoss, CrossEntropyLabelSmooth
 from .reid_model import NormalizedEncoder, ReIDModel
+from .trainer import Checkpoint, Evaluation, JsonlLog, Trainer, TrainerConfig, resume_state
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainerConfig):
     train_data: list[str] = field(default_factory=lambda: ["cuhk03", "prid450s", "prid2011", "viper-all"])
     eval_data: list[str] = field(default_factory=lambda: ["cuhk03", "prid450s", "prid2011"])
     split: int = 0
@@ -60,9 +59,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     center_weight: float = 5e-4
     center_lr: float = 0.5
-    eval_every: int = 4  # epochs; 0 = only after the last epoch
-    seed: int = 0
-    threads: int = 2  # torch intra-op threads; 0 = leave torch's default
+    eval_every: int = 4
     # 0 = full epochs; otherwise this many batches per epoch, with more than one pass over the data if it
     # takes more (the lever study's equal budgets) or part of one (quick smoke runs)
     max_batches_per_epoch: int = 0
@@ -182,111 +179,118 @@ def cycle_record(cfg: dict, epochs_done: int | None, seconds: float | None) -> d
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
     """Train, checkpoint every epoch to `run_dir/last.pt`, log to `run_dir/log.jsonl`.
     Returns the final evaluation (per eval dataset)."""
-    run_dir = Path(run_dir)
-    ctx = DistributedContext()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
-    train_sets = [load_dataset(name, cfg.split) for name in cfg.train_data]
-    samples, label_names = combine_for_training(train_sets)
-    model = ReIDModel(cfg.backbone, len(label_names), cfg.pretrained and not cfg.init, cfg.last_stride,
-                      cfg.embedding_dim, cfg.pooling)
-    spec = cfg.input_spec(model.backbone)
-    ce = CrossEntropyLabelSmooth(len(label_names), cfg.label_smoothing)
-    triplet = BatchHardTripletLoss(cfg.triplet_margin)
-    center = CenterLoss(len(label_names), model.embedding_dim)
-    parent_lineage: list[dict] = warm_start(model, center, cfg.init, label_names) if cfg.init else []
-    model.freeze_front(cfg.frozen_stages)
-    # channels_last: training steps run 1.6x faster on CPU in NHWC (oneDNN; docs/train-speed.md)
-    model = model.to(ctx.device, memory_format=torch.channels_last)
-    center = center.to(ctx.device)
-    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    optimizer = torch.optim.Adam([
-        {"params": model.backbone.parameters(), "lr_scale": cfg.backbone_lr_factor},
-        {"params": head, "lr_scale": 1.0},
-    ], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    center_optimizer = torch.optim.SGD(center.parameters(), lr=cfg.center_lr)
-
-    start_epoch, seconds_before = 0, 0.0
-    checkpoint_path = run_dir / "last.pt"
-    if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=ctx.device, weights_only=False)
-        model.load_state_dict(state["model"])
-        center.load_state_dict(state["center"])
-        optimizer.load_state_dict(state["optimizer"])
-        center_optimizer.load_state_dict(state["center_optimizer"])
-        start_epoch, seconds_before = state["epoch"], state.get("train_seconds", 0.0)
-        parent_lineage = state.get("lineage", [])[:-1]
-        if ctx.is_main:
-            print(f"resumed from {checkpoint_path} at epoch {start_epoch}")
-
-    if ctx.is_main and start_epoch == 0:
-        (run_dir / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-
-    def wrap(frozen: bool):
-        """(Re)wrap for DDP whenever the set of trained parameters changes."""
-        model.set_backbone_trainable(not frozen)
-        return torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
-
-    sampler = PKBatchSampler([s.pid for s in samples], cfg.p, cfg.k, cfg.seed, ctx.rank, ctx.world_size)
-    images = DecodedImages(samples, cfg.height, cfg.width, progress=ctx.is_main)
-    augment = BatchAugment(spec, Augmentation(erase_p=cfg.random_erasing, color_jitter=cfg.color_jitter),
-                           seed=cfg.seed * 1000 + ctx.rank)
-    if ctx.is_main:
-        print(f"training {cfg.backbone} on {len(samples)} images / {len(label_names)} ids: "
-              + "; ".join(ds.describe() for ds in train_sets))
-
-    evaluation: dict = {}
-    net, net_frozen = None, None
-    train_seconds = seconds_before
-    for epoch in range(start_epoch, cfg.epochs):
-        augment.generator.manual_seed(cfg.seed * 1000 + ctx.rank + 7919 * epoch)  # resumable draws
-        frozen = epoch < cfg.freeze_backbone_epochs
-        if frozen != net_frozen:
-            net, net_frozen = wrap(frozen), frozen
-        net.train()
-        if frozen:
-            model.backbone.eval()  # keep the pretrained BN statistics while only the head learns
-        batches = cfg.max_batches_per_epoch or len(sampler)
-        totals = {"loss": 0.0, "id": 0.0, "triplet": 0.0, "center": 0.0, "acc": 0.0}
-        started = time.time()
-        bar = tqdm(epoch_batches(sampler, epoch, batches), total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not ctx.is_main)
-        for step, indices in enumerate(bar):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * group["lr_scale"] * learning_rate_factor(epoch + step / batches, cfg)
-            batch = augment(images.images[indices]).to(ctx.device)
-            labels = images.labels[indices].to(ctx.device)
-            losses = training_step(net, batch, labels, ce, triplet, center, cfg, ctx,
-                                   optimizer, center_optimizer)
-            for key, value in losses.items():
-                totals[key] += value
-            bar.set_postfix(loss=f"{losses['loss']:.3f}", acc=f"{losses['acc']:.2f}",
-                            lr=f"{optimizer.param_groups[-1]['lr']:.1e}")
-        epoch_seconds = time.time() - started
-        train_seconds += epoch_seconds
-        record = {k: ctx.mean(v / max(1, batches)) for k, v in totals.items()}
-        record.update(epoch=epoch + 1, seconds=round(epoch_seconds, 1),
-                      images_per_second=round(batches * cfg.p * cfg.k / epoch_seconds, 2))
-        last = epoch + 1 == cfg.epochs
-        if ctx.is_main and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            evaluation = evaluate_all(model, cfg, spec, ctx.device)
-            record["eval"] = evaluation
-        if ctx.is_main:
-            print(json.dumps({k: v for k, v in record.items() if k != "eval"}))
-            for name, metrics in record.get("eval", {}).items():
-                print(f"  {name}: mAP {100 * metrics['mAP']:.1f} rank-1 {100 * metrics['ranks']['rank1']:.1f}")
-            with open(run_dir / "log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            lineage = parent_lineage + [cycle_record(asdict(cfg), epoch + 1, train_seconds)]
-            save_checkpoint(checkpoint_path, model, center, optimizer, center_optimizer, epoch + 1, cfg, spec,
-                            label_names, lineage, train_seconds)
-    ctx.close()
+    trainer = SupervisedTrainer(cfg, Path(run_dir), resume)
+    evaluation = trainer.train()
+    trainer.ctx.close()
     return evaluation
+
+
+class SupervisedTrainer(Trainer):
+    """P x K batches, the warm-up and step schedule set every step, the backbone frozen for the first
+    `freeze_backbone_epochs`; under torchrun, DDP, with only the main process evaluating, logging and saving."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool):
+        self.ctx = ctx = DistributedContext()
+        cfg.start_torch()
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+        train_sets = [load_dataset(name, cfg.split) for name in cfg.train_data]
+        samples, self.label_names = combine_for_training(train_sets)
+        num_classes = len(self.label_names)
+        model = ReIDModel(cfg.backbone, num_classes, cfg.pretrained and not cfg.init, cfg.last_stride,
+                          cfg.embedding_dim, cfg.pooling)
+        self.spec = cfg.input_spec(model.backbone)
+        self.ce = CrossEntropyLabelSmooth(num_classes, cfg.label_smoothing)
+        self.triplet = BatchHardTripletLoss(cfg.triplet_margin)
+        center = CenterLoss(num_classes, model.embedding_dim)
+        self.parent_lineage: list[dict] = warm_start(model, center, cfg.init, self.label_names) if cfg.init else []
+        model.freeze_front(cfg.frozen_stages)
+        # channels_last: training steps run 1.6x faster on CPU in NHWC (oneDNN; docs/train-speed.md)
+        self.model = model = model.to(ctx.device, memory_format=torch.channels_last)
+        self.center = center = center.to(ctx.device)
+        head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+        self.optimizer = torch.optim.Adam([
+            {"params": model.backbone.parameters(), "lr_scale": cfg.backbone_lr_factor},
+            {"params": head, "lr_scale": 1.0},
+        ], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.center_optimizer = torch.optim.SGD(center.parameters(), lr=cfg.center_lr)
+
+        start_epoch, self.train_seconds = 0, 0.0
+        checkpoint_path = run_dir / "last.pt"
+        state = resume_state(checkpoint_path, resume, map_location=ctx.device)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            center.load_state_dict(state["center"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.center_optimizer.load_state_dict(state["center_optimizer"])
+            start_epoch, self.train_seconds = state["epoch"], state.get("train_seconds", 0.0)
+            self.parent_lineage = state.get("lineage", [])[:-1]
+            if ctx.is_main:
+                print(f"resumed from {checkpoint_path} at epoch {start_epoch}")
+
+        self.sampler = PKBatchSampler([s.pid for s in samples], cfg.p, cfg.k, cfg.seed, ctx.rank, ctx.world_size)
+        self.images = DecodedImages(samples, cfg.height, cfg.width, progress=ctx.is_main)
+        augmentation = Augmentation(erase_p=cfg.random_erasing, color_jitter=cfg.color_jitter)
+        self.augment = BatchAugment(self.spec, augmentation, seed=cfg.seed * 1000 + ctx.rank)
+        if ctx.is_main:
+            print(f"training {cfg.backbone} on {len(samples)} images / {num_classes} ids: "
+                  + "; ".join(ds.describe() for ds in train_sets))
+        self.batches = cfg.max_batches_per_epoch or len(self.sampler)
+        self.net, self.net_frozen = None, None
+        hooks = [Evaluation(lambda: evaluate_all(model, cfg, self.spec, ctx.device)),
+                 JsonlLog(run_dir / "log.jsonl", describe_evaluation),
+                 Checkpoint(checkpoint_path)] if ctx.is_main else []
+        super().__init__(cfg, start_epoch, hooks, show_progress=ctx.is_main)
+
+    def run_epoch(self) -> dict:
+        cfg, ctx, epoch = self.cfg, self.ctx, self.epoch
+        self.augment.generator.manual_seed(cfg.seed * 1000 + ctx.rank + 7919 * epoch)  # resumable draws
+        frozen = epoch < cfg.freeze_backbone_epochs
+        if frozen != self.net_frozen:  # (re)wrap for DDP whenever the set of trained parameters changes
+            self.model.set_backbone_trainable(not frozen)
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model) if ctx.enabled else self.model
+            self.net_frozen = frozen
+        self.net.train()
+        if frozen:
+            self.model.backbone.eval()  # keep the pretrained BN statistics while only the head learns
+        started = time.time()
+        means = self.run_steps(epoch_batches(self.sampler, epoch, self.batches), self.batches,
+                               f"epoch {epoch + 1}/{cfg.epochs}")
+        epoch_seconds = time.time() - started
+        self.train_seconds += epoch_seconds
+        record = {k: ctx.mean(v) for k, v in means.items()}
+        record.update(epoch=epoch + 1, seconds=round(epoch_seconds, 1),
+                      images_per_second=round(self.batches * cfg.p * cfg.k / epoch_seconds, 2))
+        return record
+
+    def run_step(self, indices) -> dict[str, float]:
+        cfg = self.cfg
+        factor = learning_rate_factor(self.epoch + self.step / self.batches, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * group["lr_scale"] * factor
+        batch = self.augment(self.images.images[indices]).to(self.ctx.device)
+        labels = self.images.labels[indices].to(self.ctx.device)
+        return training_step(self.net, batch, labels, self.ce, self.triplet, self.center, cfg, self.ctx,
+                             self.optimizer, self.center_optimizer)
+
+    def progress(self, losses: dict[str, float]) -> dict[str, str]:
+        return {**super().progress(losses), "lr": f"{self.optimizer.param_groups[-1]['lr']:.1e}"}
+
+    def state_dict(self) -> dict:
+        lineage = self.parent_lineage + [cycle_record(asdict(self.cfg), self.epoch + 1, self.train_seconds)]
+        return {"model": self.model.state_dict(), "center": self.center.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "center_optimizer": self.center_optimizer.state_dict(),
+                "epoch": self.epoch + 1, "config": asdict(self.cfg), "input": self.spec.card(),
+                "num_classes": len(self.label_names), "label_names": self.label_names,
+                "lineage": lineage, "train_seconds": self.train_seconds}
+
+
+def describe_evaluation(evaluation: dict) -> list[str]:
+    """The console lines of an evaluation: mAP and rank-1 per dataset."""
+    return [f"  {name}: mAP {100 * m['mAP']:.1f} rank-1 {100 * m['ranks']['rank1']:.1f}"
+            for name, m in evaluation.items()]
 
 
 def training_step(net, images, labels, ce, triplet, center, cfg: TrainConfig, ctx: DistributedContext,
@@ -316,18 +320,6 @@ def evaluate_all(model, cfg: TrainConfig, spec: InputSpec, device: str) -> dict:
         dataset: ReIDDataset = load_dataset(name, cfg.split)
         results[dataset.name] = evaluate_model(encoder, dataset, spec, device).as_dict()
     return results
-
-
-def save_checkpoint(path: Path, model, center, optimizer, center_optimizer, epoch, cfg, spec, label_names,
-                    lineage: list[dict], train_seconds: float):
-    tmp = path.with_suffix(".tmp")
-    torch.save({
-        "model": model.state_dict(), "center": center.state_dict(), "optimizer": optimizer.state_dict(),
-        "center_optimizer": center_optimizer.state_dict(), "epoch": epoch, "config": asdict(cfg),
-        "input": spec.card(), "num_classes": len(label_names), "label_names": label_names,
-        "lineage": lineage, "train_seconds": train_seconds,
-    }, tmp)
-    os.replace(tmp, path)  # a crash mid-save never leaves a broken checkpoint
 
 
 def load_trained_model(checkpoint: str | Path, device: str = "cpu") -> tuple[ReIDModel, InputSpec, dict]:

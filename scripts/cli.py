@@ -43,14 +43,14 @@ def cmd_train(args) -> int:
 
 def init_checkpoint(value: str) -> str:
     """`--init`: a bundle directory means its torch weights (weights.pt); a file is a checkpoint."""
-    from service.bundle import WEIGHTS_NAME
+    from index.bundle import WEIGHTS_FILE
 
     path = Path(value)
     if path.is_dir():
-        if not (path / WEIGHTS_NAME).is_file():
-            raise SystemExit(f"--init {value}: this bundle has no {WEIGHTS_NAME} (torch weights); "
+        if not (path / WEIGHTS_FILE).is_file():
+            raise SystemExit(f"--init {value}: this bundle has no {WEIGHTS_FILE} (torch weights); "
                              "`reid export` writes it by default")
-        return str(path / WEIGHTS_NAME)
+        return str(path / WEIGHTS_FILE)
     return value
 
 
@@ -356,7 +356,7 @@ def cmd_make_synthetic(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from models.bench import run_bench
+    from bench import run_bench
 
     readme = None if args.no_readme else args.readme or (None if args.quick else "README.md")
     report = run_bench(args.bundle, args.out, quick=args.quick, readme=readme, only=tuple(args.only or ()))
@@ -365,6 +365,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_lever_study(args) -> int:
+    from bench.lever_speed import measure_encoder_rates, plot_accuracy_vs_speed
     from models import lever_study as study
 
     out = Path(args.out)
@@ -375,13 +376,13 @@ def cmd_lever_study(args) -> int:
             study.run_row(lever, out, args.budget_minutes, rates, args.threads)
     results = [json.loads(p.read_text()) for p in (out / study.slug(lv.name) / "result.json" for lv in study.LEVERS)
                if p.exists()]
-    encoder_rates = study.measure_encoder_rates(out) if args.report_only else {}
+    encoder_rates = measure_encoder_rates(out) if args.report_only else {}
     table = study.markdown(results, encoder_rates, args.budget_minutes)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)
     if args.plot and encoder_rates:
-        study.plot_accuracy_vs_speed(results, encoder_rates, Path(args.plot))
+        plot_accuracy_vs_speed(results, encoder_rates, Path(args.plot))
     return 0
 
 
@@ -442,7 +443,7 @@ def cmd_train_speed(args) -> int:
 
 
 def cmd_loadtest(args) -> int:
-    from models.bench import load
+    from bench import load
 
     result = load.run(Path(args.bundle), duration=args.duration, concurrencies=args.concurrency,
                       gallery_size=args.gallery_size, search_share=args.search_share)

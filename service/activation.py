@@ -10,8 +10,8 @@ A crash before that transaction changes nothing; after it, a restart serves the 
 The commit also logs an ``activate`` entry in ``reid:events``: every other replica's follower
 (:mod:`service.follower`) then loads the bundle from its own ``{data_dir}/bundles/<id>`` (or its
 REID_MODEL_DIR for ``default``), rebuilds its indexes from the new stored vectors and switches
-(:func:`follow_activation`); a replica that lacks the bundle keeps its old model and reports it in
-``/readyz``. Restarts read ``reid:active_bundle``.
+(:meth:`service.state.ServiceState.follow_activation`); a replica that lacks the bundle keeps its old model
+and reports it in ``/readyz``. Restarts read ``reid:active_bundle``.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from index.bundle import load_bundle
 from index.store import StagingStale
 from index.vector_index import VectorIndex
 
-from .bundle import BundleError, load_bundle
 from .images import ImageError, decode_image
-from .jobs import JobCancelled, JobContext, JobFailed
-from .model_registry import DEFAULT_BUNDLE_ID, bundle_dir
+from .jobs import JobContext, JobFailed
+from .model_registry import bundle_dir
 from .state import ServiceState
 
 log = logging.getLogger("reid.service")
@@ -37,15 +37,7 @@ COMMIT_ATTEMPTS = 5
 
 def galleries_without_bytes(state: ServiceState) -> dict[str, int]:
     """Gallery -> number of its images whose bytes are not kept (they cannot be re-embedded)."""
-    store = state.store
-    galleries = store.list_galleries()
-    pipe = store.r.pipeline(transaction=False)
-    for g in galleries:
-        pipe.hlen(store.k_vectors(g))
-        pipe.hlen(store.k_images(g))
-    counts = pipe.execute()
-    missing = {g: int(counts[2 * i]) - int(counts[2 * i + 1]) for i, g in enumerate(galleries)}
-    return {g: n for g, n in missing.items() if n > 0}
+    return state.store.images_without_bytes()
 
 
 class _Reembed:
@@ -68,7 +60,7 @@ class _Reembed:
 
     def start(self, gallery: str) -> None:
         self.store.clear_staged(gallery)  # leftovers of an interrupted activation
-        self.indexes[gallery] = self.state.new_index(self.embedder.dim, gallery)
+        self.indexes[gallery] = self.state.index_cache.new_index(self.embedder.dim, gallery)
 
     def all_images(self, gallery: str, ctx: JobContext, done: int, total: int) -> int:
         for batch in self.store.iter_images(gallery, batch=self.embedder.batch_size):
@@ -121,10 +113,7 @@ def run_activation(ctx: JobContext, state: ServiceState, bundle_id: str) -> dict
             done = work.all_images(g, ctx, done, total)
         ctx.progress(0.95, "switch", "catching up with changes made meanwhile")
         work.catch_up()  # the bulk of it without blocking anyone
-
-        def still_running(pipe) -> None:
-            if (pipe.hget(ctx.key, "status") or b"").decode() != "running":
-                raise JobCancelled()
+        watch, still_running = ctx.commit_guard()  # a cancel must abort the commit
 
         with state.model_lock.exclusive():
             for attempt in range(COMMIT_ATTEMPTS):
@@ -132,7 +121,7 @@ def run_activation(ctx: JobContext, state: ServiceState, bundle_id: str) -> dict
                 work.catch_up()
                 dims = {g: embedder.dim for g in work.indexes}
                 try:
-                    store.commit_staged(dims, bundle.model_id, bundle_id, watch=[ctx.key],
+                    store.commit_staged(dims, bundle.model_id, bundle_id, watch=watch,
                                         precondition=still_running)
                     committed = True
                     break
@@ -146,30 +135,3 @@ def run_activation(ctx: JobContext, state: ServiceState, bundle_id: str) -> dict
     finally:
         if not committed:
             work.discard()
-
-
-def follow_activation(state: ServiceState) -> bool:
-    """Serve the bundle recorded as active in Redis if it is not the one served here (another replica activated
-    it). Its vectors are already in the store: the indexes are rebuilt from them, nothing is re-embedded.
-    Returns True if the model was switched."""
-    target = state.store.active_bundle() or DEFAULT_BUNDLE_ID
-    with state.model_lock.shared():  # an activation of this very process holds it until it has switched
-        if target == state.bundle_id:
-            state.model_problem = None
-            return False
-    try:
-        bundle = load_bundle(bundle_dir(state.settings, target))
-        embedder, refiner, refine_default = state.load_model(bundle)
-    except (BundleError, ValueError) as e:
-        state.model_problem = (f"model bundle {target!r} was activated by another replica but cannot be loaded "
-                               f"here ({e}); still serving {state.bundle_id!r}, whose features do not match the "
-                               "stored vectors")
-        log.error("%s", state.model_problem)
-        return False
-    log.info("model %s was activated elsewhere: rebuilding the indexes from its stored vectors", target)
-    indexes = {g: state.build_index(g, embedder.dim) for g in state.store.list_galleries()}
-    with state.model_lock.exclusive():
-        state.install_model(target, bundle, embedder, refiner, refine_default, indexes)
-    state.model_problem = None
-    log.info("now serving model %s (%s), activated by another replica", target, bundle.model_id)
-    return True

@@ -27,9 +27,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from index.bundle import WEIGHTS_FILE, Bundle, load_bundle
 from index.store import RedisStore
 
-from .bundle import WEIGHTS_NAME, Bundle, load_bundle
 from .images import sniff_format
 from .jobs import JobContext, JobFailed
 
@@ -53,8 +53,8 @@ def unavailable_reason(bundle: Bundle) -> str | None:
     """Why adaptation cannot run here, or None."""
     if importlib.util.find_spec("torch") is None:  # find, never import: serving stays torch-free
         return "adaptation needs torch, which is not installed here (install reid-service[train])"
-    if bundle.file(WEIGHTS_NAME) is None:
-        return (f"the active model {bundle.model_id} has no {WEIGHTS_NAME} (torch weights) to fine-tune; "
+    if bundle.file(WEIGHTS_FILE) is None:
+        return (f"the active model {bundle.model_id} has no {WEIGHTS_FILE} (torch weights) to fine-tune; "
                 "export it with its weights")
     if cli_root() is None:
         return "the reid command-line package (scripts.cli) is not installed"

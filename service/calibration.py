@@ -98,9 +98,9 @@ def _stats(x: np.ndarray) -> dict[str, float]:
 
 
 def save(store, gallery: str, calib: dict[str, Any]) -> None:
-    store.r.hset(store.k_gallery(gallery), FIELD, json.dumps(calib))
+    store.set_gallery_field(gallery, FIELD, json.dumps(calib))
 
 
 def load(store, gallery: str) -> dict[str, Any] | None:
-    raw = store.r.hget(store.k_gallery(gallery), FIELD)
+    raw = store.get_gallery_field(gallery, FIELD)
     return None if raw is None else json.loads(raw)

@@ -15,9 +15,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from index.bundle import Bundle, BundleError, load_bundle
 from index.vector_index import l2_normalize
 
-from .bundle import Bundle, BundleError, load_bundle
 
 __all__ = ["Embedder", "preprocess", "preprocess_batch", "l2_normalize"]
 

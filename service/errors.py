@@ -12,6 +12,7 @@ from index.durability import NotDurable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("reid.service")
@@ -35,6 +36,17 @@ class ApiError(StarletteHTTPException):
         self.code = code
         self.message = message
         self.extra = extra or {}
+
+
+#: marks a validation error raised by `field_error` (in its context, where FastAPI keeps it)
+_OWN_CODE = "reid_error_code"
+
+
+def field_error(code: str, message: str, **ctx: str) -> PydanticCustomError:
+    """A form field's validation error (raised by its pydantic validator) that FastAPI's 422 answers with
+    ``code`` rather than validation_error: a field that its type now checks keeps the code it had when the
+    route checked it. ``message`` may name ``{key}``s of ``ctx``."""
+    return PydanticCustomError(code, message, {_OWN_CODE: True, **ctx})
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -69,6 +81,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        own = {e["type"] if (e.get("ctx") or {}).get(_OWN_CODE) else None for e in exc.errors()}
+        if len(own) == 1 and None not in own:  # only field_error()s, all of one code
+            code = own.pop()
+            count_error(request.app.state, code)
+            return error_response(422, code, "; ".join(e["msg"] for e in exc.errors()))
         details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
                    for e in exc.errors()]
         count_error(request.app.state, "validation_error")

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import redis
 
-from index.events import decode, stream_info
+from index.redis_server import EmbeddedRedis
+from index.store import RedisStore
 
-if TYPE_CHECKING:
-    from .index_sync import IndexSync
-    from .state import ServiceState
+from .index_sync import IndexSync
 
 log = logging.getLogger("reid.service")
 
@@ -33,17 +32,17 @@ MAX_BACKOFF_S = 2.0
 
 
 class Follower:
-    def __init__(self, state: "ServiceState", sync: "IndexSync"):
-        self.state, self.sync = state, sync
+    def __init__(self, store: RedisStore, sync: IndexSync, follow_activation: Callable[[], object],
+                 events_maxlen: int, redis_server: EmbeddedRedis | None = None):
+        """``follow_activation()``: serve the model that the store records as active (an ``activate`` entry came);
+        ``redis_server``: the embedded one, started again if it exits."""
+        self.sync, self.follow_activation = sync, follow_activation
+        self.events_maxlen, self.redis_server = events_maxlen, redis_server
         self.connected = True
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reid-follower", daemon=True)
-        # its own client: a blocking XREAD holds a connection and must not share the request pool's timeouts
-        pool = state.store.r.connection_pool
-        self._r = redis.Redis(connection_pool=redis.ConnectionPool(
-            connection_class=pool.connection_class,
-            **{**pool.connection_kwargs, "socket_timeout": BLOCK_MS / 1000 + 5.0}))
+        self._events = store.event_reader(BLOCK_MS)
 
     def start(self) -> "Follower":
         self._thread.start()
@@ -52,17 +51,14 @@ class Follower:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
-        self._r.close()
+        self._events.close()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        from .activation import follow_activation
-
-        store, sync = self.state.store, self.sync
-        key = store.k_events()
+        sync = self.sync
         resync = False
         backoff = 0.1
         while not self._stop.is_set():
@@ -70,19 +66,18 @@ class Follower:
                 if resync:
                     sync.stats["resyncs"] += 1
                     sync.reconcile()
-                    follow_activation(self.state)  # a model activated while this process could not see it
+                    self.follow_activation()  # a model activated while this process could not see it
                     resync = False
                 if not self.connected:
                     log.warning("Redis store reachable again: indexes resynchronised at %s", sync.applied)
                     self.connected, self.error = True, None
-                got = self._r.xread({key: sync.applied}, count=BATCH, block=BLOCK_MS)
-                events = decode(got[0][1]) if got else []
+                events = self._events.read(sync.applied, count=BATCH)
                 if events:
-                    if stream_info(self._r, key).gap_after(sync.applied, self.state.settings.events_maxlen):
+                    if self._events.info().gap_after(sync.applied, self.events_maxlen):
                         resync = True  # trimmed past us while we were behind: rebuild from Redis
                         continue
                     if sync.apply(events):
-                        follow_activation(self.state)
+                        self.follow_activation()
                 if sync.snapshot_due():
                     sync.snapshot("periodic")
                 backoff = 0.1
@@ -99,7 +94,7 @@ class Follower:
                 self._stop.wait(1.0)
 
     def _revive_embedded(self) -> None:
-        srv = self.state.redis_server
+        srv = self.redis_server
         if srv is None or srv.running or self._stop.is_set():
             return
         log.warning("the embedded redis-server exited (code %s): starting it again on port %s",

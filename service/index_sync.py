@@ -1,10 +1,13 @@
 """Keep this process's FAISS indexes equal to the Redis store (the truth) across crashes, restarts and replicas.
 
+The indexes themselves are in :class:`service.index_cache.IndexCache`; this class changes them.
+
 * Start (:meth:`IndexSync.load`): each gallery's snapshot (``{data_dir}/index/<gallery>.faiss`` + manifest)
   is loaded when it was built for the active model and index settings and the change log ``reid:events``
   still reaches back to its position; any other gallery is built from the vectors stored in Redis (never
   re-embedded). Then :meth:`reconcile` replays the log from the oldest position up to one point and
-  compares every gallery's count with the store's at that point; a gallery that disagrees is rebuilt.
+  compares every gallery's count with the store's at that point; a gallery that disagrees is rebuilt. An
+  ``activate`` entry replayed on the way makes the process serve the model activated (``follow_activation``).
 * Running: :class:`service.follower.Follower` feeds every log entry, this process's own writes included,
   to :meth:`apply`. An entry only names an image; applying it reads that image's *current* vector from
   Redis and puts it in the index (or removes it if gone), under :attr:`lock`. So applying is idempotent
@@ -20,16 +23,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
-from index.events import ZERO, Event, parse_id, read_range, stream_info
+from index.events import ZERO, Event, parse_id
 from index.snapshot import (Manifest, load_snapshot, remove_snapshot, snapshot_galleries, touch_manifest,
                             write_snapshot)
+from index.store import RedisStore
 
-if TYPE_CHECKING:
-    from .state import ServiceState
+from .index_cache import IndexCache, IndexedModel
+from .settings import Settings
 
 log = logging.getLogger("reid.service")
 
@@ -38,8 +42,12 @@ RECONCILE_ROUNDS = 3
 
 
 class IndexSync:
-    def __init__(self, state: "ServiceState"):
-        self.state = state
+    def __init__(self, store: RedisStore, settings: Settings, cache: IndexCache,
+                 follow_activation: Callable[[], object]):
+        self.store, self.settings, self.cache = store, settings, cache
+        #: called when an ``activate`` entry is replayed here (not under :attr:`lock`): serve the model that the store
+        #: records as active, if it is not the one served
+        self.follow_activation = follow_activation
         #: held for every change of an index (and of the set of indexes) and while writing snapshots
         self.lock = threading.RLock()
         self._cond = threading.Condition()
@@ -77,7 +85,7 @@ class IndexSync:
 
     def wait_caught_up(self, timeout: float = 1.0) -> bool:
         """Wait until every change logged so far is applied here (False on timeout)."""
-        return self.wait_applied(self.state.store.last_event_id(), timeout)
+        return self.wait_applied(self.store.last_event_id(), timeout)
 
     # ------------------------------------------------------------------ applying changes
     def apply(self, events: list[Event]) -> str | None:
@@ -113,16 +121,15 @@ class IndexSync:
         ids = [int(i) for i in ids]
         if not ids:
             return
-        store, state = self.state.store, self.state
         with self.lock:
             for start in range(0, len(ids), HMGET_CHUNK):
                 part = ids[start:start + HMGET_CHUNK]
-                raw = store.r.hmget(store.k_vectors(gallery), [str(i) for i in part])
-                idx = state.indexes.get(gallery)
+                raw = self.store.get_raw_vectors(gallery, part)
+                idx = self.cache.get(gallery)
                 if idx is None:
                     if all(v is None for v in raw):
                         continue  # nothing to add to an index we do not have
-                    idx = state.index_for(gallery, create=True)  # built from the store if it exists there
+                    idx = self.cache.index_for(gallery, create=True)  # built from the store if it exists there
                 keep = [(i, v) for i, v in zip(part, raw) if v is not None and len(v) == 4 * idx.dim]
                 gone = [i for i, v in zip(part, raw) if v is None or len(v) != 4 * idx.dim]
                 if gone:
@@ -136,29 +143,28 @@ class IndexSync:
     def drop(self, gallery: str) -> None:
         """The gallery was deleted: forget its index and its snapshot."""
         with self.lock:
-            self.state.drop_index(gallery)
+            self.cache.drop(gallery)
             self.dirty.discard(gallery)
-            remove_snapshot(self.state.settings.snapshot_dir, gallery)
+            remove_snapshot(self.settings.snapshot_dir, gallery)
 
     # ------------------------------------------------------------------ start-up and resynchronisation
     def _index_settings(self) -> dict:
-        s = self.state.settings
+        s = self.settings
         return {k: v for k, v in s.model_dump(mode="json").items() if k.startswith("index_")}
 
     def load(self) -> None:
         """Build every gallery's index (from its snapshot, else from Redis), then :meth:`reconcile`."""
         t0 = time.perf_counter()
-        state, s = self.state, self.state.settings
-        store = state.store
-        info = stream_info(store.r, store.k_events())  # read before any build: the builds reflect at least this
-        galleries = store.list_galleries()
+        s, cache, model = self.settings, self.cache, self.cache.model
+        info = self.store.change_log_info()  # read before any build: the builds reflect at least this
+        galleries = self.store.list_galleries()
         indexes, pos = {}, {}
         for g in galleries:
             idx, why = None, "snapshots disabled (REID_SNAPSHOTS=false)"
             if s.snapshots:
-                idx, m, why = load_snapshot(s.snapshot_dir, g, model=state.bundle.model_id, dim=state.dim,
+                idx, m, why = load_snapshot(s.snapshot_dir, g, model=model.model_id, dim=model.dim,
                                             index_settings=self._index_settings(),
-                                            load_kwargs=state.index_load_kwargs(g))
+                                            load_kwargs=cache.load_kwargs(g))
                 if idx is not None and info.gap_after(m.stream_id, s.events_maxlen):
                     idx, why = None, (f"the change log no longer reaches back to the snapshot's position "
                                       f"{m.stream_id} (oldest entry {info.first}, newest {info.last})")
@@ -168,7 +174,7 @@ class IndexSync:
                 self.stats["snapshot_loads"] += 1
             else:
                 t1 = time.perf_counter()
-                indexes[g], pos[g] = state.build_index(g), info.last
+                indexes[g], pos[g] = cache.build(g), info.last
                 self.loaded[g] = f"rebuilt from Redis: {why}"
                 self.stats["rebuilds"] += 1
                 self.dirty.add(g)
@@ -178,44 +184,35 @@ class IndexSync:
             if g not in indexes:  # deleted while this process was away
                 remove_snapshot(s.snapshot_dir, g)
         with self.lock:
-            state.set_indexes(indexes)
+            cache.replace(indexes)
             self._set_position(min((pos[g] for g in pos), key=parse_id, default=info.last))
         before = self.stats["events_applied"]
         self.reconcile()
         self.stats["events_replayed_at_start"] = self.stats["events_applied"] - before
+        sizes = cache.sizes()
         log.info("indexes ready in %.2fs: %d galleries, %d vectors (%d from snapshots, %d rebuilt from Redis), "
-                 "%d change-log entries replayed", time.perf_counter() - t0, len(state.indexes),
-                 sum(len(i) for i in state.indexes.values()), self.stats["snapshot_loads"], self.stats["rebuilds"],
+                 "%d change-log entries replayed", time.perf_counter() - t0, len(sizes),
+                 sum(n for n, _ in sizes.values()), self.stats["snapshot_loads"], self.stats["rebuilds"],
                  self.stats["events_replayed_at_start"])
 
     def reconcile(self) -> None:
         """Catch up with the change log and check every gallery's count against the store at one log position.
 
         Rebuilds from Redis everything when the log no longer reaches back to this process's position (it was
-        trimmed, or Redis lost writes), and each gallery whose count disagrees."""
-        state, s = self.state, self.state.settings
-        store = state.store
-        info = stream_info(store.r, store.k_events())
-        if info.gap_after(self.applied, s.events_maxlen):
+        trimmed, or Redis lost writes), and each gallery whose count disagrees. Replaying an ``activate`` entry
+        calls :attr:`follow_activation`."""
+        info = self.store.change_log_info()
+        if info.gap_after(self.applied, self.settings.events_maxlen):
             self.rebuild_all(f"the change log no longer reaches back to this process's position {self.applied} "
                              f"(oldest entry {info.first}, newest {info.last})", info.last)
             return
         for round_ in range(RECONCILE_ROUNDS):
-            names = store.list_galleries()
-            pipe = store.r.pipeline(transaction=True)  # one consistent view: counts and the log position
-            for g in names:
-                pipe.hlen(store.k_vectors(g))
-            pipe.smembers(store.k_galleries())
-            pipe.xrevrange(store.k_events(), count=1)
-            *counts, members, last = pipe.execute()
-            until = last[0][0].decode() if last else self.applied
-            for batch in read_range(store.r, store.k_events(), self.applied, until):
-                activate = self.apply(batch)
-                if activate:
-                    from .activation import follow_activation
-                    follow_activation(state, activate)
-            members = {m.decode() for m in members}
-            bad = self._mismatches(dict(zip(names, (int(n) for n in counts))), members)
+            counts, members, last = self.store.counts_at_log_position()
+            until = last or self.applied
+            for batch in self.store.read_events(self.applied, until):
+                if self.apply(batch):
+                    self.follow_activation()
+            bad = self._mismatches(counts, members)
             if not bad:
                 return
             if round_ + 1 < RECONCILE_ROUNDS:
@@ -224,26 +221,25 @@ class IndexSync:
             self.rebuild_gallery(g, why)
 
     def _mismatches(self, counts: dict[str, int], members: set[str]) -> dict[str, str]:
-        state = self.state
         bad = {}
         with self.lock:
-            for g in list(state.indexes):
+            for g in list(self.cache.all()):
                 if g not in members:
                     self.drop(g)  # deleted from the store, and the drop entry is gone
+            sizes = self.cache.sizes()
             for g, n in counts.items():
                 if g not in members:
                     continue
-                idx = state.indexes.get(g)
-                have = (len(idx) if idx is not None else 0) + state.skipped.get(g, 0)
+                have = sum(sizes.get(g, (0, 0)))
                 if have != n:
                     bad[g] = f"index has {have} vectors, store has {n}"
         return bad
 
     def rebuild_gallery(self, gallery: str, why: str) -> None:
         t0 = time.perf_counter()
-        idx = self.state.build_index(gallery)  # HSCAN; changes made meanwhile arrive as later log entries
+        idx = self.cache.build(gallery)  # HSCAN; changes made meanwhile arrive as later log entries
         with self.lock:
-            self.state.put_index(gallery, idx)
+            self.cache.put(gallery, idx)
             self.dirty.add(gallery)
             self.stats["rebuilds"] += 1
         log.warning("gallery %s: %s; rebuilt from Redis (%d vectors) in %.2fs", gallery, why, len(idx),
@@ -252,17 +248,16 @@ class IndexSync:
     def rebuild_all(self, why: str, position: str) -> None:
         """Rebuild every index from Redis and continue the log from ``position`` (read before the builds)."""
         log.warning("%s: rebuilding every gallery index from Redis", why)
-        state = self.state
-        indexes = {g: state.build_index(g) for g in state.store.list_galleries()}
+        indexes = {g: self.cache.build(g) for g in self.store.list_galleries()}
         with self.lock:
-            state.set_indexes(indexes)
+            self.cache.replace(indexes)
             self.dirty.update(indexes)
             self.stats["rebuilds"] += len(indexes)
             self._set_position(position)  # may move back: Redis may have lost entries this process applied
 
     # ------------------------------------------------------------------ snapshots
     def snapshot_due(self) -> bool:
-        s = self.state.settings
+        s = self.settings
         if not s.snapshots or not self.dirty:
             return False
         if self._changes >= s.snapshot_changes:
@@ -271,17 +266,17 @@ class IndexSync:
 
     def snapshot(self, reason: str) -> int:
         """Write the snapshot of every changed gallery; move the others' manifests to the current position."""
-        state, s = self.state, self.state.settings
-        if not s.snapshots or state.bundle is None:
+        s = self.settings
+        if not s.snapshots:
             return 0
         t0 = time.perf_counter()
         written = 0
         with self.lock:
-            pos = self.applied
-            for g, idx in list(state.indexes.items()):
+            pos, model = self.applied, self.cache.model
+            for g, idx in self.cache.all().items():
                 if g in self.dirty or not touch_manifest(s.snapshot_dir, g, pos):
                     write_snapshot(s.snapshot_dir, idx, Manifest(
-                        gallery=g, bundle_id=state.bundle_id, model=state.bundle.model_id, dim=idx.dim, count=0,
+                        gallery=g, bundle_id=model.bundle_id, model=model.model_id, dim=idx.dim, count=0,
                         stream_id=pos, index_settings=self._index_settings()))
                     written += 1
             self.dirty.clear()
@@ -293,6 +288,8 @@ class IndexSync:
                      time.perf_counter() - t0)
         return written
 
-    def mark_all_dirty(self) -> None:
+    def install(self, model: IndexedModel, indexes: dict) -> None:
+        """Serve another model's indexes (built from its stored vectors): the snapshots on disk are of the old one."""
         with self.lock:
-            self.dirty.update(self.state.indexes)
+            self.cache.install(model, indexes)
+            self.dirty.update(indexes)

@@ -102,10 +102,7 @@ def _ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, byt
     res = IngestResult()
     ids = [image_id(gallery, data) for _, data in files]
 
-    pipe = store.r.pipeline(transaction=False)
-    for i in ids:
-        pipe.exists(store.k_image(gallery, i))
-    already = [bool(x) for x in pipe.execute()]
+    already = store.exists_many(gallery, ids)
 
     slots: list[tuple[int, int]] = []  # (file index, id) accepted in this request, in order
     new: list[tuple[int, int, Any]] = []  # (file index, id, image) to embed

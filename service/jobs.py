@@ -1,7 +1,8 @@
 """Background jobs (adapting a model, activating one; later bulk ingests) with their record in Redis.
 
 The record is the hash ``reid:job:{id}`` (kind, gallery, status, progress 0..1, stage, message, params
-and result as JSON, created_at/updated_at), so any replica can answer ``GET /v1/jobs/{id}``. The work
+and result as JSON, created_at/updated_at; :mod:`index.job_store`), so any replica can answer
+``GET /v1/jobs/{id}``. The work
 runs in a thread of the replica that accepted it (:class:`JobManager`), which heartbeats the record.
 
 * status: ``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``cancelled``; a finished status is
@@ -15,42 +16,22 @@ runs in a thread of the replica that accepted it (:class:`JobManager`), which he
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import redis
 
+from index.job_store import JobStore
+
 log = logging.getLogger("reid.service")
 
-ACTIVE = ("queued", "running")
 HEARTBEAT_S = 2.0
-LOCK_TTL_S = 30
-STALE_AFTER_S = 60.0
-FINISHED_TTL_S = 7 * 24 * 3600  # finished records expire after a week
-JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-
-# HSET the fields only while the job is still queued or running: 1 done, 0 finished already, -1 unknown.
-_UPDATE_IF_ACTIVE = """
-local s = redis.call('HGET', KEYS[1], 'status')
-if not s then return -1 end
-if s ~= 'queued' and s ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
-_RELEASE_IF_OWNER = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class JobCancelled(Exception):
@@ -67,89 +48,6 @@ class JobBusy(Exception):
         self.holder = holder
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _s(v: Any) -> str | None:
-    return v.decode("utf-8") if isinstance(v, bytes) else v
-
-
-class JobStore:
-    """The job records and per-kind locks in Redis."""
-
-    def __init__(self, r: redis.Redis):
-        self.r = r
-        self._update = r.register_script(_UPDATE_IF_ACTIVE)
-        self._release = r.register_script(_RELEASE_IF_OWNER)
-
-    @staticmethod
-    def k_job(job_id: str) -> str:
-        return f"reid:job:{job_id}"
-
-    @staticmethod
-    def k_lock(kind: str) -> str:
-        return f"reid:jobs:lock:{kind}"
-
-    def create(self, job_id: str, kind: str, gallery: str | None, params: dict[str, Any]) -> None:
-        now = _now()
-        self.r.hset(self.k_job(job_id), mapping={
-            "id": job_id, "kind": kind, "gallery": gallery or "", "status": "queued", "progress": "0",
-            "stage": "", "message": "", "params": json.dumps(params), "result": "null",
-            "created_at": now, "updated_at": now, "heartbeat": repr(time.time())})
-
-    def get(self, job_id: str) -> dict[str, Any] | None:
-        """The job as the API shows it, or None. A job whose owner went silent is failed here."""
-        if not JOB_ID_RE.match(job_id or ""):
-            return None
-        raw = {_s(k): _s(v) for k, v in self.r.hgetall(self.k_job(job_id)).items()}
-        if not raw:
-            return None
-        if raw["status"] in ACTIVE and time.time() - float(raw.get("heartbeat") or 0) > STALE_AFTER_S:
-            self.finish(job_id, "failed", f"the replica running this job stopped responding "
-                                          f"(no heartbeat for {STALE_AFTER_S:.0f} s)")
-            return self.get(job_id)
-        return {
-            "id": raw["id"], "kind": raw["kind"], "gallery": raw.get("gallery") or None,
-            "status": raw["status"], "progress": float(raw.get("progress") or 0.0),
-            "stage": raw.get("stage") or None, "message": raw.get("message") or None,
-            "params": json.loads(raw.get("params") or "{}"), "result": json.loads(raw.get("result") or "null"),
-            "created_at": raw["created_at"], "updated_at": raw["updated_at"],
-        }
-
-    def update(self, job_id: str, **fields: Any) -> bool:
-        """Set fields (and the heartbeat) if the job is still active. Returns whether it was."""
-        fields = {k: (json.dumps(v) if k in ("params", "result") else "" if v is None else str(v))
-                  for k, v in fields.items()}
-        if fields:  # a bare heartbeat leaves updated_at alone
-            fields["updated_at"] = _now()
-        fields["heartbeat"] = repr(time.time())
-        args = [x for kv in fields.items() for x in kv]
-        return int(self._update(keys=[self.k_job(job_id)], args=args)) == 1
-
-    def finish(self, job_id: str, status: str, message: str | None = None,
-               result: dict[str, Any] | None = None, **fields: Any) -> bool:
-        """Move an active job to a final status (no-op if it already has one)."""
-        done = self.update(job_id, status=status, message=message, result=result, **fields)
-        if done:
-            self.r.expire(self.k_job(job_id), FINISHED_TTL_S)
-        return done
-
-    def claim(self, kind: str, job_id: str) -> str | None:
-        """Take the ``kind`` lock for ``job_id``; returns None, or the id of the job holding it."""
-        if self.r.set(self.k_lock(kind), job_id, nx=True, ex=LOCK_TTL_S):
-            return None
-        return _s(self.r.get(self.k_lock(kind))) or "unknown"
-
-    def renew(self, kind: str, job_id: str) -> None:
-        # Only our own lock (a lock that expired and was taken by another job stays theirs).
-        if _s(self.r.get(self.k_lock(kind))) == job_id:
-            self.r.expire(self.k_lock(kind), LOCK_TTL_S)
-
-    def release(self, kind: str, job_id: str) -> None:
-        self._release(keys=[self.k_lock(kind)], args=[job_id])
-
-
 @dataclass
 class JobContext:
     """What the work sees: report progress, check for cancellation, attach a subprocess to kill."""
@@ -162,9 +60,16 @@ class JobContext:
     _proc: subprocess.Popen | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @property
-    def key(self) -> str:
-        return self.store.k_job(self.id)
+    def commit_guard(self) -> tuple[list[str], Callable[[Any], None]]:
+        """``watch`` and ``precondition`` for a store transaction that must commit only while this job runs: a cancel
+        (from any replica) aborts it with :class:`JobCancelled`."""
+        keys, running = self.store.watch_running(self.id)
+
+        def precondition(pipe) -> None:
+            if not running(pipe):
+                raise JobCancelled()
+
+        return keys, precondition
 
     def progress(self, fraction: float | None = None, stage: str | None = None, message: str | None = None) -> None:
         fields: dict[str, Any] = {}

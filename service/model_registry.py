@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from index.bundle import Bundle, BundleError, load_bundle
 from index.store import RedisStore
 
-from .bundle import Bundle, BundleError, load_bundle
 from .settings import Settings
 
 log = logging.getLogger("reid.service")

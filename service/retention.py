@@ -18,7 +18,7 @@ from .state import ServiceState
 
 log = logging.getLogger("reid.service")
 
-LOCK_KEY = "reid:retention:lock"
+LEASE = "retention"  #: the store's lease that one replica holds per interval
 
 
 class RetentionSweeper:
@@ -54,9 +54,8 @@ class RetentionSweeper:
         store = self.state.store
         # One replica per interval: the lock expires by itself shortly before the next sweep.
         ttl_ms = max(int(self.interval * 1000 * 0.9), 1)
-        if not store.r.set(LOCK_KEY, self._token, nx=True, px=ttl_ms):
-            if store.r.get(LOCK_KEY) != self._token.encode():
-                return {}
+        if not store.hold_lease(LEASE, self._token, ttl_ms):
+            return {}
         now = now or datetime.now(timezone.utc)
         out: dict[str, int] = {}
         for gallery, days in store.galleries_with_retention().items():

@@ -22,17 +22,35 @@ The active model is REID_MODEL_DIR until a bundle under ``{data_dir}/bundles/`` 
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.index_factory import IndexSpec
-from index.refine import MODES
 
-#: what a request may ask for: a refiner mode, or "auto" (the service picks one per gallery)
-REFINE_CHOICES = (*MODES, "auto")
+
+# index/refine.py's MODES plus auto (tests/test_service_refine.py keeps the two in step); the docstring is
+# what OpenAPI shows
+class RefineMode(str, Enum):
+    """A search's re-ranking mode: none, joint, local or kreciprocal, or auto (the service picks one per
+    gallery from its own features)."""
+    none = "none"
+    joint = "joint"
+    local = "local"
+    kreciprocal = "kreciprocal"
+    auto = "auto"
+
+    def __str__(self) -> str:  # the value in messages and f-strings, on every Python version
+        return self.value
+
+    @property
+    def needs_nformer(self) -> bool:
+        """Runs the bundle's nformer.onnx (the other modes work with any bundle)."""
+        return self in (RefineMode.joint, RefineMode.local)
+
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
 
@@ -62,8 +80,7 @@ class Settings(BaseSettings):
 
     # Search-time refinement (index/refine.py). "auto" decides per gallery from its own features whether
     # refinement pays (service/refine_auto.py, docs/refine-auto.md).
-    refine_default: str = Field("auto", description=f"refine mode when a request names none; one of "
-                                                    f"{REFINE_CHOICES}")
+    refine_default: RefineMode = Field(RefineMode.auto, description="refine mode when a request names none")
     refine_auto_mode: Literal["local", "kreciprocal"] = Field("kreciprocal", description="what refine=auto "
                                                               "applies to a gallery it finds multi-shot")
     refine_auto_threshold: float = Field(0.25, description="refine=auto: the neighbour_excess at or above which a "
@@ -163,13 +180,6 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-
-    @field_validator("refine_default")
-    @classmethod
-    def _known_mode(cls, v: str) -> str:
-        if v not in REFINE_CHOICES:
-            raise ValueError(f"refine_default must be one of {', '.join(REFINE_CHOICES)}, got {v!r}")
-        return v
 
     @property
     def read_keys(self) -> list[str]:

@@ -1,47 +1,44 @@
 """Runtime state shared by the routes: settings, store, embedder, refiner, per-gallery FAISS indexes.
 
-The FAISS indexes are caches of the Redis store: loaded from their snapshots or built from the store at
-start-up, kept in sync by following the store's change log (every replica's writes, this one's included),
-and snapshotted to disk: :mod:`service.index_sync`, :mod:`service.follower`. The write path stores first
-(durably: :mod:`index.durability`), then updates the index.
+The FAISS indexes (:class:`service.index_cache.IndexCache`) are caches of the Redis store: loaded from their
+snapshots or built from the store at start-up, kept in sync by following the store's change log (every
+replica's writes, this one's included), and snapshotted to disk: :mod:`service.index_sync`,
+:mod:`service.follower`. The write path stores first (durably: :mod:`index.durability`), then updates the index.
 
 The model (bundle, encoder, refiner) and the indexes change together when another bundle is
-activated (:mod:`service.activation`): requests hold ``model_lock`` shared for their whole run so
-that each sees one model, and :meth:`ServiceState.install_model` runs under it exclusively.
+activated, here (:mod:`service.activation`) or by another replica (:meth:`ServiceState.follow_activation`):
+requests hold ``model_lock`` shared for their whole run so that each sees one model, and
+:meth:`ServiceState.install_model` runs under it exclusively.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from index.durability import Persistence, probe as probe_persistence
+from index.durability import Persistence
 from index.redis_server import EmbeddedRedis
-from index.refine import NFORMER_FILE, NeighborTransformer, NFormerSpec, Refiner, nformer_file
+from index.blas_threads import limit_blas_threads
+from index.bundle import NFORMER_FILE, Bundle, BundleError, NFormerSpec, load_bundle, nformer_file
+from index.refine import NeighborTransformer, Refiner
 from index.store import RedisStore
 from index.vector_index import VectorIndex
 
-from .bundle import Bundle, BundleError
 from .embedder import Embedder
 from .follower import Follower
+from .index_cache import IndexCache, IndexedModel
 from .index_sync import IndexSync
-from .jobs import JobManager, JobStore
-from .model_registry import DEFAULT_BUNDLE_ID, resolve_active
+from .jobs import JobManager
+from .model_registry import DEFAULT_BUNDLE_ID, bundle_dir, resolve_active
 from .refine_auto import RefineAdvisor
-from .runtime import encoder_threads, limit_blas_threads
+from .runtime import encoder_threads
 from .rwlock import RWLock
-from .settings import Settings
+from .settings import RefineMode, Settings
 
 log = logging.getLogger("reid.service")
-
-#: refine modes that run the bundle's nformer.onnx (the others work with any bundle)
-NFORMER_MODES = ("joint", "local")
 
 
 def load_refiner(bundle: Bundle, settings: Settings) -> Refiner:
@@ -88,9 +85,8 @@ class ServiceState:
     #: refine=auto's per-gallery decisions (made from each gallery's features, remade when stale)
     refine_advisor: RefineAdvisor = field(init=False)
     redis_server: EmbeddedRedis | None = None
-    indexes: dict[str, VectorIndex] = field(default_factory=dict)
-    #: gallery -> number of stored vectors that could not be indexed (wrong dimension)
-    skipped: dict[str, int] = field(default_factory=dict)
+    #: gallery -> FAISS index, of the served model (made at start, once the model is loaded)
+    index_cache: IndexCache | None = None
     startup_error: str | None = None
     jobs: JobManager | None = None
     #: how Redis persists acknowledged writes (probed at start; /readyz shows it)
@@ -101,7 +97,6 @@ class ServiceState:
     model_problem: str | None = None
     #: shared by every request that uses the model or the indexes; exclusive to switch the model
     model_lock: RWLock = field(default_factory=RWLock)
-    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
         self.refine_advisor = RefineAdvisor(self.settings.refine_auto_mode, self.settings.refine_auto_threshold)
@@ -129,14 +124,22 @@ class ServiceState:
         s.index_spec.check(self.embedder.dim)  # e.g. REID_INDEX_PQ_M must divide the embedding dimension
         log.info("model %s = %s (dim %d) on %s", self.bundle_id, self.bundle.model_id, self.embedder.dim,
                  self.embedder.providers)
-        self.jobs = JobManager(JobStore(self.store.r))
-        self.sync = IndexSync(self)
+        self.jobs = JobManager(self.store.job_store())
+        self.index_cache = IndexCache(self.store, s.index_spec,
+                                      IndexedModel(self.bundle_id, self.bundle.model_id, self.embedder.dim))
+        self.sync = IndexSync(self.store, s, self.index_cache, self.follow_activation)
         self.sync.load()  # snapshots + change-log replay, or rebuilds from Redis; never re-embeds
-        self.follower = Follower(self, self.sync).start()
+        self.start_follower()
+
+    def start_follower(self) -> Follower:
+        """Follow the change log (every replica's writes and activations) in a thread of its own."""
+        self.follower = Follower(self.store, self.sync, self.follow_activation,
+                                 events_maxlen=self.settings.events_maxlen, redis_server=self.redis_server).start()
+        return self.follower
 
     def _check_durability(self) -> None:
         s = self.settings
-        self.persistence = p = probe_persistence(self.store.r, s.redis_appendfsync)
+        self.persistence = p = self.store.probe_persistence(s.redis_appendfsync)
         if p.use_waitaof:
             self.store.wait_aof_ms = s.waitaof_timeout_ms
             log.info("Redis %s runs appendfsync %s: every write waits for its AOF fsync (WAITAOF)", p.version,
@@ -152,7 +155,7 @@ class ServiceState:
                             batch_size=s.embed_batch_size, spin=s.ort_spin)
         refiner = load_refiner(bundle, s)
         refine_default = s.refine_default
-        if refine_default in NFORMER_MODES and refiner.nformer is None:
+        if RefineMode(refine_default).needs_nformer and refiner.nformer is None:
             # Keep serving: a default the bundle cannot honour must not turn every search into an error.
             log.warning("REID_REFINE_DEFAULT=%s but model %s has no %s: searches default to refine=none",
                         s.refine_default, bundle.model_id, NFORMER_FILE)
@@ -165,13 +168,35 @@ class ServiceState:
     def install_model(self, bundle_id: str, bundle: Bundle, embedder: Embedder, refiner: Refiner,
                       refine_default: str, indexes: dict[str, VectorIndex]) -> None:
         """Serve another model with indexes already built from its vectors. Hold ``model_lock`` exclusively."""
-        with self.sync.lock if self.sync is not None else nullcontext(), self._lock:
-            self.bundle_id, self.bundle, self.embedder = bundle_id, bundle, embedder
-            self.refiner, self.refine_default = refiner, refine_default
-            self.indexes = dict(indexes)
-            self.skipped = {g: 0 for g in indexes}
-        if self.sync is not None:
-            self.sync.mark_all_dirty()  # the snapshots on disk are of the old model
+        self.bundle_id, self.bundle, self.embedder = bundle_id, bundle, embedder
+        self.refiner, self.refine_default = refiner, refine_default
+        self.sync.install(IndexedModel(bundle_id, bundle.model_id, embedder.dim), indexes)
+
+    def follow_activation(self) -> bool:
+        """Serve the bundle recorded as active in Redis if it is not the one served here (another replica activated
+        it). Its vectors are already in the store: the indexes are rebuilt from them, nothing is re-embedded.
+        Returns True if the model was switched."""
+        target = self.store.active_bundle() or DEFAULT_BUNDLE_ID
+        with self.model_lock.shared():  # an activation of this very process holds it until it has switched
+            if target == self.bundle_id:
+                self.model_problem = None
+                return False
+        try:
+            bundle = load_bundle(bundle_dir(self.settings, target))
+            embedder, refiner, refine_default = self.load_model(bundle)
+        except (BundleError, ValueError) as e:
+            self.model_problem = (f"model bundle {target!r} was activated by another replica but cannot be loaded "
+                                  f"here ({e}); still serving {self.bundle_id!r}, whose features do not match the "
+                                  "stored vectors")
+            log.error("%s", self.model_problem)
+            return False
+        log.info("model %s was activated elsewhere: rebuilding the indexes from its stored vectors", target)
+        indexes = {g: self.index_cache.build(g, embedder.dim) for g in self.store.list_galleries()}
+        with self.model_lock.exclusive():
+            self.install_model(target, bundle, embedder, refiner, refine_default, indexes)
+        self.model_problem = None
+        log.info("now serving model %s (%s), activated by another replica", target, bundle.model_id)
+        return True
 
     def _wait_for_store(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -211,69 +236,13 @@ class ServiceState:
 
     # ------------------------------------------------------------------ indexes
     @property
-    def dim(self) -> int:
-        return self.embedder.dim
-
-    def new_index(self, dim: int | None = None, gallery: str | None = None) -> VectorIndex:
-        """An empty index for a gallery (the one place that says which kind: REID_INDEX_*)."""
-        return VectorIndex(dim or self.dim, **self.index_load_kwargs(gallery))
-
-    def index_load_kwargs(self, gallery: str | None = None) -> dict[str, Any]:
-        """Extra arguments for ``VectorIndex.load`` when a snapshot is read (the index kind, for instance)."""
-        kw: dict[str, Any] = {"spec": self.settings.index_spec}
-        if gallery is not None and self.settings.index_type == "ivf_pq":
-            kw["exact"] = lambda ids: self.store.get_vectors(gallery, ids)  # re-rank PQ candidates from Redis
-        return kw
-
-    def build_index(self, gallery: str, dim: int | None = None) -> VectorIndex:
-        """The gallery's index built from the vectors stored in Redis (HSCAN; nothing is re-embedded)."""
-        dim = dim or self.dim
-        skipped, id_parts, vec_parts = 0, [], []
-        for ids, vecs in self.store.iter_vectors(gallery):
-            if vecs.shape[1] != dim:
-                skipped += len(ids)
-                continue
-            id_parts.append(ids)
-            vec_parts.append(vecs)
-        if not id_parts:
-            idx = self.new_index(dim, gallery)
-        else:  # in one go: a gallery past the IVF threshold is trained now, never served exact meanwhile
-            ids, first = np.unique(np.concatenate(id_parts), return_index=True)  # HSCAN may repeat a field
-            idx = VectorIndex.from_vectors(ids, np.concatenate(vec_parts)[first], background=True, threshold=True,
-                                           **self.index_load_kwargs(gallery))
-        if skipped:
-            log.warning("gallery %s: %d stored vectors have a different dimension than model %s; "
-                        "they are not searchable (re-ingest them)", gallery, skipped, self.bundle.model_id)
-        self.skipped[gallery] = skipped
-        return idx
-
-    def set_indexes(self, indexes: dict[str, VectorIndex]) -> None:
-        with self._lock:
-            self.indexes = dict(indexes)
-
-    def put_index(self, gallery: str, idx: VectorIndex) -> None:
-        with self._lock:
-            self.indexes[gallery] = idx
+    def indexes(self) -> dict[str, VectorIndex]:
+        """Gallery -> index, as they are now (a copy)."""
+        return self.index_cache.all() if self.index_cache is not None else {}
 
     def index_for(self, gallery: str, create: bool = False) -> VectorIndex | None:
         """The gallery's index; built from the store if the gallery exists there but not here."""
-        with self._lock:
-            idx = self.indexes.get(gallery)
-            if idx is not None:
-                return idx
-            if self.store.gallery_exists(gallery):
-                idx = self.build_index(gallery)
-            elif create:
-                idx = self.new_index(gallery=gallery)
-            else:
-                return None
-            self.indexes[gallery] = idx
-            return idx
-
-    def drop_index(self, gallery: str) -> None:
-        with self._lock:
-            self.indexes.pop(gallery, None)
-            self.skipped.pop(gallery, None)
+        return self.index_cache.index_for(gallery, create)
 
     def sync_status(self) -> tuple[bool, list[str]]:
         """Follower connected and caught up, every index's count equal to the store's. Returns (in_sync, problems)."""
@@ -297,40 +266,26 @@ class ServiceState:
         return in_sync, problems
 
     def _compare_counts(self) -> tuple[bool, list[str]]:
-        galleries = self.store.list_galleries()
-        pipe = self.store.r.pipeline(transaction=False)
-        for g in galleries:
-            pipe.hlen(self.store.k_vectors(g))
-        counts = dict(zip(galleries, (int(n) for n in pipe.execute())))
+        counts = self.store.counts()
         problems = []
         for g in counts:
-            if g not in self.indexes:  # created by another writer: build it now from the store
+            if self.index_cache.get(g) is None:  # created by another writer: build it now from the store
                 self.index_for(g)
-        with self._lock:
-            for g, n in counts.items():
-                idx = self.indexes.get(g)
-                have = len(idx) if idx is not None else 0
-                if have != n:
-                    problems.append(f"gallery {g}: index has {have} vectors, store has {n}"
-                                    + (f" ({self.skipped[g]} from another model)" if self.skipped.get(g) else ""))
-            for g in set(self.indexes) - set(counts):
-                if len(self.indexes[g]):
-                    problems.append(f"gallery {g}: in the index but not in the store")
+        sizes = self.index_cache.sizes()
+        for g, n in counts.items():
+            have, skipped = sizes.get(g, (0, 0))
+            if have != n:
+                problems.append(f"gallery {g}: index has {have} vectors, store has {n}"
+                                + (f" ({skipped} from another model)" if skipped else ""))
+        for g in set(sizes) - set(counts):
+            if sizes[g][0]:
+                problems.append(f"gallery {g}: in the index but not in the store")
         return (not problems, problems)
 
     def index_refresh(self, gallery: str, ids) -> None:
         """Bring these images' index entries in line with the store now (read-your-writes for this process's
         own changes; the follower applies them again, idempotently)."""
-        if self.sync is not None:
-            self.sync.refresh(gallery, ids)
-            return
-        idx = self.index_for(gallery, create=True)  # no follower (a state that was never started)
-        for i in ids:
-            v = self.store.get_vector(gallery, i)
-            if v is None or v.shape[0] != idx.dim:
-                idx.remove([i])
-            else:
-                idx.add([i], v[None, :])
+        self.sync.refresh(gallery, ids)
 
 
 def new_state(settings: Settings | None = None) -> ServiceState:

@@ -223,7 +223,8 @@ def add_nformer(bundle_dir: Path, seed: int = 0, heads: int = 2, layers: int = 2
     refinement visibly changes rankings. Imports torch: tests only (the service never does)."""
     import torch
 
-    from models.export import export_nformer, sha256_file
+    from index.bundle import sha256_file
+    from models.export import export_nformer
     from models.nformer import NFormer, NFormerConfig
 
     bundle_dir = Path(bundle_dir)

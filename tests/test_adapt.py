@@ -14,11 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from index.bundle import load_bundle
 from models.adapt import AdaptationError, adapt_bundle, images_digest
 from models.data.datasets import unlabeled_folder
 from models.gracl.train import GRACLConfig
 from models.synthetic import make_synthetic
-from service.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 PARENT = ROOT / "service" / "default_bundle"

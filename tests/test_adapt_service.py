@@ -20,8 +20,9 @@ import pytest
 import redis
 
 from conftest import write_tiny_bundle
+from index.job_store import JobStore
 from index.store import image_id
-from service.jobs import HEARTBEAT_S, JobBusy, JobManager, JobStore
+from service.jobs import HEARTBEAT_S, JobBusy, JobManager
 from tests.http_checks import assert_error
 
 ROOT = Path(__file__).resolve().parents[1]

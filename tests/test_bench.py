@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from models.bench import SECTIONS, run_bench
-from models.bench.report import END, START
+from bench import SECTIONS, run_bench
+from bench.report import END, START
 from service.settings import DEFAULT_BUNDLE_DIR
 
 
@@ -51,7 +51,7 @@ def test_quick_bench_writes_report(tmp_path):
 
 
 def test_readme_excerpts_end_at_a_whole_paragraph():
-    from models.bench.report import _head
+    from bench.report import _head
 
     lines = ["intro", "", "| a |", "|---|", "| 1 |", "", "profile, top operators:", "", "| op |", "|---|", "| x |"]
     assert _head(lines, 9) == ["intro", "", "| a |", "|---|", "| 1 |"]  # no half table, no dangling intro

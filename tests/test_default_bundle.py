@@ -2,8 +2,7 @@
 
 import json
 
-from models.export import sha256_file
-from service.bundle import load_bundle
+from index.bundle import load_bundle, sha256_file
 from service.settings import DEFAULT_BUNDLE_DIR
 
 

@@ -232,7 +232,8 @@ def test_dockerignore_excludes_local_state():
 def test_dockerignore_keeps_what_the_install_needs():
     pats = _ignore_patterns()
     needed = ["pyproject.toml", "README.md", "service/__init__.py", "index/__init__.py", "models/__init__.py"]
-    needed += ["scripts/__init__.py", "service/default_bundle/model.json", "service/default_bundle/encoder.onnx"]
+    needed += ["scripts/__init__.py", "bench/__init__.py"]
+    needed += ["service/default_bundle/model.json", "service/default_bundle/encoder.onnx"]
     needed += ["service/default_bundle/nformer.onnx", "service/static/index.html"]
     for rel in needed:
         assert not _ignored(rel, pats), rel

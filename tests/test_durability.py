@@ -23,7 +23,7 @@ import redis
 from index.durability import NotDurable, WaitAofPipeline, probe
 from index.redis_server import EmbeddedRedis, find_redis_server, free_port
 from index.store import RedisStore
-from tests.api_process import ApiProcess, gallery_count, noise_images, pid_alive, top1, upload
+from service.api_process import ApiProcess, gallery_count, noise_images, pid_alive, top1, upload
 
 N_IMAGES = 1000
 CLIENTS = 4

@@ -7,11 +7,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.export import ExportMismatch, check_onnx_matches_torch, export_bundle, export_onnx, sha256_file
+from index.bundle import load_bundle, sha256_file
+from models.export import ExportMismatch, check_onnx_matches_torch, export_bundle, export_onnx
 from models.reid_model import NormalizedEncoder
 from models.synthetic import make_synthetic
 from models.train import TrainConfig, load_trained_model, train
-from service.bundle import load_bundle
 from service.embedder import Embedder
 
 
@@ -95,9 +95,9 @@ def _nformer_checkpoint(path, dim, seed, noise=0.05):
 
 def test_attach_nformer_replaces_a_bundles_nformer_and_leaves_the_encoder(tmp_path):
     from conftest import write_tiny_bundle
-    from index.refine import NeighborTransformer, NFormerSpec, sample_landmarks, topk_neighbors
+    from index.bundle import NFORMER_INT8_FILE as INT8_FILE, NFormerSpec
+    from index.refine import NeighborTransformer, sample_landmarks, topk_neighbors
     from models.export import attach_nformer
-    from models.nformer_int8 import INT8_FILE
     from models.nformer_train import load_trained_nformer
 
     bundle = write_tiny_bundle(tmp_path / "bundle", name="attach")
@@ -129,3 +129,20 @@ def test_attach_nformer_replaces_a_bundles_nformer_and_leaves_the_encoder(tmp_pa
     with pytest.raises(ValueError, match="NFormer width"):
         attach_nformer(bundle, wrong)
     assert json.loads((bundle / "model.json").read_text())["nformer"]["stage2"] == {"seed": 1}
+
+
+def test_offline_readers_refuse_a_card_that_does_not_match_its_files(tmp_path):
+    """`reid evaluate` and the benchmark read a bundle through index/bundle.py, with the service's sha256 check."""
+    from conftest import write_tiny_bundle
+    from index.bundle import BundleError
+    from models.evaluate import BundleEncoder
+    from models.refine_eval import bundle_refiner
+
+    bundle = write_tiny_bundle(tmp_path / "bundle")
+    for read in (BundleEncoder, bundle_refiner):  # an intact bundle reads
+        read(bundle)
+    with open(bundle / "encoder.onnx", "ab") as f:
+        f.write(b"tampered")
+    for read in (BundleEncoder, bundle_refiner):
+        with pytest.raises(BundleError, match="sha256"):
+            read(bundle)

@@ -277,8 +277,8 @@ def test_service_serves_a_large_ivf_gallery_trained_from_its_start(redis_url, se
     exact (80x slower at 1M vectors) while a background rebuild trains it."""
     import httpx
 
+    from index.bundle import load_bundle
     from index.store import RedisStore
-    from service.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle)
     x = _data(2500, d=bundle.embedding_dim, seed=6)

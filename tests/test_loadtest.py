@@ -3,7 +3,7 @@ the same code: mixed search/ingest traffic, no errors, latencies and server memo
 
 from pathlib import Path
 
-from models.bench import load
+from bench import load
 
 BUNDLE = Path(__file__).resolve().parents[1] / "service" / "default_bundle"
 

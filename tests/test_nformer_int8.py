@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import add_nformer, write_tiny_bundle
-from index.refine import NeighborTransformer, NFormerSpec
-from models.nformer_int8 import INT8_FILE, MIN_COSINE, QuantisationDrift, add_to_bundle, check
-from service.bundle import load_bundle
+from index.bundle import NFORMER_INT8_FILE as INT8_FILE, NFormerSpec, load_bundle
+from index.refine import NeighborTransformer
+from models.nformer_int8 import MIN_COSINE, QuantisationDrift, add_to_bundle, check
 from service.settings import DEFAULT_BUNDLE_DIR, Settings
 from service.state import load_refiner
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from index.bundle import load_bundle
 from index.refine import NeighborTransformer, NFormerSpec
 from models.nformer_train import (NFormerTrainConfig, draw_sequence, draw_served_sequence, draw_step,
                                   load_trained_nformer, torch_refiner_function)
 from models.synthetic import make_synthetic
-from service.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from index.refine import NeighborTransformer, NFormerSpec, Refiner, sample_landmarks, topk_neighbors
+from index.refine import (NeighborTransformer, NFormerSpec, Refiner, expand_candidates, sample_landmarks,
+                          topk_neighbors)
 from models.export import export_nformer
 from models.nformer import ExportableNFormer, NFormer, NFormerConfig
 from models.nformer import topk_neighbors as torch_topk_neighbors
@@ -92,6 +93,14 @@ def test_modes_keep_their_contracts(nformer_onnx):
         Refiner(None).similarities("joint", query, gallery)
     with pytest.raises(ValueError, match="unknown refine mode"):
         refiner.similarities("bogus", query, gallery)
+
+
+def test_candidates_expand_by_new_neighbours_in_first_seen_order():
+    top = np.array([5, 2], dtype=np.int64)
+    nearest = {3: np.array([[5, 9, 2], [2, 7, 9]]), 2: np.array([[5, -1], [2, 7]])}  # FAISS pads with -1
+    assert expand_candidates(top, 0, nearest.__getitem__) is top  # expansion off: the K as they are
+    assert expand_candidates(top, 2, nearest.__getitem__).tolist() == [5, 2, 9, 7]
+    assert expand_candidates(top, 1, nearest.__getitem__).tolist() == [5, 2, 7]
 
 
 def test_joint_neighbors_from_a_cached_gallery_graph_are_exact():

@@ -15,8 +15,7 @@ import pytest
 from conftest import write_tiny_bundle
 from index.redis_server import EmbeddedRedis
 from index.store import RedisStore, image_id
-from service.follower import Follower
-from tests.api_process import ApiProcess, noise_images, top1, upload
+from service.api_process import ApiProcess, noise_images, top1, upload
 
 
 def _within(seconds: float, check) -> float:
@@ -106,7 +105,7 @@ def test_follower_behind_a_trim_rebuilds_from_redis(server_factory, redis_url, g
     assert store.r.xlen(store.k_events()) < 2000  # trimmed past the follower's position
     rebuilds = state.sync.stats["rebuilds"]
 
-    state.follower = Follower(state, state.sync).start()
+    state.start_follower()
     _within(10, lambda: state.sync.applied != behind and len(state.indexes.get(g, ())) == 2990)
     assert state.sync.stats["rebuilds"] > rebuilds  # not a replay: the entries were gone
     assert set(state.indexes[g].ids().tolist()) == set(range(10, 3000))

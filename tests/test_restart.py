@@ -1,14 +1,15 @@
 """A restart loads the FAISS snapshot and replays the changes made meanwhile: no re-embedding, no rebuild.
 
-``models/bench/restart.py`` does the work (and asserts what it checks); the 100,000-vector figures come from
-``python -m models.bench.restart --n 100000`` (or the restart section of ``reid bench``).
+``bench/restart.py`` does the work (and raises ``RestartCheckFailed`` when the restarted service lost or kept the
+wrong images); the 100,000-vector figures come from ``python -m bench.restart --n 100000`` (or the restart section
+of ``reid bench``).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from models.bench.restart import run
+from bench.restart import run
 
 N = 20_000
 

@@ -319,6 +319,14 @@ def test_settings_validate_refine_default():
         Settings(refine_candidates=0)
 
 
+def test_refine_mode_is_the_refiners_modes_plus_auto():
+    from index.refine import MODES
+    from service.settings import RefineMode
+
+    assert [m.value for m in RefineMode] == [*MODES, "auto"]
+    assert [m for m in RefineMode if m.needs_nformer] == [RefineMode.joint, RefineMode.local]
+
+
 def test_service_never_imports_torch():
     code = ("import sys, service.app, service.state, service.routes.search, index.refine, index.vector_index; "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'models'))]; "

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.bundle import BundleError, load_bundle
+from index.bundle import BundleError, load_bundle
 from service.embedder import Embedder, preprocess
 from service.images import ImageError, decode_image, sniff_format
 from service.ingest import MetadataError, build_metadata

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -168,3 +169,118 @@ def test_commit_staged_swaps_vectors_atomically_or_refuses(store, gallery_name):
     assert store.active_bundle() == "copy-1" and not store.r.exists(store.k_staged(g))
     np.testing.assert_array_equal(store.get_vector(g, 2), vec(12, d=4))
     assert store.get(g, 1).metadata["model"] == "new:1" and store.r.hget(store.k_image(g, 1), "dim") == b"4"
+
+
+# ---------------------------------------------------------------------------- what the service asks of the store
+
+
+def test_counts_and_the_gallery_listing(store):
+    store.put_many("a", [(1, vec(1), None), (2, vec(2), None)], images=[b"one", None])
+    store.put_many("b", [(3, vec(3), None)], images=[b"three"])
+    store.create_gallery("empty", retention_days=7)
+    assert store.counts() == {"a": 2, "b": 1, "empty": 0}
+    assert store.counts(["b", "nope"]) == {"b": 1, "nope": 0}
+    assert store.images_without_bytes() == {"a": 1}  # image 2's bytes were not kept
+    listed = store.list_gallery_info()
+    assert [g["name"] for g in listed] == ["a", "b", "empty"]
+    assert listed == [store.gallery_info(g) for g in ("a", "b", "empty")]
+    assert listed[2]["retention_days"] == 7 and listed[0]["retention_days"] is None
+
+
+def test_counts_at_log_position_are_those_of_the_newest_entry(store):
+    counts, galleries, last = store.counts_at_log_position()
+    assert counts == {} and galleries == set() and last is None  # nothing logged yet
+    store.put_many("a", [(1, vec(1), None), (2, vec(2), None)])
+    store.delete("a", 1)
+    store.put("b", 3, vec(3))
+    counts, galleries, last = store.counts_at_log_position()
+    assert counts == {"a": 1, "b": 1} and galleries == {"a", "b"} and last == store.last_event_id()
+    assert [(e.op, e.gallery, e.ref) for batch in store.read_events("0-0", last) for e in batch] == [
+        ("put", "a", "1"), ("put", "a", "2"), ("delete", "a", "1"), ("put", "b", "3")]
+    assert store.change_log_info().last == last
+
+
+def test_existence_and_raw_vectors(store, gallery_name):
+    g = gallery_name
+    store.put_many(g, [(1, vec(1), None), (2, vec(2, d=4), None)])
+    assert store.exists_many(g, [2, 5, 1]) == [True, False, True]
+    assert store.exists_many(g, []) == []
+    raw = store.get_raw_vectors(g, [1, 5, 2])
+    assert raw[0] == vec(1).astype("<f4").tobytes() and raw[1] is None and len(raw[2]) == 4 * 4
+    assert store.get_raw_vectors(g, []) == []
+
+
+def test_patch_metadata_changes_only_existing_images(store, gallery_name):
+    g = gallery_name
+    store.put(g, 1, vec(1), {"camera_id": "3", "person_id": "p1"})
+    assert store.patch_metadata(g, 1, {"camera_id": "4", "person_id": None, "external_id": "e9"}) is True
+    meta = store.get(g, 1).metadata
+    assert meta["camera_id"] == "4" and meta["person_id"] is None and meta["external_id"] == "e9"
+    assert store.patch_metadata(g, 2, {"camera_id": "4"}) is False
+    assert store.get(g, 2) is None and not store.r.exists(store.k_image(g, 2))  # no record resurrected
+    with pytest.raises(ValueError):
+        store.patch_metadata(g, 1, {"dim": "3"})  # the store's own field
+    with pytest.raises(ValueError):
+        store.patch_metadata(g, 1, {"camera_id": ""})
+    assert store.get(g, 1).metadata["camera_id"] == "4"
+
+
+def test_gallery_fields_go_with_the_gallery(store, gallery_name):
+    g = gallery_name
+    store.create_gallery(g, retention_days=3)
+    assert store.get_gallery_field(g, "calibration") is None
+    store.set_gallery_field(g, "calibration", '{"threshold": 0.5}')
+    assert store.get_gallery_field(g, "calibration") == '{"threshold": 0.5}'
+    with pytest.raises(ValueError):
+        store.set_gallery_field(g, "retention_days", "9")
+    assert store.gallery_info(g)["retention_days"] == 3
+    store.delete_gallery(g)
+    assert store.get_gallery_field(g, "calibration") is None
+
+
+def test_a_lease_is_held_by_one_token_until_it_expires(store):
+    assert store.hold_lease("chore", "a", ttl_ms=300) is True
+    assert store.hold_lease("chore", "a", ttl_ms=300) is True  # still ours
+    assert store.hold_lease("chore", "b", ttl_ms=300) is False
+    assert store.hold_lease("other-chore", "b", ttl_ms=300) is True
+    time.sleep(0.4)
+    assert store.hold_lease("chore", "b", ttl_ms=300) is True
+
+
+def test_event_reader_waits_for_new_entries(store):
+    reader = store.event_reader(block_ms=50)
+    try:
+        t0 = time.monotonic()
+        assert reader.read("0-0", count=10) == [] and time.monotonic() - t0 >= 0.04  # waited, then nothing
+        store.put("a", 1, vec(1))
+        store.delete("a", 1)
+        events = reader.read("0-0", count=10)
+        assert [(e.op, e.ref) for e in events] == [("put", "1"), ("delete", "1")]
+        assert reader.read(events[-1].id, count=10) == []
+        assert reader.info().last == events[-1].id
+    finally:
+        reader.close()
+
+
+def test_a_commit_guarded_by_a_job_aborts_once_it_is_cancelled(store, gallery_name):
+    g = gallery_name
+    jobs = store.job_store()
+    store.put(g, 1, vec(1), model="old:1")
+    for job_id, status in (("a" * 32, "cancelled"), ("b" * 32, "running")):
+        jobs.create(job_id, "activate", None, {})
+        jobs.update(job_id, status=status)
+        watch, running = jobs.watch_running(job_id)
+
+        def still_running(pipe):
+            if not running(pipe):
+                raise RuntimeError("cancelled")
+
+        store.clear_staged(g)
+        store.stage_vectors(g, [1], np.stack([vec(11, d=4)]))
+        if status == "cancelled":
+            with pytest.raises(RuntimeError):
+                store.commit_staged({g: 4}, "new:1", "copy-1", watch=watch, precondition=still_running)
+            assert store.active_bundle() is None
+        else:
+            store.commit_staged({g: 4}, "new:1", "copy-1", watch=watch, precondition=still_running)
+            assert store.active_bundle() == "copy-1"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from index.bundle import IMAGENET_MEAN, IMAGENET_STD
 
 
 class BasicBlock(nn.Module):

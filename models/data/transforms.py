@@ -3,27 +3,10 @@ normalisation. Output: float32 CHW arrays; the loader stacks them into tensors."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the encoder expects; written into the bundle card so serving preprocesses identically."""
-
-    height: int = 256
-    width: int = 128
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def card(self) -> dict:
-        return {"height": self.height, "width": self.width, "channel_order": "RGB",
-                "scale": "1/255", "mean": list(self.mean), "std": list(self.std)}
+from index.bundle import InputSpec  # the bundle's input block: what these transforms produce
 
 
 def load_rgb(path: str) -> Image.Image:

@@ -9,7 +9,6 @@ pseudo-labels are (NMI, ARI, pairwise precision) and to evaluate on a labeled pr
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..data.datasets import Sample, load_dataset, unlabeled_folder
 from ..data.sampler import CameraBalancedSampler
@@ -26,12 +24,13 @@ from ..data.transforms import InputSpec, TrainTransform
 from ..features import evaluate_model, extract_features
 from ..reid_model import ReIDModel
 from ..train import ImageSamples, load_trained_model
+from ..trainer import Checkpoint, EpochCallback, Evaluation, Hook, JsonlLog, Trainer, TrainerConfig, resume_state
 from .memory import GRACLLoss
 from .pseudo_labels import cluster_stats, pseudo_labels
 
 
 @dataclass
-class GRACLConfig:
+class GRACLConfig(TrainerConfig):
     data: list[str] = field(default_factory=lambda: ["viper"])  # datasets or folders; labels ignored
     split: int = 0
     eval_data: list[str] = field(default_factory=list)
@@ -69,8 +68,6 @@ class GRACLConfig:
     # adaptation: keep BatchNorm running statistics of the source model (False: learn them anew, as cluster-contrast)
     freeze_bn: bool = False
     eval_every: int = 5
-    seed: int = 0
-    threads: int = 2
 
 
 def unlabeled_images(spec: str, split: int = 0) -> list[Sample]:
@@ -125,81 +122,86 @@ def train_gracl(cfg: GRACLConfig, run_dir: str | Path, resume: bool = True,
                 on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Train, checkpoint each epoch to `run_dir/last.pt`, log to `run_dir/log.jsonl`; `on_epoch` gets each
     epoch's log record (progress reporting)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    samples = training_samples(cfg)
-    true_ids = np.array([s.pid for s in samples])
-    known_ids = true_ids if (true_ids >= 0).all() else None  # statistics only where every label is known
-    cameras = [s.camid for s in samples]
-    model, spec, arch = build_model(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch, checkpoint_path, log_path = 0, run_dir / "last.pt", run_dir / "log.jsonl"
-    if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"]
-    elif log_path.exists():
-        log_path.unlink()
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    data = ImageSamples(samples, TrainTransform(spec, seed=cfg.seed))
-    evaluation: dict = {}
-    for epoch in range(start_epoch, cfg.epochs):
+    return GRACLTrainer(cfg, Path(run_dir), resume, on_epoch).train()
+
+
+class GRACLTrainer(Trainer):
+    """Each epoch: pseudo-labels from the current model's features, new cluster memories, then P x K
+    camera-balanced steps against them (none when fewer than two clusters form)."""
+
+    def __init__(self, cfg: GRACLConfig, run_dir: Path, resume: bool, on_epoch: Callable[[dict], None] | None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.start_torch()
+        self.samples = samples = training_samples(cfg)
+        true_ids = np.array([s.pid for s in samples])
+        self.known_ids = true_ids if (true_ids >= 0).all() else None  # statistics only where every label is known
+        self.cameras = [s.camid for s in samples]
+        model, spec, self.arch = build_model(cfg)
+        self.model, self.spec = model, spec
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        start_epoch, checkpoint_path = 0, run_dir / "last.pt"
+        state = resume_state(checkpoint_path, resume)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            start_epoch = state["epoch"]
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        self.data = ImageSamples(samples, TrainTransform(spec, seed=cfg.seed))
+        hooks: list[Hook] = []
+        if cfg.eval_data:
+            hooks.append(Evaluation(lambda: {name: evaluate_model(model, load_dataset(name, cfg.split), spec).as_dict()
+                                             for name in cfg.eval_data}))
+        hooks += [JsonlLog(run_dir / "log.jsonl"), Checkpoint(checkpoint_path)]
+        if on_epoch:
+            hooks.append(EpochCallback(on_epoch))
+        super().__init__(cfg, start_epoch, hooks)
+
+    def run_epoch(self) -> dict:
+        cfg, epoch, model = self.cfg, self.epoch, self.model
         started = time.time()
-        features, labels = cluster_training_set(model, samples, spec, cfg, f"features {epoch + 1}/{cfg.epochs}")
-        record = {"epoch": epoch + 1, "epochs": cfg.epochs, "clusters": cluster_stats(labels, known_ids).as_dict()}
+        features, labels = cluster_training_set(model, self.samples, self.spec, cfg,
+                                                f"features {epoch + 1}/{cfg.epochs}")
+        record = {"epoch": epoch + 1, "epochs": cfg.epochs,
+                  "clusters": cluster_stats(labels, self.known_ids).as_dict()}
         num_clusters = int(labels.max()) + 1
         if num_clusters < 2:  # a contrast needs at least two pseudo-identities
             record["skipped"] = f"{num_clusters} clusters: no training this epoch"
-            print(json.dumps(record))
         else:
-            criterion = GRACLLoss.build(
+            self.criterion = GRACLLoss.build(
                 torch.from_numpy(features), torch.from_numpy(labels), num_clusters, w_centroid=cfg.w_centroid,
                 w_inter=cfg.w_inter, w_intra=cfg.w_intra, inter_rule=cfg.inter_rule, intra_rule=cfg.intra_rule,
                 inter_update=cfg.inter_update, intra_update=cfg.intra_update, intra_loss=cfg.intra_loss,
                 tau=cfg.tau, momentum=cfg.momentum)
             # this epoch's pseudo-labels stand where identities would (decoded images stay cached)
-            data.samples = [Sample(s.path, int(label), s.camid) for s, label in zip(samples, labels)]
-            sampler = CameraBalancedSampler(labels, cameras, min(cfg.p, num_clusters), cfg.k, cfg.batches_per_epoch, cfg.seed * 1000 + epoch)
-            loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=0)
+            self.data.samples = [Sample(s.path, int(label), s.camid) for s, label in zip(self.samples, labels)]
+            sampler = CameraBalancedSampler(labels, self.cameras, min(cfg.p, num_clusters), cfg.k,
+                                            cfg.batches_per_epoch, cfg.seed * 1000 + epoch)
+            loader = torch.utils.data.DataLoader(self.data, batch_sampler=sampler, num_workers=0)
             lr = cfg.lr * 0.1 ** sum(epoch >= e for e in cfg.decay_epochs)
-            for group in optimizer.param_groups:
+            for group in self.optimizer.param_groups:
                 group["lr"] = lr
             model.train()
             if cfg.freeze_bn:  # keep the source's normalisation statistics (fine-tuning on small batches)
                 for module in model.modules():
                     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                         module.eval()
-            totals: dict[str, float] = {}
-            bar = tqdm(loader, total=len(sampler), desc=f"gracl epoch {epoch + 1}/{cfg.epochs}")
-            for images, y, _ in bar:
-                f = normalized_features(model, images)
-                loss, parts = criterion(f, y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                criterion.update(f.detach(), y)
-                for key, value in {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}.items():
-                    totals[key] = totals.get(key, 0.0) + value / len(sampler)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            record.update(totals)
+            record.update(self.run_steps(loader, len(sampler), f"gracl epoch {epoch + 1}/{cfg.epochs}"))
         record["seconds"] = round(time.time() - started, 1)
-        if cfg.eval_data and (epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            evaluation = {name: evaluate_model(model, load_dataset(name, cfg.split), spec).as_dict()
-                          for name in cfg.eval_data}
-            record["eval"] = evaluation
-        print(json.dumps({k: v for k, v in record.items() if k != "eval"}))
-        with open(log_path, "a") as log:
-            log.write(json.dumps(record) + "\n")
-        if on_epoch:
-            on_epoch(record)
-        tmp = checkpoint_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                    "config": {**asdict(cfg), **arch, "train_data": cfg.data},
-                    "input": spec.card(), "num_classes": model.classifier.out_features, "label_names": [],
-                    "method": "gracl"}, tmp)
-        os.replace(tmp, checkpoint_path)
-    return evaluation
+        return record
+
+    def run_step(self, batch) -> dict[str, float]:
+        images, y, _ = batch
+        f = normalized_features(self.model, images)
+        loss, parts = self.criterion(f, y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.criterion.update(f.detach(), y)
+        return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+
+    def state_dict(self) -> dict:
+        cfg = self.cfg
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch + 1,
+                "config": {**asdict(cfg), **self.arch, "train_data": cfg.data},
+                "input": self.spec.card(), "num_classes": self.model.classifier.out_features, "label_names": [],
+                "method": "gracl"}

@@ -29,14 +29,8 @@ _ERRORS = {404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"
 @router.get("", response_model=GalleryList)
 async def list_galleries(state: StateDep) -> GalleryList:
     def work():
-        names = state.store.list_galleries()
-        pipe = state.store.r.pipeline(transaction=False)
-        for g in names:
-            pipe.hlen(state.store.k_vectors(g))
-            pipe.hget(state.store.k_gallery(g), "retention_days")
-        res = pipe.execute()
-        return [GalleryInfo(name=g, count=int(c), retention_days=None if d is None else int(d))
-                for g, c, d in zip(names, res[::2], res[1::2])]
+        return [GalleryInfo(name=g["name"], count=g["count"], retention_days=g["retention_days"])
+                for g in state.store.list_gallery_info()]
 
     return GalleryList(galleries=await run_in_threadpool(work))
 
@@ -77,10 +71,7 @@ async def delete_gallery(gallery: GalleryDep, state: StateDep) -> Deleted:
             count = state.store.count(gallery)  # for the answer; uploads racing with the delete are lost anyway
             existed = state.store.delete_gallery(gallery)
             state.refine_advisor.forget(gallery)
-            if state.sync is not None:
-                state.sync.drop(gallery)  # and its snapshot
-            else:
-                state.drop_index(gallery)
+            state.sync.drop(gallery)  # its index and its snapshot
             return existed
 
     existed = await run_in_threadpool(work)

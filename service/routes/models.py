@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
+from index.bundle import BundleError, load_bundle
+
 from ..activation import galleries_without_bytes, run_activation
-from ..bundle import BundleError, load_bundle
 from ..deps import StateDep
 from ..errors import ApiError
 from ..jobs import JobBusy

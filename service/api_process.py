@@ -1,7 +1,9 @@
 """The API as a real OS process (``python -m scripts.cli serve``) that can be SIGKILLed, and helpers around it.
 
-Used by the benchmark (restart, ingest and HTTP search sections) and by the crash, replica and restart tests. Settings go in through the
-environment (``REID_*``), as in production; the process log is kept in a file to read back.
+The API's counterpart of `index/redis_server.py`: the benchmark (restart, ingest, load and HTTP search
+sections) and the crash, replica and restart tests both drive the service through it, so it lives with the
+service rather than in either of them. Settings go in through the environment (``REID_*``), as in
+production; the process log is kept in a file to read back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from index.redis_server import STATE_FILE, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository (or site-packages): where scripts/ is
 
 
 class ApiProcess:
@@ -188,7 +190,8 @@ def top1(url: str, gallery: str, images: list[bytes], batch: int = 32) -> list[i
         part = images[i:i + batch]
         r = httpx.post(f"{url}/v1/galleries/{gallery}/search:batch", data={"top_k": "1", "refine": "none"},
                        files=[("files", (f"q{j}.png", b, "image/png")) for j, b in enumerate(part)], timeout=120)
-        assert r.status_code == 200, r.text
+        if r.status_code != 200:
+            raise RuntimeError(f"search:batch on {gallery!r} answered {r.status_code}: {r.text}")
         out.extend(q["results"][0]["id"] if q["results"] else None for q in r.json()["queries"])
     return out
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index.bundle import ENCODER_FILE
+
 from . import data
 from .encoder import interleaved_rates, session
 from .features import protocol_features, score
@@ -119,7 +121,7 @@ def quantize(onnx_path: Path, out_path: Path, calibration: np.ndarray) -> list[s
 def run(bundle_dir: Path, batch: int, cfg) -> dict:
     """``cfg``: calibration_images, seconds, protocols."""
     card = data.card(bundle_dir)
-    onnx_path = bundle_dir / "encoder.onnx"
+    onnx_path = bundle_dir / ENCODER_FILE
     calibration, source = data.images(card, cfg.calibration_images, part="train", seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         int8_path = Path(tmp) / "encoder.int8.onnx"

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from index.bundle import ENCODER_FILE, load_bundle
 from index.recall import clustered_vectors, measure
 from index.vector_index import l2_normalize
+from service.api_process import ApiProcess, noise_images
 
 from . import data
 from .features import protocol_features
@@ -60,7 +62,7 @@ def feature_model(bundle_dir: Path) -> tuple[FeatureModel | None, str]:
     dataset = data.protocol(data.PROTOCOL)
     if dataset is None:
         return None, "clustered random unit vectors (shared data absent)"
-    q, g = protocol_features(bundle_dir / "encoder.onnx", data.card(bundle_dir), dataset)
+    q, g = protocol_features(bundle_dir / ENCODER_FILE, data.card(bundle_dir), dataset)
     pids = [s.pid for s in dataset.query] + [s.pid for s in dataset.gallery]
     return FeatureModel(np.concatenate([q, g]), pids), f"fitted to {len(pids)} {dataset.name} features"
 
@@ -124,9 +126,6 @@ def over_http(bundle_dir: Path, model, n: int, requests: int, index_type: str, p
 
     from index.redis_server import EmbeddedRedis
     from index.store import RedisStore
-    from service.bundle import load_bundle
-
-    from .process import ApiProcess
 
     bundle = load_bundle(bundle_dir)
     blobs = data.image_bytes(16) or _noise_pngs()
@@ -169,8 +168,6 @@ def over_http(bundle_dir: Path, model, n: int, requests: int, index_type: str, p
 
 
 def _noise_pngs() -> list[bytes]:
-    from .process import noise_images
-
     return noise_images(4, seed=0)
 
 

@@ -3,25 +3,21 @@ preprocessed as the service does. Absent data is not an error: callers get None 
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from ..data.datasets import ReIDDataset, load_dataset, shared_data_dir
-from ..data.transforms import InputSpec, TestTransform, load_rgb
+from index.bundle import InputSpec, read_card
+from models.data.datasets import ReIDDataset, load_dataset, shared_data_dir
+from models.data.transforms import TestTransform, load_rgb
 
 PROTOCOL = "prid450s"  # the shared protocol of the CMC plot, the search distribution and calibration
 
 
 def card(bundle_dir: str | Path) -> dict:
-    return json.loads((Path(bundle_dir) / "model.json").read_text())
-
-
-def input_spec(bundle_card: dict) -> InputSpec:
-    inp = bundle_card["input"]
-    return InputSpec(inp["height"], inp["width"], tuple(inp["mean"]), tuple(inp["std"]))
+    """The bundle's card, checked against its files as the service checks it."""
+    return read_card(bundle_dir)
 
 
 @lru_cache(maxsize=8)
@@ -47,7 +43,7 @@ def image_paths(n: int, name: str = PROTOCOL, part: str = "test") -> list[str]:
 def images(bundle_card: dict, n: int, part: str = "test", seed: int = 0) -> tuple[np.ndarray, str]:
     """[n,3,H,W] float32 preprocessed real images (cycled if fewer), and where they came from; random
     normalised noise when the shared data is absent."""
-    spec = input_spec(bundle_card)
+    spec = InputSpec.from_card(bundle_card["input"])
     paths = image_paths(n, part=part)
     if not paths:
         x = np.random.default_rng(seed).standard_normal((n, 3, spec.height, spec.width)).astype(np.float32)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from index.bundle import ENCODER_FILE, WEIGHTS_FILE, InputSpec
+
 from . import data
 from .roofline import bytes_at_batch, encoder_cost
 from .timing import rate
@@ -54,10 +56,10 @@ def interleaved_rates(sessions: dict, x: np.ndarray, batch: int, seconds: float,
 
 def eager_model(bundle_dir: Path):
     """The bundle's encoder in torch eager mode, from its float16 `weights.pt` (cast back to float32)."""
-    from ..reid_model import NormalizedEncoder
-    from ..train import load_trained_model
+    from models.reid_model import NormalizedEncoder
+    from models.train import load_trained_model
 
-    model, _, _ = load_trained_model(bundle_dir / "weights.pt")
+    model, _, _ = load_trained_model(bundle_dir / WEIGHTS_FILE)
     return NormalizedEncoder(model.float()).eval()
 
 
@@ -107,9 +109,8 @@ def build_resnet50(out_dir: Path, height: int, width: int) -> Path:
     """A ReID ResNet-50 (last stride 1, 2048-d) with random weights, exported as the bundles are."""
     import torch
 
-    from ..data.transforms import InputSpec
-    from ..export import export_onnx
-    from ..reid_model import NormalizedEncoder, ReIDModel
+    from models.export import export_onnx
+    from models.reid_model import NormalizedEncoder, ReIDModel
 
     torch.manual_seed(0)
     model = NormalizedEncoder(ReIDModel("resnet50", 1, pretrained=False, last_stride=1)).eval()
@@ -122,10 +123,10 @@ def run(bundle_dir: Path, limits: dict, cfg) -> dict:
     """``cfg``: batches, seconds, threads (list), resnet_input (h, w), resnet_batches, profile_runs."""
     card = data.card(bundle_dir)
     x, source = data.images(card, max(cfg.batches))
-    onnx_path = bundle_dir / "encoder.onnx"
+    onnx_path = bundle_dir / ENCODER_FILE
     cost = encoder_cost(onnx_path)
     sess = session(onnx_path)
-    eager = eager_model(bundle_dir) if (bundle_dir / "weights.pt").exists() else None
+    eager = eager_model(bundle_dir) if (bundle_dir / WEIGHTS_FILE).exists() else None
     by_batch = {}
     for b in cfg.batches:
         row = {"onnxruntime": ort_rate(sess, x, b, cfg.seconds)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from index.bundle import NFORMER_FILE
+
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -142,7 +144,7 @@ def search_lines(s: dict) -> list[str]:
 
 def refinement_lines(r: dict) -> list[str]:
     lat, fp32 = r["latency_ms"], r.get("fp32", {})
-    graph = r.get("nformer") or "nformer.onnx"
+    graph = r.get("nformer") or NFORMER_FILE
     lines = [f"Per query ({r['features']} features; `local@K` = exact FAISS candidates from a {r['gallery']:,} "
              f"gallery + {graph}, the graph that serves; k-reciprocal on each query's same top-K):", "",
              "| K | NFormer local ms | NFormer local fp32 ms | k-reciprocal torchreid layout ms | "

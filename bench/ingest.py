@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+from index.bundle import ENCODER_FILE
+from service.api_process import ApiProcess, noise_images
 
 from . import data
 from .encoder import session
@@ -31,8 +33,6 @@ def over_http(bundle_dir: Path, blobs: list[bytes], clients: int, requests: int,
               workers: int = 1) -> dict:
     """images/s through a fresh server, and the server's CPU per image (API process and its redis-server) over
     the same window: against the encoder's own CPU per image it says what share of the cores the encoder gets."""
-    from .process import ApiProcess
-
     with tempfile.TemporaryDirectory(prefix="reid-bench-ingest-") as tmp:
         api = ApiProcess(Path(tmp) / "data", bundle_dir,
                          env={"REID_ORT_THREADS": str(threads), "REID_EMBED_WORKERS": str(workers)}).start()
@@ -67,12 +67,10 @@ def run(bundle_dir: Path, cfg) -> dict:
     blobs = data.image_bytes(cfg.ingest_batch)
     source = f"{len(blobs)} {data.PROTOCOL} image files per request"
     if not blobs:
-        from .process import noise_images
-
         blobs, source = noise_images(cfg.ingest_batch, seed=0), "noise PNGs (shared data absent)"
     blobs = (blobs * (cfg.ingest_batch // len(blobs) + 1))[:cfg.ingest_batch]
     x, _ = data.images(card, cfg.ingest_batch)
-    encoder = session(bundle_dir / "encoder.onnx", threads=cfg.server_threads)
+    encoder = session(bundle_dir / ENCODER_FILE, threads=cfg.server_threads)
     name = encoder.get_inputs()[0].name
     encoder_only = [rate_and_cpu(lambda: encoder.run(None, {name: x}), len(x), cfg.seconds)]
     embedder = Embedder(bundle_dir, threads=cfg.server_threads, batch_size=len(blobs))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from index.refine import NFORMER_FILE
+from index.bundle import ENCODER_FILE, NFORMER_FILE
+from models.refine_eval import bundle_refiner, evaluate_modes
 
-from ..refine_eval import bundle_refiner, evaluate_modes
 from . import data
 from .features import protocol_features
 
@@ -19,7 +19,7 @@ def run(bundle_dir: Path, cfg) -> dict:
     if dataset is None:
         return {"skipped": f"{data.PROTOCOL} not in the shared data (../shared/data or $REID_SHARED_DATA)"}
     card = data.card(bundle_dir)
-    q, g = protocol_features(bundle_dir / "encoder.onnx", card, dataset)
+    q, g = protocol_features(bundle_dir / ENCODER_FILE, card, dataset)
     refiner = bundle_refiner(bundle_dir)  # what serves: the int8 NFormer when the bundle ships one
     modes = [m for m in cfg.refine_modes if m not in ("joint", "local") or refiner.nformer is not None]
     metrics = evaluate_modes(refiner, dataset, q, g, modes, cfg.candidates, cfg.kreciprocal_candidates)

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from index.bundle import ENCODER_FILE, NFORMER_FILE
 from index.recall import clustered_vectors
-from index.refine import NFORMER_FILE
 from index.rerank import k_reciprocal_rerank, k_reciprocal_rerank_dense
+from models.refine_eval import bundle_refiner, joint_cost, refinement_latency, sample_gallery
 
-from ..refine_eval import bundle_refiner, joint_cost, refinement_latency
 from . import data
 from .features import protocol_features
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 KRECIPROCAL_COST_SCRIPT = """
 import json, sys, time
@@ -64,8 +64,6 @@ def _per_query_ms(fn, probes: np.ndarray, candidates: list[np.ndarray]) -> float
 
 def restricted_kreciprocal(real: np.ndarray, ks, queries: int) -> dict:
     """Per-query ms of k-reciprocal on each query's top-K candidates: torchreid layout vs scalable."""
-    from ..refine_eval import sample_gallery
-
     gallery, probes = sample_gallery(real, 10_000), sample_gallery(real, queries, seed=3)
     order = np.argsort(-(probes @ gallery.T), axis=1)
     out = {}
@@ -99,7 +97,6 @@ def nformer_profile(nformer, real: np.ndarray, k: int, runs: int, threads: int) 
     """ORT's operator profile of the serving NFormer on one query and its top-``k`` candidates."""
     from index.refine import sample_landmarks, topk_neighbors
 
-    from ..refine_eval import sample_gallery
     from .encoder import op_profile
 
     gallery, query = sample_gallery(real, 10_000), sample_gallery(real, 1, seed=7)
@@ -115,7 +112,7 @@ def run(bundle_dir: Path, cfg) -> dict:
     card = data.card(bundle_dir)
     dataset = data.protocol(data.PROTOCOL)
     if dataset is not None:
-        real = np.concatenate(protocol_features(bundle_dir / "encoder.onnx", card, dataset))
+        real = np.concatenate(protocol_features(bundle_dir / ENCODER_FILE, card, dataset))
     else:
         real = clustered_vectors(500, card["embedding_dim"])
     refiner = bundle_refiner(bundle_dir, threads=cfg.refine_threads)  # what serves: int8 when shipped

@@ -96,6 +96,6 @@ def refinement_cost(ref: dict, path: Path) -> Path:
 
 
 def cmc(metrics: dict, path: Path) -> Path:
-    from ..evaluate import plot_cmc
+    from models.evaluate import plot_cmc
 
     return plot_cmc(metrics, path)

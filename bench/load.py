@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from service.api_process import ApiProcess, noise_images, upload
+
 from . import data
-from .process import ApiProcess, noise_images, upload
 
 GALLERY = "load"
 

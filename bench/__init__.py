@@ -23,6 +23,8 @@ import time
 import traceback
 from pathlib import Path
 
+from index.blas_threads import limit_blas_threads
+
 from . import accuracy, encoder, goals, ingest, machine, plots, quantize, refinement, report, restart, search
 from .config import FULL, QUICK, BenchConfig
 
@@ -51,9 +53,7 @@ def _jsonable(x):
 
 
 def _as_served(section, *args):
-    """Run an in-process section with the serving process's thread pools (service/runtime.py)."""
-    from service.runtime import limit_blas_threads
-
+    """Run an in-process section with the serving process's thread pools (index/blas_threads.py)."""
     with limit_blas_threads():
         return section(*args)
 

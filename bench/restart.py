@@ -1,7 +1,7 @@
 """Restart from a snapshot vs a rebuild from Redis: time to ready and memory, at N stored vectors.
 
-    python -m models.bench.restart --n 100000                # the bundled default model (256-d)
-    python -m models.bench.restart --n 20000 --model-dir DIR  # another bundle
+    python -m bench.restart --n 100000                # the bundled default model (256-d)
+    python -m bench.restart --n 20000 --model-dir DIR  # another bundle
 
 N random unit vectors are written straight into Redis through the store (no embedding), plus a few real
 images through the API. Then, each start a real ``reid serve`` process on the same Redis:
@@ -9,7 +9,8 @@ images through the API. Then, each start a real ``reid serve`` process on the sa
 1. first start: no snapshot, the index is built from Redis; a clean stop writes the snapshot;
 2. while it is down, 2 deletes and 3 puts (real images embedded offline) go into Redis;
 3. restart: the snapshot is loaded and the 5 changes replayed from the change log (checked: the new images
-   are found first, the deleted ones are gone, no gallery rebuilt, the counts agree);
+   are found first, the deleted ones are gone, the counts agree; a failed check raises
+   :class:`RestartCheckFailed`, so no figures are reported for a restart that lost or kept the wrong data);
 4. the snapshots removed, restart again: the index is rebuilt from Redis.
 
 Prints, for 3 and 4, the time from process start to ``/readyz`` 200, the index load time (from the log),
@@ -31,12 +32,25 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from index.bundle import load_bundle
 from index.redis_server import EmbeddedRedis
 from index.store import RedisStore, image_id
-from .process import ApiProcess, noise_images, top1, upload
+from service.api_process import ApiProcess, noise_images, top1, upload
+from service.embedder import Embedder
+from service.images import decode_image
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "service" / "default_bundle"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "service" / "default_bundle"
 GALLERY = "big"
+
+
+class RestartCheckFailed(RuntimeError):
+    """The restarted service does not hold what Redis holds: its timings would measure a wrong restart."""
+
+
+def _check(ok: bool, what: str) -> None:
+    # explicit, not `assert`: the checks must also run under `python -O`
+    if not ok:
+        raise RestartCheckFailed(what)
 
 
 def fill_store(store: RedisStore, gallery: str, n: int, dim: int, model: str, batch: int = 2000,
@@ -68,10 +82,6 @@ def _figures(api: ApiProcess, log_before: int) -> dict:
 
 
 def run(n: int, model_dir: Path = DEFAULT_MODEL_DIR, work: Path | None = None, out=print) -> dict:
-    from service.bundle import load_bundle
-    from service.embedder import Embedder
-    from service.images import decode_image
-
     bundle = load_bundle(model_dir)
     own_work = work is None
     work = Path(work or tempfile.mkdtemp(prefix="reid-restart-"))
@@ -87,15 +97,15 @@ def run(n: int, model_dir: Path = DEFAULT_MODEL_DIR, work: Path | None = None, o
         api = ApiProcess(work / "data", model_dir, redis_url=srv.url, log_path=log_path).start()
         first = _figures(api, 0)
         r = upload(api.url, GALLERY, [(f"{i}.png", b) for i, b in enumerate(imgs[:5])])
-        assert r.status_code == 201, r.text
+        _check(r.status_code == 201, f"upload answered {r.status_code}: {r.text}")
         api.stop()
         manifest = json.loads((work / "data" / "index" / f"{GALLERY}.json").read_text())
-        assert manifest["count"] == n + 5, manifest
+        _check(manifest["count"] == n + 5, f"the snapshot holds {manifest['count']} vectors, not {n + 5}")
 
         # while the API is down: 2 deletes, 3 puts (embedded here, as another replica would have)
         gone = [image_id(GALLERY, b) for b in imgs[:2]]
         for i in gone:
-            assert store.delete(GALLERY, i)
+            _check(store.delete(GALLERY, i), f"image {i} to delete is not in Redis")
         emb = Embedder(bundle, threads=1)
         vecs = emb.embed([decode_image(b) for b in imgs[5:8]])
         store.put_many(GALLERY, [(image_id(GALLERY, b), v, {"camera_id": "1"}) for b, v in zip(imgs[5:8], vecs)],
@@ -104,11 +114,13 @@ def run(n: int, model_dir: Path = DEFAULT_MODEL_DIR, work: Path | None = None, o
         mark = len(api.log())
         api = ApiProcess(work / "data", model_dir, redis_url=srv.url, log_path=log_path).start()
         snap = _figures(api, mark)
-        found = top1(api.url, GALLERY, imgs[2:8])
-        assert found == [image_id(GALLERY, b) for b in imgs[2:8]], found
-        assert not set(top1(api.url, GALLERY, imgs[:2])) & set(gone)
-        assert httpx.get(f"{api.url}/readyz").status_code == 200
-        assert httpx.get(f"{api.url}/v1/galleries/{GALLERY}").json()["count"] == n + 6
+        found, expected = top1(api.url, GALLERY, imgs[2:8]), [image_id(GALLERY, b) for b in imgs[2:8]]
+        _check(found == expected, f"kept and new images not found first after the restart: {found} != {expected}")
+        _check(not set(top1(api.url, GALLERY, imgs[:2])) & set(gone), "deleted images still found after the restart")
+        ready = httpx.get(f"{api.url}/readyz").status_code
+        _check(ready == 200, f"/readyz answers {ready} after the restart")
+        count = httpx.get(f"{api.url}/v1/galleries/{GALLERY}").json()["count"]
+        _check(count == n + 6, f"the gallery counts {count} images after the restart, not {n + 6}")
         api.stop()
 
         shutil.rmtree(work / "data" / "index")

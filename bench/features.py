@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from index.bundle import InputSpec
 from index.metrics import RetrievalMetrics, evaluate_features
-
-from ..data.datasets import ReIDDataset
-from ..data.transforms import TestTransform, load_rgb
-from . import data
+from models.data.datasets import ReIDDataset
+from models.data.transforms import TestTransform, load_rgb
 
 _ARRAYS: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 _FEATURES: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -21,7 +20,7 @@ def arrays(bundle_card: dict, dataset: ReIDDataset) -> tuple[np.ndarray, np.ndar
     """Preprocessed query and gallery images (kept: the INT8 section embeds them twice)."""
     key = (dataset.name, str(bundle_card["input"]))
     if key not in _ARRAYS:
-        transform = TestTransform(data.input_spec(bundle_card))
+        transform = TestTransform(InputSpec.from_card(bundle_card["input"]))
         _ARRAYS[key] = tuple(np.stack([transform(load_rgb(s.path)) for s in part])
                              for part in (dataset.query, dataset.gallery))
     return _ARRAYS[key]
