@@ -386,27 +386,40 @@ def cmd_lever_study(args) -> int:
     return 0
 
 
-def cmd_refine_auto_study(args) -> int:
+def _study_model(args):
+    """(embed, refiner) of a study: a bundle's graphs, or an encoder checkpoint (+ NFormer stage 2) in torch."""
     import torch
 
-    from models import refine_auto_study as study
     from models.evaluate import BundleEncoder
     from models.refine_eval import bundle_refiner
 
     torch.set_num_threads(args.threads)
     if args.bundle:
         encoder = BundleEncoder(args.bundle, threads=args.threads)
-        embed, refiner = encoder.embed, bundle_refiner(args.bundle, threads=args.threads)
-    else:
-        from index.refine import Refiner
-        from models.features import extract_features
-        from models.nformer_train import load_trained_nformer, torch_refiner_function
-        from models.train import load_trained_model
+        return encoder.embed, bundle_refiner(args.bundle, threads=args.threads)
+    from index.refine import Refiner
+    from models.features import extract_features
+    from models.nformer_train import load_trained_nformer, torch_refiner_function
+    from models.train import load_trained_model
 
-        model, spec, _ = load_trained_model(args.encoder)
-        embed = lambda samples: extract_features(model, samples, spec)  # noqa: E731
-        nformer = torch_refiner_function(load_trained_nformer(args.nformer)) if args.nformer else None
-        refiner = Refiner(nformer)
+    model, spec, _ = load_trained_model(args.encoder)
+    embed = lambda samples, desc="embedding": extract_features(model, samples, spec, desc=desc)  # noqa: E731
+    nformer = torch_refiner_function(load_trained_nformer(args.nformer)) if args.nformer else None
+    return embed, Refiner(nformer)
+
+
+def _add_study_model(p) -> None:
+    """The model a study runs: --bundle, or --encoder [--nformer] checkpoints (see _study_model)."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", help="a model bundle (its encoder and NFormer)")
+    source.add_argument("--encoder", help="an encoder checkpoint (last.pt), e.g. one trained on split 1")
+    p.add_argument("--nformer", help="with --encoder: an NFormer stage-2 checkpoint")
+
+
+def cmd_refine_auto_study(args) -> int:
+    from models import refine_auto_study as study
+
+    embed, refiner = _study_model(args)
     modes = [("none", 0)] + [(m, args.candidates) for m in args.modes]
     rows = study.run_study(embed, args.data, args.split, refiner, modes)
     labels = [study.label(m, k) for m, k in modes]
@@ -421,6 +434,26 @@ def cmd_refine_auto_study(args) -> int:
     if args.json:
         study.save(rows, args.json, threshold=threshold, auto_mode=auto, split=args.split,
                    source=args.bundle or args.encoder, nformer=args.nformer)
+    return 0
+
+
+def cmd_refine_combinations(args) -> int:
+    from models import refine_combinations as combos
+    from models.data.datasets import load_dataset
+
+    embed, refiner = _study_model(args)
+    results = {}
+    for name in args.data:
+        ds = load_dataset(name, args.split)
+        q, g = embed(ds.query, desc=f"{ds.name} query"), embed(ds.gallery, desc=f"{ds.name} gallery")
+        results[ds.name] = combos.evaluate_variants(refiner, ds, q, g, args.candidates)
+    table = combos.markdown(results, args.candidates)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    if args.json:
+        figures = {n: {v: {"mAP": m.mAP, **m.ranks} for v, m in r.items()} for n, r in results.items()}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
 
 
@@ -507,10 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("refine-auto-study", help="refine=auto's rule: the label-free gallery statistic beside "
                                                  "each mode's mAP gain, per protocol and gallery size")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--bundle", help="a model bundle (its encoder and NFormer)")
-    source.add_argument("--encoder", help="an encoder checkpoint (last.pt), e.g. one trained on split 1")
-    p.add_argument("--nformer", help="with --encoder: an NFormer stage-2 checkpoint for local")
+    _add_study_model(p)
     p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011", "cuhk01", "pku-reid"])
     p.add_argument("--split", type=int, default=1)
     p.add_argument("--modes", nargs="+", default=["kreciprocal"], choices=["local", "kreciprocal"])
@@ -522,6 +552,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot")
     p.add_argument("--json")
     p.set_defaults(func=cmd_refine_auto_study)
+
+    p = sub.add_parser("refine-combinations", help="k-reciprocal on NFormer-refined features, NFormer on "
+                                                   "k-reciprocal candidates, score fusion: against each alone")
+    _add_study_model(p)
+    p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011"])
+    p.add_argument("--split", type=int, default=1)
+    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--markdown")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_refine_combinations)
 
     p = sub.add_parser("train-speed", help="training img/s: PIL vs in-memory tensor pipeline, NCHW vs channels_last")
     p.add_argument("--backbone", default="efficientnet_lite0")
