@@ -7,7 +7,7 @@ way, in one run. One module per section; each section's figures are measured sid
     quantize    INT8 static (QDQ, per-channel) speed-up and rank-1 / mAP change on the shared protocols
     ingest      images/s through the HTTP API (real `reid serve`, 4+ clients) vs the encoder alone
     search      p50/p99 and recall@10 per index type and gallery size, in process and over HTTP
-    refinement  NFormer local (K) and joint (N) vs k-reciprocal, torchreid layout and scalable
+    refinement  NFormer local (K) and joint (N) vs k-reciprocal, reid-strong-baseline layout and scalable
     accuracy    CMC of every refine mode on PRID450S split 0
     restart     restart from snapshot vs rebuild from Redis
 

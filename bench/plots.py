@@ -65,7 +65,8 @@ def refinement_cost(ref: dict, path: Path) -> Path:
     ks = sorted(int(k.split("@")[1]) for k in lat if k.startswith("local@"))
     restricted = ref["restricted_kreciprocal_ms"]
     left.plot(ks, [lat[f"local@{k}"] for k in ks], marker="o", label="NFormer local")
-    left.plot(ks, [restricted[k]["dense_ms"] for k in ks], marker="s", label="k-reciprocal, torchreid layout")
+    left.plot(ks, [restricted[k]["dense_ms"] for k in ks], marker="s",
+              label="k-reciprocal, reid-strong-baseline layout")
     left.plot(ks, [restricted[k]["scalable_ms"] for k in ks], marker="^", label="k-reciprocal, scalable")
     left.set_xlabel("K candidates per query")
     left.set_ylabel("ms per query")
@@ -79,11 +80,12 @@ def refinement_cost(ref: dict, path: Path) -> Path:
     right.plot(fn, [full[n]["seconds"] for n in fn], marker="^", label="k-reciprocal full, scalable")
     dense = ref["kreciprocal_dense"]
     dn = sorted(n for n in dense if "seconds" in dense[n])
-    right.plot(dn, [dense[n]["seconds"] for n in dn], marker="s", label="k-reciprocal full, torchreid layout")
+    right.plot(dn, [dense[n]["seconds"] for n in dn], marker="s",
+               label="k-reciprocal full, reid-strong-baseline layout")
     ext = ref.get("kreciprocal_dense_at_max_n", {})
     if ext.get("extrapolated") and "seconds" in ext and dn:
         right.plot([dn[-1], ref["max_n"]], [dense[dn[-1]]["seconds"], ext["seconds"]], ls=":", color="grey",
-                   label="torchreid layout, extrapolated")
+                   label="reid-strong-baseline layout, extrapolated")
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("N = queries + gallery")

@@ -1,6 +1,6 @@
 """Refinement cost against k-reciprocal re-ranking done the peers' way. `local` at K candidates per query
 (serving path: FAISS candidates, then nformer.onnx) beside k-reciprocal on the same K candidates, in the
-torchreid layout and in the project's scalable form; `joint` over N features (time and peak memory in a
+reid-strong-baseline layout and in the project's scalable form; `joint` over N features (time and peak memory in a
 fresh process, `models.refine_eval.joint_cost`) beside the full (Q+G)^2 k-reciprocal at the same N, measured
 where it fits and extrapolated (a*N + b*N^2) beyond."""
 
@@ -63,7 +63,7 @@ def _per_query_ms(fn, probes: np.ndarray, candidates: list[np.ndarray]) -> float
 
 
 def restricted_kreciprocal(real: np.ndarray, ks, queries: int) -> dict:
-    """Per-query ms of k-reciprocal on each query's top-K candidates: torchreid layout vs scalable."""
+    """Per-query ms of k-reciprocal on each query's top-K candidates: reid-strong-baseline layout vs scalable."""
     gallery, probes = sample_gallery(real, 10_000), sample_gallery(real, queries, seed=3)
     order = np.argsort(-(probes @ gallery.T), axis=1)
     out = {}

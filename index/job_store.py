@@ -3,11 +3,17 @@
 Keys::
 
     reid:job:{id}               HASH    kind, gallery, status, progress 0..1, stage, message, params and result
-                                        (JSON), created_at/updated_at, heartbeat; expires a week after it finished
+                                        (JSON), created_at/updated_at, heartbeat, owner (the process running it);
+                                        expires a week after it finished
     reid:jobs:lock:{kind}       STRING  the id of the job of that kind that runs, with a TTL its heartbeat renews
+    reid:jobs:active            SET     the ids of the jobs queued or running (a starting process finds there the
+                                        ones its crashed predecessor left)
+    reid:jobs:created           ZSET    every job's id scored by its creation time (GET /v1/jobs lists from it;
+                                        ids whose record expired are dropped as a listing meets them)
 
 A record is updated only while its job is queued or running (in Lua), so a finished status is never
-overwritten; a record whose owner stopped heartbeating reads as failed.
+overwritten (its ``result`` alone may still be set: the work's last counts, after a cancel); a record whose
+owner stopped heartbeating reads as failed.
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ if s ~= 'queued' and s ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
+# HSET the result of a job that still has a record (finished or not): its last counts, after a cancel.
+_SET_RESULT_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'result', ARGV[1], 'updated_at', ARGV[2])
+return 1
+"""
 _RELEASE_IF_OWNER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -57,6 +69,7 @@ class JobStore:
         self.r = r
         self._update = r.register_script(_UPDATE_IF_ACTIVE)
         self._release = r.register_script(_RELEASE_IF_OWNER)
+        self._set_result = r.register_script(_SET_RESULT_IF_EXISTS)
 
     @staticmethod
     def k_job(job_id: str) -> str:
@@ -66,12 +79,19 @@ class JobStore:
     def k_lock(kind: str) -> str:
         return f"reid:jobs:lock:{kind}"
 
-    def create(self, job_id: str, kind: str, gallery: str | None, params: dict[str, Any]) -> None:
+    K_ACTIVE = "reid:jobs:active"
+    K_CREATED = "reid:jobs:created"
+
+    def create(self, job_id: str, kind: str, gallery: str | None, params: dict[str, Any], owner: str = "") -> None:
         now = _now()
-        self.r.hset(self.k_job(job_id), mapping={
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k_job(job_id), mapping={
             "id": job_id, "kind": kind, "gallery": gallery or "", "status": "queued", "progress": "0",
             "stage": "", "message": "", "params": json.dumps(params), "result": "null",
-            "created_at": now, "updated_at": now, "heartbeat": repr(time.time())})
+            "created_at": now, "updated_at": now, "heartbeat": repr(time.time()), "owner": owner})
+        pipe.sadd(self.K_ACTIVE, job_id)
+        pipe.zadd(self.K_CREATED, {job_id: time.time()})
+        pipe.execute()
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job as the API shows it, or None. A job whose owner went silent is failed here."""
@@ -104,11 +124,36 @@ class JobStore:
 
     def finish(self, job_id: str, status: str, message: str | None = None,
                result: dict[str, Any] | None = None, **fields: Any) -> bool:
-        """Move an active job to a final status (no-op if it already has one)."""
-        done = self.update(job_id, status=status, message=message, result=result, **fields)
+        """Move an active job to a final status (no-op if it already has one). Without ``result`` the last one
+        reported stays."""
+        if result is not None:
+            fields["result"] = result
+        done = self.update(job_id, status=status, message=message, **fields)
         if done:
-            self.r.expire(self.k_job(job_id), FINISHED_TTL_S)
+            pipe = self.r.pipeline(transaction=True)
+            pipe.expire(self.k_job(job_id), FINISHED_TTL_S)
+            pipe.srem(self.K_ACTIVE, job_id)
+            pipe.execute()
         return done
+
+    def set_result(self, job_id: str, result: dict[str, Any]) -> bool:
+        """Set the result even of a finished job (the work's last counts once it has stopped after a cancel)."""
+        return int(self._set_result(keys=[self.k_job(job_id)], args=[json.dumps(result), _now()])) == 1
+
+    def active(self) -> list[dict[str, str]]:
+        """``{"id", "kind", "owner"}`` of every job still queued or running; forgets the ids of finished or
+        expired ones."""
+        out, gone = [], []
+        for raw_id in self.r.smembers(self.K_ACTIVE):
+            job_id = _s(raw_id)
+            kind, status, owner = (_s(v) for v in self.r.hmget(self.k_job(job_id), "kind", "status", "owner"))
+            if status in ACTIVE:
+                out.append({"id": job_id, "kind": kind, "owner": owner or ""})
+            else:
+                gone.append(job_id)
+        if gone:
+            self.r.srem(self.K_ACTIVE, *gone)
+        return out
 
     def claim(self, kind: str, job_id: str) -> str | None:
         """Take the ``kind`` lock for ``job_id``; returns None, or the id of the job holding it."""
@@ -130,3 +175,45 @@ class JobStore:
         with the transaction's pipeline (a cancel from any replica before EXEC makes it run again)."""
         key = self.k_job(job_id)
         return [key], lambda pipe: _s(pipe.hget(key, "status")) == "running"
+
+    def list(self, gallery: str | None = None, kind: str | None = None, status: str | None = None,
+             limit: int = 50, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """Jobs newest first that match every filter given, at most ``limit`` of them, and the cursor of the next
+        page (None on the last). A cursor is ``{creation score}:{id}`` of the last job of a page, so a page stays
+        right while jobs are created or expire. ValueError for a malformed cursor."""
+        top, after = "+inf", None
+        if cursor is not None:
+            score, _, job_id = cursor.partition(":")
+            if not JOB_ID_RE.match(job_id):
+                raise ValueError(f"invalid cursor {cursor!r}")
+            top, after = repr(float(score)), (float(score), job_id)
+        out: list[dict[str, Any]] = []
+        last: tuple[float, str] | None = None
+        chunk = max(2 * limit, 100)
+        # Walk down by (score, id), not by offset, so that jobs created or expiring meanwhile shift nothing.
+        while len(out) <= limit:
+            rows = [(score, _s(raw_id)) for raw_id, score in
+                    self.r.zrevrangebyscore(self.K_CREATED, top, "-inf", start=0, num=chunk, withscores=True)]
+            # ties in score come in reverse id order: those down to `after` were read already
+            fresh = [(score, job_id) for score, job_id in rows
+                     if after is None or score < after[0] or job_id < after[1]]
+            for score, job_id in fresh:
+                job = self.get(job_id)
+                if job is None:  # expired
+                    self.r.zrem(self.K_CREATED, job_id)
+                elif ((gallery is None or job["gallery"] == gallery) and (kind is None or job["kind"] == kind)
+                      and (status is None or job["status"] == status)):
+                    out.append(job)
+                    if len(out) == limit:
+                        last = (score, job_id)
+                    if len(out) > limit:
+                        break
+            if len(rows) < chunk:
+                break
+            if fresh:
+                top, after = repr(fresh[-1][0]), fresh[-1]
+            else:
+                chunk *= 2  # a whole chunk of equal scores already read: look further
+        if len(out) <= limit:
+            return out, None
+        return out[:limit], f"{last[0]!r}:{last[1]}"

@@ -3,9 +3,11 @@
 Used by training, `reid evaluate`, the benchmarks and the service, so every figure the project
 reports comes from this file.
 
-Protocol (Market-1501 / torchreid convention):
+Protocol (Market-1501's official code, as torchreid and fast-reid follow it):
 - gallery items with the same identity *and* the same camera as the query are ignored;
-- junk gallery items (person id -1 or 0, Market's distractor/junk naming) are ignored;
+- junk gallery items (person id -1, Market's `-1_...` bad detections) are ignored;
+- every other gallery item is ranked, Market's distractors (person id 0, `0000_...`) included: they are
+  nobody's true match, so they count as wrong answers;
 - a query with no valid match left in the gallery is skipped and counted in `skipped_queries`.
 """
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from .vector_index import l2_normalize
 
-JUNK_IDS = (-1, 0)
+JUNK_PID = -1
 
 
 class NothingToEvaluate(ValueError):
@@ -69,7 +71,7 @@ def evaluate_rankings(
     order = np.argsort(distmat, axis=1, kind="stable")
     ranked_pids, ranked_cams = g_pids[order], g_cams[order]
     matches = ranked_pids == q_pids[:, None]
-    ignored = (matches & (ranked_cams == q_cams[:, None])) | np.isin(ranked_pids, JUNK_IDS)
+    ignored = (matches & (ranked_cams == q_cams[:, None])) | (ranked_pids == JUNK_PID)
     matches &= ~ignored
 
     valid = matches.any(axis=1)

@@ -6,9 +6,11 @@ Two implementations of the same algorithm:
 - `k_reciprocal_rerank`: the scalable one. Memory O((Q+G) * k) for the neighbour lists and the sparse
   encodings, plus one block of rows at a time; it never holds a (Q+G)x(Q+G) matrix. This is the one the
   service and the benchmarks use.
-- `k_reciprocal_rerank_dense`: the reference layout that torchreid (and the authors' code) ships: full
-  (Q+G)^2 distance matrix, full argsort, dense float16 V. Quadratic in memory; kept to check the scalable
-  version against and to compare in benchmarks.
+- `k_reciprocal_rerank_dense`: the reference layout of reid-strong-baseline (`utils/re_ranking.py`, after
+  the authors' Python version for features): features in, full (Q+G)^2 squared Euclidean distance matrix,
+  full argsort, dense float16 V and Jaccard. Quadratic in memory; kept to check the scalable version against
+  and to compare in benchmarks. torchreid's and fast-reid's `re_ranking` are a variant of the same code that
+  takes distance matrices in, works in float32 and squares its input (see the caveat below).
 
 Conventions shared by both, mirroring the reference code:
 - the original distance of two L2-normalised features is the squared Euclidean distance 2 - 2 cos (the
@@ -20,9 +22,9 @@ Conventions shared by both, mirroring the reference code:
 - neighbour lists are ranked by that normalised distance, ties by index (stable sort);
 - V rows sum to 1, so sum(max) = 2 - sum(min) and the Jaccard distance is 1 - m / (2 - m), m = sum(min).
 
-Caveat: torchreid feeds `re_ranking` squared Euclidean distances and squares them again
-(`np.power(original_dist, 2)`), i.e. it effectively ranks on d^2 with weights exp(-d^2 / max d^2). Here
-the original distance is d = 2 - 2 cos itself, as the published algorithm defines it.
+Caveat: torchreid feeds its `re_ranking` squared Euclidean distances and squares them again
+(`np.power(original_dist, 2)`), i.e. it effectively ranks on d^2 with weights exp(-d^2 / max d^2). Here, as
+in reid-strong-baseline, the original distance is d = 2 - 2 cos itself, as the published algorithm defines it.
 """
 
 from __future__ import annotations
@@ -73,10 +75,11 @@ def k_reciprocal_rerank(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
 
 def k_reciprocal_rerank_dense(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2: int = 6,
                               lambda_value: float = 0.3, *, v_dtype=np.float16) -> np.ndarray:
-    """The same re-ranking in the layout torchreid ships (`torchreid/utils/rerank.py`): the full (Q+G)^2
-    distance matrix divided by its column maxima and transposed, argsort of full rows, V as a dense
-    (Q+G)x(Q+G) float16 matrix, float16 Jaccard accumulation. Written from the published algorithm. O((Q+G)^2)
-    memory and Python loops over rows: for comparisons and small sets only.
+    """The same re-ranking in reid-strong-baseline's layout (`utils/re_ranking.py`): features in, the full
+    (Q+G)^2 squared Euclidean distance matrix divided by its column maxima and transposed, argsort of full
+    rows, V as a dense (Q+G)x(Q+G) float16 matrix, float16 Jaccard accumulation. (torchreid's and fast-reid's
+    `re_ranking` take distance matrices instead, in float32, and square them.) Written from the published
+    algorithm. O((Q+G)^2) memory and Python loops over rows: for comparisons and small sets only.
 
     `v_dtype` (keyword only) is the precision of V and of the Jaccard accumulation: float16 as the reference;
     float64 gives the exact algorithm, which `k_reciprocal_rerank` matches to float32 rounding (~1e-7),

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from index.bundle import load_bundle
-from index.metrics import JUNK_IDS, RetrievalMetrics, evaluate_features
+from index.metrics import JUNK_PID, RetrievalMetrics, evaluate_features
 
 from .data.datasets import ReIDDataset, Sample
 from .data.transforms import TestTransform, load_rgb
@@ -73,7 +73,7 @@ def plot_ranklist(q: np.ndarray, g: np.ndarray, dataset: ReIDDataset, path: str 
         shown = 0
         for j in np.argsort(-scores[r]):
             cand = dataset.gallery[j]
-            if cand.pid in JUNK_IDS or (cand.pid == query.pid and cand.camid == query.camid):
+            if cand.pid == JUNK_PID or (cand.pid == query.pid and cand.camid == query.camid):
                 continue
             x = (shown + 1) * (w + 6) + 8
             canvas.paste(load_rgb(cand.path).resize(thumb), (x, y))

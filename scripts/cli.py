@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -173,11 +174,24 @@ GRACL_OPTIONS = ("freeze_bn", "eps", "min_samples", "k1", "k2", "w_centroid", "w
 
 
 def add_gracl_arguments(p: argparse.ArgumentParser) -> None:
-    for name, typ in (("eps", float), ("min-samples", int), ("k1", int), ("k2", int), ("w-centroid", float),
-                      ("w-inter", float), ("w-intra", float), ("batches-per-epoch", int)):
-        p.add_argument(f"--{name}", type=typ, help="GRACL (see models/gracl/train.py: GRACLConfig)")
-    for name in ("inter-rule", "intra-rule", "inter-update", "intra-update", "intra-loss"):
-        p.add_argument(f"--{name}", help="GRACL proxy choice (see models/gracl/memory.py)")
+    """GRACL's options (models/gracl/train.py: GRACLConfig, whose defaults are quoted)."""
+    for name, typ, text in (
+            ("eps", float, "DBSCAN eps of the pseudo-labels (default 0.6)"),
+            ("min-samples", int, "DBSCAN min_samples (default 4)"),
+            ("k1", int, "k1 of the clustering's k-reciprocal distance (default 30)"),
+            ("k2", int, "k2 of the clustering's k-reciprocal distance (default 6)"),
+            ("w-centroid", float, "weight of the centroid (cluster-contrast) loss (default 0)"),
+            ("w-inter", float, "weight of the inter-ID proxy loss (default 0.5)"),
+            ("w-intra", float, "weight of the intra-ID proxy loss (default 0.5)"),
+            ("batches-per-epoch", int, "batches per epoch (default 50)")):
+        p.add_argument(f"--{name}", type=typ, help=f"GRACL: {text}")
+    # the choices are models/gracl/memory.py's (INTER_RULES, INTRA_RULES, UPDATE_MODES, LOSS_FORMS), checked there
+    for name, text in (("inter-rule", "hardest_negative (default), knn_mean or centroid"),
+                       ("intra-rule", "mean_similarity (default) or centroid"),
+                       ("inter-update", "memory update: mean, hard, outward (default) or none"),
+                       ("intra-update", "memory update: mean, hard (default), outward or none"),
+                       ("intra-loss", "infonce (default) or pull")):
+        p.add_argument(f"--{name}", help=f"GRACL {name.replace('-', ' ')}: {text}")
     p.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction,
                    help="keep the initial model's BatchNorm statistics (adaptation)")
 
@@ -305,45 +319,60 @@ def cmd_serve(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from service.client import ReIDClient, metadata_for_samples
+    from service.client import ReidClient, metadata_for_samples
 
     if args.dataset:
         from models.data.datasets import load_dataset
 
         part = getattr(load_dataset(args.dataset, args.split), args.part)
         paths, metadata = [s.path for s in part], metadata_for_samples(part)
-    else:
-        from models.data.datasets import read_market_folder
+    else:  # labelled as an import labels the same files (service/labels.py)
+        from service.labels import folder_labels
 
-        folder = Path(args.folder)
-        samples = read_market_folder(folder)
-        if samples:
-            paths, metadata = [s.path for s in samples], metadata_for_samples(samples)
-        else:
-            paths = sorted(str(p) for p in folder.iterdir() if p.is_file())
-            metadata = [{"external_id": Path(p).name, **({"camera_id": args.camera_id} if args.camera_id else {})}
-                        for p in paths]
-    with ReIDClient(args.url, args.api_key) as client:
-        result = client.ingest(args.gallery, paths, metadata, batch_size=args.batch_size)
-    created = sum(i["status"] == "created" for i in result["items"])
-    print(f"{len(result['items'])} stored ({created} new), {len(result['errors'])} errors")
-    for error in result["errors"][:20]:
-        print(f"  {error['filename']}: {error['code']}: {error['message']}")
-    return 0 if not result["errors"] else 1
+        found = folder_labels(args.folder)
+        default = {"camera_id": args.camera_id} if args.camera_id else {}
+        paths, metadata = [str(p) for p, _ in found], [{**default, **labels} for _, labels in found]
+    with ReidClient(args.url, args.api_key) as client:
+        result = client.ingest(args.gallery, paths, metadata, batch_size=args.batch_size, progress=True)
+    print(f"{len(result.items)} stored ({result.created} new), {len(result.errors)} errors")
+    for error in result.errors[:20]:
+        print(f"  {error.filename}: {error.code}: {error.message}")
+    return 0 if not result.errors else 1
 
 
 def cmd_search(args) -> int:
-    from service.client import ReIDClient
+    from dataclasses import asdict
 
-    with ReIDClient(args.url, args.api_key) as client:
+    from service.client import ReidClient
+
+    with ReidClient(args.url, args.api_key) as client:
         answer = client.search(args.gallery, args.image, top_k=args.top_k, refine=args.refine,
                                candidates=args.candidates, exclude_camera_id=args.exclude_camera_id)
     if args.json:
-        print(json.dumps(answer, indent=2))
+        print(json.dumps(asdict(answer), indent=2))
     else:
         from scripts.demo import format_results
 
         print(format_results(answer))
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from dataclasses import asdict
+
+    from service.client import ReidClient
+
+    with ReidClient(args.url, args.api_key) as client:
+        page = client.jobs(gallery=args.gallery, kind=args.kind, status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps([asdict(job) for job in page.jobs], indent=2))
+        return 0
+    print(f"{'id':32}  {'kind':8}  {'status':9}  {'progress':>8}  {'gallery':16}  created_at")
+    for job in page.jobs:
+        print(f"{job.id:32}  {job.kind:8}  {job.status:9}  {job.progress:8.0%}  {job.gallery or '-':16}  "
+              f"{job.created_at}" + (f"  {job.message}" if job.message and job.status == "failed" else ""))
+    if not page.jobs:
+        print("no jobs (finished jobs are kept for a week)")
     return 0
 
 
@@ -495,44 +524,95 @@ def cmd_demo(args) -> int:
     return run_demo(port=args.port, once=args.once, data_dir=args.data_dir)
 
 
+def add_service_arguments(p: argparse.ArgumentParser) -> None:
+    """--url and --api-key of the commands that call a running service (defaults from the environment)."""
+    from service.client import DEFAULT_URL
+
+    p.add_argument("--url", default=os.environ.get("REID_URL") or DEFAULT_URL,
+                   help=f"the service's base URL (default: $REID_URL, else {DEFAULT_URL})")
+    p.add_argument("--api-key", default=os.environ.get("REID_API_KEY") or None,
+                   help="sent as X-API-Key (default: $REID_API_KEY, the variable the server reads its key from)")
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The encoder options `reid train` shares between its methods (defaults: the method's config)."""
+    for name, typ, text in (
+            ("epochs", int, "training epochs (default: supervised 12, gracl 10)"),
+            ("backbone", str, "efficientnet_lite0 (default), efficientnet_lite1 or efficientnet_lite2"),
+            ("height", int, "input height in pixels (default 128)"),
+            ("width", int, "input width in pixels (default 64)"),
+            ("p", int, "identities per P x K batch (default: supervised 8, gracl 16)"),
+            ("k", int, "images per identity in a batch (default 4)"),
+            ("embedding-dim", int, "embedding width (default 256; 0: the backbone's own)"),
+            ("lr", float, "learning rate (default 3.5e-4)"),
+            ("seed", int, "random seed (default 0)"),
+            ("split", int, "the split whose training identities are used (default 0)"),
+            ("last-stride", int, "stride of the backbone's last stage (default 1, the ReID convention)"),
+            ("eval-every", int, "evaluate every N epochs (0: after the last one only)"),
+            ("threads", int, "torch threads (default 2; 0: torch's own default)"),
+            ("max-batches-per-epoch", int, "batches per epoch (default 0: full epochs)"),
+            ("freeze-backbone-epochs", int, "first epochs that train the new head only (default 2)"),
+            ("backbone-lr-factor", float, "backbone learning rate = lr x this once the head is warm (default 1)"),
+            ("warmup-epochs", float, "linear learning-rate warm-up, in epochs (default 1)"),
+            ("frozen-stages", int, "stem + this many backbone stages kept at ImageNet weights (default 0)"),
+            ("random-erasing", float, "random-erasing probability per image (default 0.5)"),
+            ("color-jitter", float, "brightness / contrast / saturation jitter strength (default 0: off)")):
+        p.add_argument(f"--{name}", type=typ, help=text)
+
+
+def add_nformer_arguments(p: argparse.ArgumentParser) -> None:
+    for name, typ, text in (
+            ("nformer-epochs", int, "epochs (default 4)"),
+            ("sequence-length", int, "features per training sequence (default 1000)"),
+            ("steps-per-epoch", int, "steps per epoch (default 50; 0: the official |bank| / 30 sequences)"),
+            ("nformer-lr", float, "learning rate (default 3e-4)"),
+            ("landmarks", int, "landmarks of the NFormer's attention (default 5)"),
+            ("topk", int, "neighbours each feature attends to (default 20)"),
+            ("served-share", float, "share of sequences drawn as refine=local serves: one query and its "
+                                    "nearest features (default 0)"),
+            ("served-candidates", int, "the nearest features of such a sequence (default 200)")):
+        p.add_argument(f"--{name}", type=typ, help=f"NFormer stage 2: {text}")
+    p.add_argument("--input-norm", choices=["l2", "raw"],
+                   help="NFormer stage 2: train on L2-normalised features as served (l2, default) or raw ones as "
+                        "the official code does")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reid", description="Person re-identification: train, export, serve, search.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="reid", description="Person re-identification: train, export, serve, search.",
+        epilog="Errors are one line on stderr, with exit status 1 (2: bad arguments). `reid COMMAND --help` "
+               "describes each command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train an embedding model (default recipe = the bundled model's)")
-    p.add_argument("--method", default="supervised", choices=["supervised", "nformer", "gracl"])
+    p.add_argument("--method", default="supervised", choices=["supervised", "nformer", "gracl"],
+                   help="supervised (default; the bundled model's recipe), nformer (supervised, then NFormer "
+                        "stage 2) or gracl (unsupervised: pseudo-labels, no labels used)")
     p.add_argument("--data", nargs="+", help="training sets: cuhk03 prid450s prid2011 viper viper-all or folders")
     p.add_argument("--eval-data", nargs="*", help="test protocols evaluated during/after training")
-    p.add_argument("--run-dir", default="runs/default")
+    p.add_argument("--run-dir", default="runs/default",
+                   help="checkpoints (last.pt), log.jsonl and evaluations (default runs/default)")
     p.add_argument("--no-resume", action="store_true", help="start over even if run-dir has a checkpoint")
     p.add_argument("--pretrained", help="true (packaged ImageNet weights), false, or a state_dict path")
     p.add_argument("--decay-epochs", nargs="*", type=int, help="epochs at which the learning rate drops 10x")
     p.add_argument("--encoder", help="--method nformer: run stage 2 only, on this encoder checkpoint; "
                                      "--method gracl: start from this encoder")
     add_gracl_arguments(p)
-    for name, typ in (("nformer-epochs", int), ("sequence-length", int), ("steps-per-epoch", int),
-                      ("nformer-lr", float), ("landmarks", int), ("topk", int), ("served-share", float),
-                      ("served-candidates", int)):
-        p.add_argument(f"--{name}", type=typ, help="NFormer stage 2")
-    p.add_argument("--input-norm", choices=["l2", "raw"], help="NFormer stage 2 input convention")
-    for name, typ in (("epochs", int), ("backbone", str), ("height", int), ("width", int), ("p", int), ("k", int),
-                      ("embedding-dim", int), ("lr", float), ("seed", int), ("split", int), ("last-stride", int),
-                      ("eval-every", int), ("threads", int), ("max-batches-per-epoch", int), ("freeze-backbone-epochs", int),
-                      ("backbone-lr-factor", float), ("warmup-epochs", float), ("frozen-stages", int),
-                      ("random-erasing", float), ("color-jitter", float)):
-        p.add_argument(f"--{name}", type=typ)
+    add_nformer_arguments(p)
+    add_training_arguments(p)
     p.add_argument("--init", help="warm restart from a bundle (its weights.pt) or a checkpoint: its weights, a fresh "
                                   "optimiser and schedule; the card's lineage records every cycle")
-    p.add_argument("--pooling", choices=["avg", "gem"])
+    p.add_argument("--pooling", choices=["avg", "gem"], help="global pooling: avg (default) or gem (generalised mean)")
     p.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=None,
                    help="embed image + mirror image (evaluation and the exported encoder; twice the cost)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("lever-study", help="issue 14's lever study: one change per row, same training budget, split 1")
-    p.add_argument("--out", default="runs/levers")
-    p.add_argument("--budget-minutes", type=float, default=8.0)
+    p.add_argument("--out", default="runs/levers", help="one resumable run per row here (default runs/levers)")
+    p.add_argument("--budget-minutes", type=float, default=8.0,
+                   help="training budget of every row, in minutes of the current recipe (default 8)")
     p.add_argument("--rows", nargs="*", help="row numbers to run (default: all); parallel processes may split them")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per row (default 2)")
     p.add_argument("--report-only", action="store_true", help="measure encoder speeds and write the table")
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--plot", help="with --report-only: CUHK03 mAP against encoder img/s (PNG)")
@@ -541,34 +621,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("refine-auto-study", help="refine=auto's rule: the label-free gallery statistic beside "
                                                  "each mode's mAP gain, per protocol and gallery size")
     _add_study_model(p)
-    p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011", "cuhk01", "pku-reid"])
-    p.add_argument("--split", type=int, default=1)
-    p.add_argument("--modes", nargs="+", default=["kreciprocal"], choices=["local", "kreciprocal"])
-    p.add_argument("--auto-mode", default="kreciprocal", choices=["local", "kreciprocal"])
-    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011", "cuhk01", "pku-reid"],
+                   help="protocols studied (default: cuhk03 prid450s prid2011 cuhk01 pku-reid)")
+    p.add_argument("--split", type=int, default=1, help="protocol split (default 1: unseen by the bundled model)")
+    p.add_argument("--modes", nargs="+", default=["kreciprocal"], choices=["local", "kreciprocal"],
+                   help="refine modes measured against none (default kreciprocal)")
+    p.add_argument("--auto-mode", default="kreciprocal", choices=["local", "kreciprocal"],
+                   help="the mode auto applies above the threshold (default kreciprocal)")
+    p.add_argument("--candidates", type=int, default=200, help="K of the refined modes (default 200)")
     p.add_argument("--tolerance", type=float, default=0.5, help="mAP a refined gallery may lose")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--markdown")
-    p.add_argument("--plot")
-    p.add_argument("--json")
+    p.add_argument("--threads", type=int, default=2, help="threads of the model (default 2)")
+    p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--plot", help="write the statistic-vs-gain plot here (PNG)")
+    p.add_argument("--json", help="write the rows and the threshold here (the rule's data)")
     p.set_defaults(func=cmd_refine_auto_study)
 
     p = sub.add_parser("refine-combinations", help="k-reciprocal on NFormer-refined features, NFormer on "
                                                    "k-reciprocal candidates, score fusion: against each alone")
     _add_study_model(p)
-    p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011"])
-    p.add_argument("--split", type=int, default=1)
-    p.add_argument("--candidates", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--markdown")
-    p.add_argument("--json")
+    p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011"],
+                   help="protocols (default: cuhk03 prid450s prid2011)")
+    p.add_argument("--split", type=int, default=1, help="protocol split (default 1)")
+    p.add_argument("--candidates", type=int, default=200, help="K of the refined variants (default 200)")
+    p.add_argument("--threads", type=int, default=2, help="threads of the model (default 2)")
+    p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--json", help="write the figures here")
     p.set_defaults(func=cmd_refine_combinations)
 
     p = sub.add_parser("train-speed", help="training img/s: PIL vs in-memory tensor pipeline, NCHW vs channels_last")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--sizes", nargs="+", default=["128x64", "256x128"])
-    p.add_argument("--seconds", type=float, default=30.0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone timed (default efficientnet_lite0)")
+    p.add_argument("--sizes", nargs="+", default=["128x64", "256x128"],
+                   help="input sizes HEIGHTxWIDTH (default 128x64 256x128)")
+    p.add_argument("--seconds", type=float, default=30.0, help="seconds timed per case (default 30)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--markdown", help="write the table here")
     p.set_defaults(func=cmd_train_speed)
 
@@ -582,8 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="GRACL epochs (default: GRACLConfig's)")
     p.add_argument("--nformer-epochs", type=int, default=4, help="NFormer stage 2 on pseudo-labels (0: none)")
     p.add_argument("--nformer-steps", type=int, default=50, help="NFormer stage 2 steps per epoch")
-    for name in ("p", "k", "seed", "threads"):
-        p.add_argument(f"--{name}", type=int)
+    for name, text in (("p", "identities per P x K batch (default 16)"), ("k", "images per identity (default 4)"),
+                       ("seed", "random seed (default 0)"), ("threads", "torch threads (default 2)")):
+        p.add_argument(f"--{name}", type=int, help=text)
     p.add_argument("--lr", type=float, help="default 3.5e-5 (models/adapt.py: adaptation_recipe)")
     add_gracl_arguments(p)
     p.add_argument("--work-dir", help="keep the training runs here (resumable) instead of a temporary folder")
@@ -595,41 +681,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", required=True, help="labeled protocol evaluated after training")
     p.add_argument("--source", help="encoder checkpoint to adapt (default: train from ImageNet weights)")
     p.add_argument("--pretrained", help="without --source: true (packaged ImageNet weights), false, or a path")
-    p.add_argument("--variants", nargs="+", default=["cluster-contrast", "gracl"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=["cluster-contrast", "gracl"],
+                   help="variants of models/gracl/experiment.py: VARIANTS (default cluster-contrast gracl)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per variant (default 0 1 2)")
     p.add_argument("--out", required=True, help="folder for the runs (each resumable) and results.json")
     p.add_argument("--markdown", help="write the table here")
-    p.add_argument("--title", default="GRACL experiment")
-    p.add_argument("--decay-epochs", nargs="*", type=int)
-    for name, typ in (("epochs", int), ("p", int), ("k", int), ("threads", int), ("lr", float), ("split", int)):
-        p.add_argument(f"--{name}", type=typ)
+    p.add_argument("--title", default="GRACL experiment", help="the table's title")
+    p.add_argument("--decay-epochs", nargs="*", type=int, help="epochs at which the learning rate drops 10x")
+    for name, typ, text in (("epochs", int, "epochs per run"), ("p", int, "identities per P x K batch"),
+                            ("k", int, "images per identity"), ("threads", int, "torch threads"),
+                            ("lr", float, "learning rate"), ("split", int, "split of --data's training part")):
+        p.add_argument(f"--{name}", type=typ, help=f"{text} (default: GRACLConfig's)")
     add_gracl_arguments(p)
     p.set_defaults(func=cmd_gracl_experiment)
 
     p = sub.add_parser("export", help="export a checkpoint to a model bundle (checked against ONNX Runtime)")
-    p.add_argument("--checkpoint", default="runs/default/last.pt")
-    p.add_argument("--out", default="service/default_bundle")
-    p.add_argument("--name", default="reid-default")
-    p.add_argument("--version")
+    p.add_argument("--checkpoint", default="runs/default/last.pt",
+                   help="encoder checkpoint (default runs/default/last.pt)")
+    p.add_argument("--out", default="service/default_bundle", help="bundle directory (default service/default_bundle)")
+    p.add_argument("--name", default="reid-default", help="model name in the card (default reid-default)")
+    p.add_argument("--version", help="model version in the card (default: the export time, YYYYMMDD.HHMMSS)")
     p.add_argument("--check-data", default="prid2011", help="dataset whose real images check the export")
     p.add_argument("--nformer", help="NFormer stage-2 checkpoint (nformer.pt) to export as nformer.onnx")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("attach-nformer", help="export an NFormer checkpoint into an existing bundle (replacing "
                                               "its NFormer; encoder and stored vectors untouched)")
-    p.add_argument("--bundle", default="service/default_bundle")
+    p.add_argument("--bundle", default="service/default_bundle",
+                   help="bundle to change (default service/default_bundle)")
     p.add_argument("--nformer", required=True, help="NFormer stage-2 checkpoint (nformer.pt)")
     p.set_defaults(func=cmd_attach_nformer)
 
     p = sub.add_parser("quantize-nformer", help="add the int8 NFormer (serves local/joint refinement) to a bundle")
-    p.add_argument("--bundle", default="service/default_bundle")
+    p.add_argument("--bundle", default="service/default_bundle",
+                   help="bundle to change (default service/default_bundle)")
     p.set_defaults(func=cmd_quantize_nformer)
 
     p = sub.add_parser("evaluate", help="mAP / CMC of a bundle on standard protocols")
-    p.add_argument("--bundle", default="service/default_bundle")
-    p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011"])
-    p.add_argument("--splits", nargs="+", type=int, default=[0])
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--bundle", default="service/default_bundle",
+                   help="bundle evaluated (default service/default_bundle)")
+    p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011"],
+                   help="protocols (default: cuhk03 prid450s prid2011)")
+    p.add_argument("--splits", nargs="+", type=int, default=[0], help="splits of each protocol (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default 0: its own choice)")
     p.add_argument("--plot", help="write CMC curves to this PNG")
     p.add_argument("--ranklists", help="folder for rank-list pictures (first queries and their top 10)")
     p.add_argument("--json", help="write the figures to this JSON file")
@@ -642,53 +736,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the refinement report (markdown) here")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("serve", help="run the HTTP service")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--data-dir")
-    p.add_argument("--model-dir")
-    p.add_argument("--redis-url")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p = sub.add_parser("serve", help="run the HTTP service",
+                       epilog="Every other setting is an environment variable REID_* (README: Settings), "
+                              "e.g. REID_API_KEY, REID_KEEP_IMAGES, REID_REFINE_DEFAULT.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every "
+                                                        "interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--data-dir", help="the embedded Redis's files, index snapshots, adapted bundles (default: "
+                                      "$REID_DATA_DIR, else ./data/reid)")
+    p.add_argument("--model-dir", help="the model bundle served (default: $REID_MODEL_DIR, else the bundled model)")
+    p.add_argument("--redis-url", help="an external Redis (default: $REID_REDIS_URL, else an embedded "
+                                       "redis-server under the data directory)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="JSON log lines from this level up (default info)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ingest", help="upload a folder or a dataset part to a gallery over HTTP")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--api-key")
-    p.add_argument("--gallery", required=True)
+    add_service_arguments(p)
+    p.add_argument("--gallery", required=True, help="the gallery to add to (created if needed)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--folder", help="images; `<pid>_c<cam>_*` names give camera and person")
+    source.add_argument("--folder", help="images, subfolders included, labelled as an import labels them: "
+                                         "`<pid>_c<cam>_*` names give person and camera, else the subfolder "
+                                         "gives the camera; the file name is the external_id")
     source.add_argument("--dataset", help="a dataset name or folder (see reid train --data)")
-    p.add_argument("--part", default="gallery", choices=["gallery", "query", "train"])
-    p.add_argument("--split", type=int, default=0)
-    p.add_argument("--camera-id")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--part", default="gallery", choices=["gallery", "query", "train"],
+                   help="with --dataset: which part to upload (default gallery)")
+    p.add_argument("--split", type=int, default=0, help="with --dataset: the protocol split (default 0)")
+    p.add_argument("--camera-id", help="with --folder: camera of images whose names give none")
+    p.add_argument("--batch-size", type=int, default=32, help="images per request (default 32)")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("search", help="query a gallery with one image over HTTP")
-    p.add_argument("image")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--api-key")
-    p.add_argument("--gallery", required=True)
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("image", help="the query image file")
+    add_service_arguments(p)
+    p.add_argument("--gallery", required=True, help="the gallery searched")
+    p.add_argument("--top-k", type=int, default=10, help="results wanted (default 10)")
     p.add_argument("--refine", choices=["none", "joint", "local", "kreciprocal", "auto"],
                    help="re-ranking mode (default: the server's REID_REFINE_DEFAULT; auto: the server picks per "
                         "gallery)")
-    p.add_argument("--candidates", type=int, help="K of local/kreciprocal (default: the server's)")
-    p.add_argument("--exclude-camera-id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--candidates", type=int, help="K of local/kreciprocal, at least --top-k (default: the server's)")
+    p.add_argument("--exclude-camera-id", help="leave out results from this camera")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON instead of a table")
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("jobs", help="list a service's background jobs (imports, adaptations, activations) over HTTP")
+    add_service_arguments(p)
+    p.add_argument("--gallery", help="only this gallery's jobs")
+    p.add_argument("--kind", choices=["import", "adapt", "activate"], help="only jobs of this kind")
+    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"],
+                   help="only jobs in this status")
+    p.add_argument("--limit", type=int, default=20, help="newest jobs shown (default 20)")
+    p.add_argument("--json", action="store_true", help="print the jobs as JSON instead of a table")
+    p.set_defaults(func=cmd_jobs)
+
     p = sub.add_parser("make-synthetic", help="write a procedural Market-1501-layout dataset")
-    p.add_argument("out")
-    p.add_argument("--train-ids", type=int, default=60)
-    p.add_argument("--test-ids", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="folder to write (bounding_box_train, query, bounding_box_test)")
+    p.add_argument("--train-ids", type=int, default=60, help="training identities (default 60)")
+    p.add_argument("--test-ids", type=int, default=40, help="test identities (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_make_synthetic)
 
     p = sub.add_parser("bench", help="performance against the machine's limits and the peers' way (JSON, "
                                       "markdown, PNGs; README summary)")
-    p.add_argument("--bundle", default="service/default_bundle")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--bundle", default="service/default_bundle",
+                   help="bundle measured (default service/default_bundle)")
+    p.add_argument("--out", default="bench/results", help="folder for the results (default bench/results)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (< 3 minutes); figures not comparable")
     p.add_argument("--readme", help="README to update between the bench markers (default: README.md for a "
                                     "full run, none for --quick)")
@@ -698,26 +810,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("loadtest", help="sustained search + ingest against a real server on loopback")
-    p.add_argument("--bundle", default="service/default_bundle")
+    p.add_argument("--bundle", default="service/default_bundle", help="bundle served (default service/default_bundle)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds per concurrency")
-    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
-    p.add_argument("--gallery-size", type=int, default=500)
-    p.add_argument("--search-share", type=float, default=0.8)
-    p.add_argument("--json")
-    p.add_argument("--markdown")
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16],
+                   help="concurrent clients, one phase each (default 1 4 16)")
+    p.add_argument("--gallery-size", type=int, default=500, help="images ingested before the phases (default 500)")
+    p.add_argument("--search-share", type=float, default=0.8, help="share of requests that search; the rest "
+                                                                    "ingest (default 0.8)")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--markdown", help="write the table here")
     p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("demo", help="start the service, ingest a sample gallery, run a query")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to serve on (default 8000; a free one if taken)")
     p.add_argument("--once", action="store_true", help="exit after printing the answer")
-    p.add_argument("--data-dir", default="data/demo")
+    p.add_argument("--data-dir", default="data/demo", help="the demo service's data (default data/demo)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+def error_line(e: BaseException) -> str:
+    """What went wrong, in one line."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from index.bundle import BundleError
+    from service.client import ClientError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    # A user's mistake (a missing file or bundle) or an unreachable service is one line and exit status 1, not a
+    # traceback.
+    try:
+        return args.func(args)
+    except (ClientError, OSError, BundleError) as e:
+        print(f"reid {args.command}: {error_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"reid {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

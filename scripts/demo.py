@@ -1,5 +1,7 @@
 """`make demo` / `reid demo`: start the service on embedded defaults (its own redis-server, the bundled
-model), ingest a sample gallery, run a query, print the ranked answer and the page's URL."""
+model), ingest a sample gallery, run a query, print the ranked answer (its true match marked, or where it
+ranks beyond the top 10), the gallery's rank-1 and mAP over all its queries (scripts/demo_quality.py), and the
+page's URL."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 
 from index.redis_server import free_port
 from models.data.datasets import ReIDDataset, load_dataset, market1501, shared_data_dir
-from service.client import ReIDClient, metadata_for_samples
+from service.client import ReidClient, SearchAnswer, metadata_for_samples
+
+from scripts.demo_quality import gallery_quality, match_mark, true_match_rank
 
 GALLERY = "demo"
 
@@ -35,14 +39,15 @@ def demo_dataset(data_dir: Path) -> ReIDDataset:
     return market1501(root)
 
 
-def format_results(answer: dict, truth: str | None = None) -> str:
+def format_results(answer: SearchAnswer, truth: str | None = None, camera: str | None = None) -> str:
+    """The ranked table; given the query's person (``truth``) and camera, its true matches are marked."""
     lines = [f"{'rank':>4}  {'score':>6}  {'camera':>6}  {'person':>6}  external_id"]
-    for rank, r in enumerate(answer["results"], 1):
-        mark = "  <- same person" if truth is not None and str(r.get("person_id")) == truth else ""
-        lines.append(f"{rank:>4}  {r['score']:6.3f}  {str(r.get('camera_id')):>6}  {str(r.get('person_id')):>6}  "
-                     f"{r.get('external_id')}{mark}")
-    timing = ", ".join(f"{k} {v:.1f} ms" for k, v in answer.get("timing_ms", {}).items())
-    lines.append(f"model {answer.get('model')}; {timing}")
+    for rank, r in enumerate(answer.results, 1):
+        mark = match_mark(r, truth, camera) if truth is not None else ""
+        lines.append(f"{rank:>4}  {r.score:6.3f}  {str(r.camera_id):>6}  {str(r.person_id):>6}  "
+                     f"{r.external_id}{mark}")
+    timing = ", ".join(f"{k} {v:.1f} ms" for k, v in answer.timing_ms.items())
+    lines.append(f"model {answer.model}; {timing}")
     return "\n".join(lines)
 
 
@@ -60,17 +65,27 @@ def run_demo(port: int = 8000, once: bool = False, data_dir: str | Path = "data/
                                "--log-level", "warning"],
                               env=env)
     try:
-        with ReIDClient(url) as client:
+        with ReidClient(url) as client:
             client.wait_ready(timeout=180, process=server)
             card = client.model()
-            print(f"service ready at {url} with model {card['name']} {card['version']}")
-            result = client.ingest(GALLERY, [s.path for s in dataset.gallery], metadata_for_samples(dataset.gallery))
-            print(f"gallery {GALLERY!r}: {client.gallery(GALLERY)['count']} images "
-                  f"({len(result['errors'])} rejected) from {dataset.name}")
-            query = dataset.query[0]
+            print(f"service ready at {url} with model {card.name} {card.version}")
+            result = client.ingest(GALLERY, [s.path for s in dataset.gallery], metadata_for_samples(dataset.gallery),
+                                   progress=True)
+            print(f"gallery {GALLERY!r}: {client.gallery(GALLERY).count} images "
+                  f"({len(result.errors)} rejected) from {dataset.name}")
+            stored = [(item.id, dataset.gallery[item.index]) for item in result.items]
+            quality, answers = gallery_quality(client, GALLERY, dataset.query, stored)
+            query, person, camera = dataset.query[0], str(dataset.query[0].pid), str(dataset.query[0].camid)
             answer = client.search(GALLERY, query.path, top_k=10)
-            print(f"\nquery {Path(query.path).name} (person {query.pid}, camera {query.camid}); top 10:")
-            print(format_results(answer, truth=str(query.pid)))
+            print(f"\nquery {Path(query.path).name} (person {person}, camera {camera}); top 10:")
+            print(format_results(answer, truth=person, camera=camera))
+            rank = true_match_rank(answers[0], person, camera)
+            if rank is None:
+                print(f"its true match (person {person} from another camera) is not among the {quality.ranked} "
+                      "images ranked")
+            elif rank > 10:
+                print(f"its true match (person {person} from another camera) is at rank {rank}, beyond the top 10")
+            print(f"\ndemo gallery quality {quality.summary(len(dataset.query))}")
         print(f"\nOpen {url}/ for the web page, {url}/docs for the API.")
         if once:
             return 0

@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from .batcher import MicroBatcher
@@ -24,6 +25,7 @@ from .limits import TimeoutMiddleware
 from .observability import install_metrics
 from .retention import RetentionSweeper
 from .routes import adapt, decisions, galleries, health, images, imports, jobs, models, search
+from .security_headers import SecurityHeadersMiddleware
 from .settings import Settings
 from .state import ServiceState
 
@@ -56,16 +58,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(app.state.retention.stop)
             await run_in_threadpool(state.stop)
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline package, not a CDN
+    # (the service runs without internet); the validator badge would call out to swagger.io
+    app = FastAPIOffline(
         title="ReID retrieval service",
         version="0.1.0",
         description="Person re-identification: ingest images into named galleries, search by image.",
         lifespan=lifespan,
+        static_url="/docs-assets",
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.reid = None
     app.state.settings = settings
     install_error_handlers(app)
-    install_metrics(app)
+    install_metrics(app, dependencies=[Depends(require_api_key)] if settings.metrics_require_key else [])
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_upload_bytes)
     app.add_middleware(TimeoutMiddleware, timeout_s=settings.request_timeout_s)
     if settings.cors_origins:  # off unless origins are listed: the API key header must not leak cross-site
@@ -73,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],
                            allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
                            expose_headers=["X-Request-ID", "Retry-After", "Location"])
+    app.add_middleware(SecurityHeadersMiddleware)  # last added = outermost: the early 413s get them too
     auth = [Depends(require_api_key)]
     app.include_router(health.router)
     app.include_router(health.model_router, dependencies=auth)

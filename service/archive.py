@@ -6,8 +6,7 @@ Nothing is ever extracted to disk by name. Before a job starts, :func:`scan` che
 attack, so none of it is imported. :func:`iter_members` then yields ``(name, bytes)`` of the regular files,
 each read with a byte cap, so a header that lies about its size cannot blow up memory.
 
-Metadata from names: ``<pid>_c<cam>...`` (Market-1501's convention) gives person and camera; otherwise a
-member's folder (``<camera>/<file>``) gives the camera.
+A member's labels come from its name by the rule of every ingestion path (service/labels.py).
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterator
-
-_MARKET = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 class ArchiveError(ValueError):
@@ -45,7 +42,8 @@ def kind(data: bytes) -> str | None:
     return None
 
 
-def _unsafe(name: str) -> bool:
+def unsafe_name(name: str) -> bool:
+    """Absolute, with a ``..`` component, a drive letter, a backslash or a NUL: refused, never read as a path."""
     if not name or "\\" in name or "\x00" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         return True
     return any(part == ".." for part in PurePosixPath(name).parts)
@@ -87,7 +85,7 @@ def scan(data: bytes, limits: Limits) -> int:
         raise ArchiveError(415, "unsupported_archive", "not a tar, tar.gz or zip archive")
     count = total = 0
     for name, is_file, is_dir, size, _ in _entries(data, k):
-        if _unsafe(name):
+        if unsafe_name(name):
             raise ArchiveError(422, "unsafe_archive", f"member {name!r} has an absolute or parent ('..') path; "
                                                       "nothing was imported")
         if not is_file and not is_dir:
@@ -112,7 +110,7 @@ def iter_members(data: bytes, limits: Limits) -> Iterator[tuple[str, bytes | Non
     says why) for a member over ``max_member_bytes`` or unreadable. The total stays capped too."""
     total = 0
     for name, is_file, _, size, opener in _entries(data, kind(data) or "tar"):
-        if not is_file or _skipped(name) or _unsafe(name):
+        if not is_file or _skipped(name) or unsafe_name(name):
             continue
         budget = min(limits.max_member_bytes, limits.max_total_bytes - total)
         try:
@@ -128,14 +126,3 @@ def iter_members(data: bytes, limits: Limits) -> Iterator[tuple[str, bytes | Non
             continue
         total += len(blob)
         yield name, blob, None
-
-
-def metadata_from_name(name: str) -> dict[str, str]:
-    """Camera (and person) from a member's name: ``<pid>_c<cam>...`` or ``<camera>/<file>``."""
-    p = PurePosixPath(name)
-    m = _MARKET.match(p.name)
-    if m:
-        return {"person_id": m.group(1), "camera_id": m.group(2)}
-    if len(p.parts) >= 2:
-        return {"camera_id": p.parts[-2]}
-    return {}

@@ -4,15 +4,19 @@ Pairs of labeled images taken by *different* cameras (the cross-camera question 
 genuine when both carry the same ``person_id`` and impostor otherwise; large galleries are sampled
 (``calibrate_max_images`` images, ``calibrate_max_pairs`` impostor pairs, fixed seed). A pair is called
 the same person when its cosine is *above* the threshold; the threshold is the one whose impostor pass
-rate (FPR) is at most the target. The calibration (threshold, target FPR, TPR at FPR 1e-2 and 1e-3, a
-coarse ROC) is kept in Redis in the gallery's settings hash, so every replica and restart uses it, and it
-goes with the gallery. Searches then mark each result ``match`` by its plain encoder ``cosine`` (the
-score that was calibrated: refined scores are on other scales).
+rate (FPR) is at most the target. A target needs at least ``ceil(1 / target_fpr)`` impostor pairs (1,000 for
+the default 1e-3): with fewer, the smallest non-zero FPR the pairs can measure, 1 / pairs, is above the target,
+so the "threshold at the target" is only the highest impostor score seen and says nothing about the target's
+rate; that is refused (``too_few_impostor_pairs``) rather than kept. The calibration (threshold, target FPR,
+TPR at FPR 1e-2 and 1e-3, a coarse ROC) is kept in Redis in the gallery's settings hash, so every replica and
+restart uses it, and it goes with the gallery. Searches then mark each result ``match`` by its plain encoder
+``cosine`` (the score that was calibrated: refined scores are on other scales).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -56,6 +60,33 @@ def threshold_at(impostors: np.ndarray, fpr: float) -> float:
     return float(desc[k])
 
 
+def impostor_pairs_needed(target_fpr: float) -> int:
+    """Impostor pairs that can measure an FPR of ``target_fpr``: one of them above the threshold is the target."""
+    return math.ceil(1.0 / target_fpr - 1e-9)  # 1 / (1/12) is 12.000000000000002, and 12 pairs do measure 1/12
+
+
+def _check_measurable(pairs: int, max_pairs: int, target_fpr: float) -> None:
+    need = impostor_pairs_needed(target_fpr)
+    kept = min(pairs, max_pairs)
+    if kept >= need:
+        return
+    if pairs >= need:  # the gallery has them, the sample cap keeps fewer
+        raise CalibrationError("too_few_impostor_pairs", f"target_fpr {target_fpr:g} needs at least {need} "
+                               f"impostor pairs but REID_CALIBRATE_MAX_PAIRS samples {max_pairs} of the {pairs}: "
+                               "raise the setting or target_fpr")
+    lowest = _round_up(1.0 / pairs)
+    instead = f", or ask for target_fpr >= {lowest:g}" if lowest < 1 else ""
+    raise CalibrationError("too_few_impostor_pairs", f"{pairs} impostor cross-camera pair(s); target_fpr "
+                           f"{target_fpr:g} needs at least {need} (fewer cannot measure a rate that low): label "
+                           f"more people seen by different cameras{instead}")
+
+
+def _round_up(x: float) -> float:
+    """``x`` rounded up to two significant digits (a suggested target must not fall below what is measurable)."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return round(math.ceil(x / step - 1e-9) * step, 12)
+
+
 def calibrate(pids: list[str], cams: list[str | None], vecs: np.ndarray, target_fpr: float,
               max_pairs: int, seed: int = 0) -> dict[str, Any]:
     """Genuine/impostor cosine distributions over cross-camera pairs, the ROC and the chosen threshold."""
@@ -74,6 +105,7 @@ def calibrate(pids: list[str], cams: list[str | None], vecs: np.ndarray, target_
     if not len(genuine) or not len(impostor):
         raise CalibrationError("no_pairs", f"{len(genuine)} genuine and {len(impostor)} impostor cross-camera "
                                            "pairs; calibration needs both (label people seen by several cameras)")
+    _check_measurable(len(impostor), max_pairs, target_fpr)
     if len(impostor) > max_pairs:
         impostor = np.random.default_rng(seed).choice(impostor, max_pairs, replace=False)
 

@@ -15,6 +15,16 @@ from fastapi.responses import JSONResponse
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .security_headers import NOSNIFF
+
+# python-multipart's caps on a multipart part's header lines (its Content-Disposition carries the file name);
+# Starlette reports a breach as a bare "Invalid multipart data."
+try:
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE
+except ImportError:  # python-multipart before 0.0.13: another module name, and no such caps
+    FormParserError, DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE = (), None, None
+
 log = logging.getLogger("reid.service")
 
 RETRY_AFTER_S = 5
@@ -66,11 +76,33 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _explain_multipart(exc: StarletteHTTPException) -> StarletteHTTPException:
+    """Starlette's 400 for a multipart body the parser refused, with the parser's reason (and, for a part
+    header over the cap, the limit and what usually breaks it: a long file name)."""
+    if exc.status_code != 400 or isinstance(exc, ApiError):
+        return exc
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and not isinstance(cause, FormParserError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return exc
+    reason = str(cause)
+    if reason == "Maximum header size exceeded" and DEFAULT_MAX_HEADER_SIZE:
+        return ApiError(400, "multipart_header_too_large", f"a multipart part's header line is over "
+                        f"{DEFAULT_MAX_HEADER_SIZE} bytes, the parser's limit: its Content-Disposition carries "
+                        "the file name, so shorten the file name (or the field name)")
+    if reason == "Maximum header count exceeded" and DEFAULT_MAX_HEADER_COUNT:
+        return ApiError(400, "multipart_header_too_large", f"a multipart part has more than "
+                        f"{DEFAULT_MAX_HEADER_COUNT} header lines, the parser's limit")
+    return ApiError(400, "bad_request", f"invalid multipart body: {reason}")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     from .observability import count_error  # errors by code, in /metrics
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        exc = _explain_multipart(exc)
         if isinstance(exc, ApiError):
             count_error(request.app.state, exc.code)
             return error_response(exc.status_code, exc.code, exc.message, exc.headers, **exc.extra)
@@ -107,7 +139,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _internal(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         count_error(request.app.state, "internal_error")
-        return error_response(500, "internal_error", "internal server error")
+        # answered by Starlette's outermost middleware, past SecurityHeadersMiddleware: its header is set here
+        return error_response(500, "internal_error", "internal server error", headers=NOSNIFF)
 
 
 class BodySizeLimitMiddleware:

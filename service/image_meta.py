@@ -8,14 +8,14 @@ from typing import Any
 from PIL import Image
 
 from .images import decode_image
-from .ingest import MetadataError, _as_str
+from .labels import MetadataError, check_value
 
 
 def patch_metadata(store, gallery: str, image_id: int, changes: dict[str, Any]) -> bool:
     """Apply ``changes`` (None removes a field). False if the image does not exist. Raises MetadataError."""
     values: dict[str, str | None] = {}
     for k, v in changes.items():
-        v = _as_str(k, v)
+        v = check_value(k, v)
         if v == "":
             raise MetadataError(f"{k} must not be empty (send null to remove it)")
         values[k] = v

@@ -1,7 +1,10 @@
 """Safe decoding of uploaded images.
 
 * the format is sniffed from the bytes (JPEG, PNG, WebP, BMP, GIF); anything else -> 415;
-* the pixel count is checked from the header *before* decoding (decompression bombs) -> 413;
+* the pixel count is checked from the header *before* decoding (decompression bombs) -> 413; the limit is
+  REID_MAX_IMAGE_PIXELS alone (Pillow's own bomb warning, at 89 M pixels, is silenced so it can neither refuse
+  what the setting allows nor answer in its words), up to Pillow's hard bound of 179 M pixels, which no
+  setting can lift;
 * corrupt or truncated data -> 422 with a clear message;
 * EXIF orientation is applied, the result is RGB.
 """
@@ -9,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -44,6 +48,21 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def _limit(max_pixels: int) -> str:
+    return f"the limit is {max_pixels} (REID_MAX_IMAGE_PIXELS)"
+
+
+def _over_pillows_bound(e: Image.DecompressionBombError, max_pixels: int) -> str:
+    """Pillow refused at open, before our check ran: say it in the setting's words, with the pixel count Pillow
+    found (its message is the only place that has it)."""
+    bound = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{found.group(1)} pixels" if found else f"over {bound} pixels"
+    if max_pixels < bound:
+        return f"image is {size}; {_limit(max_pixels)}"
+    return f"image is {size}; {_limit(max_pixels)}, but Pillow refuses any image over {bound} pixels"
+
+
 def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
     """Decode ``data`` into an RGB PIL image, or raise :class:`ImageError`."""
     if not data:
@@ -54,19 +73,18 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
                          "not a supported image (expected JPEG, PNG, WebP, BMP or GIF)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels, next, is the limit
             im = Image.open(io.BytesIO(data), formats=[fmt])
             w, h = im.size
             if w <= 0 or h <= 0:
                 raise ImageError(422, "invalid_image", f"image has invalid size {w}x{h}")
             if w * h > max_pixels:
-                raise ImageError(413, "image_too_large",
-                                 f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+                raise ImageError(413, "image_too_large", f"image is {w}x{h} = {w * h} pixels; {_limit(max_pixels)}")
             im.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(413, "image_too_large", f"image has too many pixels: {e}") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(413, "image_too_large", _over_pillows_bound(e, max_pixels)) from e
     except UnidentifiedImageError as e:
         raise ImageError(422, "invalid_image", f"corrupt {fmt} data: cannot identify the image") from e
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:

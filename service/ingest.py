@@ -10,10 +10,8 @@ vector (to adapt a model to the gallery and to re-embed it with another model).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from index.store import image_id
@@ -22,12 +20,6 @@ from .batcher import embed_images
 from .images import ImageError, decode_image
 from .state import ServiceState
 
-USER_FIELDS = ("external_id", "camera_id", "person_id", "captured_at")
-
-
-class MetadataError(ValueError):
-    pass
-
 
 @dataclass
 class IngestResult:
@@ -35,58 +27,6 @@ class IngestResult:
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: seconds per stage (decode, embed, store) for the reid_stage_seconds metric
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def _as_str(key: str, v: Any) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (str, int)):
-        raise MetadataError(f"metadata {key!r} must be a string or an integer, got {type(v).__name__}")
-    s = str(v)
-    if len(s) > 1024:
-        raise MetadataError(f"metadata {key!r} is longer than 1024 characters")
-    if key == "captured_at" and s:
-        try:
-            datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            raise MetadataError(f"captured_at {s!r} is not an ISO 8601 date-time") from None
-    return s
-
-
-def build_metadata(n_files: int, form: dict[str, Any], metadata_json: str | None) -> list[dict[str, str]]:
-    """Per-file metadata: form-level fields, overridden by the aligned ``metadata`` JSON array."""
-    if form.get("external_id") is not None and n_files > 1:
-        raise MetadataError("external_id as a form field is only allowed with a single file; "
-                            "use the metadata JSON array for several files")
-    base = {k: _as_str(k, form.get(k)) for k in USER_FIELDS}
-    per_file: list[dict[str, Any]] = [{} for _ in range(n_files)]
-    if metadata_json is not None and metadata_json.strip():
-        try:
-            arr = json.loads(metadata_json)
-        except json.JSONDecodeError as e:
-            raise MetadataError(f"metadata is not valid JSON: {e}") from None
-        if isinstance(arr, dict) and n_files == 1:
-            arr = [arr]
-        if not isinstance(arr, list):
-            raise MetadataError("metadata must be a JSON array of objects, one per file")
-        if len(arr) != n_files:
-            raise MetadataError(f"metadata has {len(arr)} entries but {n_files} file(s) were sent")
-        for i, obj in enumerate(arr):
-            if obj is None:
-                continue
-            if not isinstance(obj, dict):
-                raise MetadataError(f"metadata[{i}] must be an object")
-            unknown = set(obj) - set(USER_FIELDS)
-            if unknown:
-                raise MetadataError(f"metadata[{i}] has unknown keys {sorted(unknown)}; "
-                                    f"allowed: {list(USER_FIELDS)}")
-            per_file[i] = {k: _as_str(k, v) for k, v in obj.items()}
-    out = []
-    for m in per_file:
-        merged = {k: v for k, v in base.items() if v is not None}
-        merged.update({k: v for k, v in m.items() if v is not None})
-        out.append(merged)
-    return out
 
 
 def ingest(state: ServiceState, gallery: str, files: list[tuple[str | None, bytes]],

@@ -14,6 +14,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -138,7 +140,9 @@ class _RequestMetrics:
             request_id.reset(token)
 
 
-def install_metrics(app: FastAPI) -> None:
+def install_metrics(app: FastAPI, dependencies: Sequence[Any] = ()) -> None:
+    """The registry, the request middleware and ``GET /metrics`` (guarded by ``dependencies``, e.g. the API key
+    check when REID_METRICS_REQUIRE_KEY is set)."""
     registry = CollectorRegistry()
     requests = Counter("reid_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("reid_http_request_seconds", "HTTP request latency", ["method", "route"],
@@ -160,6 +164,6 @@ def install_metrics(app: FastAPI) -> None:
 
     app.add_middleware(_RequestMetrics, requests=requests, latency=latency, access=access)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=list(dependencies))
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

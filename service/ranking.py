@@ -4,9 +4,10 @@ every search endpoint).
 Refine modes (index/refine.py; the bundle's ``nformer.onnx`` runs local and joint):
 
 - ``none``: FAISS cosine ranking.
-- ``local``: FAISS top-K candidates (K = max(candidates, top_k)) among the images that pass
-  the filters, then NFormer over the queries plus those candidates; re-ranked by the cosine
-  of the refined features. A batch refines all its queries plus the union of their candidates in one pass.
+- ``local``: FAISS top-K candidates among the images that pass the filters (K: ``candidates``, which may not be
+  below ``top_k``; else REID_REFINE_CANDIDATES, raised to ``top_k``), then NFormer over the queries plus those
+  candidates; re-ranked by the cosine of the refined features. A batch refines all its queries plus the union
+  of their candidates in one pass.
 - ``kreciprocal``: k-reciprocal re-ranking of each query's own K candidates.
 - ``joint``: NFormer over the queries plus the whole gallery (the paper's protocol; for galleries up to
   ``joint_max_gallery``); the filters then drop results.
@@ -84,6 +85,9 @@ def plan_search(state: ServiceState, request: SearchRequest, gallery: str | None
     candidates = request.candidates
     if candidates is not None and not 1 <= candidates <= MAX_CANDIDATES:
         raise SearchError("invalid_candidates", f"candidates must be between 1 and {MAX_CANDIDATES}, got {candidates}")
+    if candidates is not None and candidates < request.top_k:  # refused, not raised: K bounds a request's cost
+        raise SearchError("invalid_candidates", f"candidates ({candidates}) must be at least top_k ({request.top_k}): "
+                                                "the refined modes answer top_k of their K candidates")
     applied = refine
     if refine is RefineMode.auto:
         applied = RefineMode(state.auto_refine(gallery).mode) if gallery is not None else RefineMode.none
@@ -95,7 +99,7 @@ def plan_search(state: ServiceState, request: SearchRequest, gallery: str | None
                               f"and is limited to {s.joint_max_gallery} (REID_JOINT_MAX_GALLERY): use refine=local")
     k = None
     if applied in (RefineMode.local, RefineMode.kreciprocal):
-        k = max(candidates or s.refine_candidates, request.top_k)
+        k = candidates or max(s.refine_candidates, request.top_k)
     return SearchPlan(request.top_k, refine, applied, k, s.refine_expand, request.filter)
 
 
@@ -111,6 +115,9 @@ class Ranking:
     results: list[list[SearchResult]]  # per query, best first
     search_s: float  # FAISS searches and record reads
     refine_s: float  # the refine mode's re-ranking (0 for none)
+    # local/kreciprocal: the most candidates any query refined (before expansion); below the plan's K when the
+    # gallery, after the filters, holds fewer
+    candidates_used: int | None = None
 
 
 @dataclass
@@ -130,7 +137,8 @@ def rank(gallery: Gallery | None, queries: np.ndarray, plan: SearchPlan, refiner
     """Each query's top ``plan.top_k`` under ``plan.applied``, and where the time went."""
     t0 = time.perf_counter()
     if gallery is None or not len(gallery.index):
-        return Ranking([[] for _ in range(len(queries))], time.perf_counter() - t0, 0.0)
+        return Ranking([[] for _ in range(len(queries))], time.perf_counter() - t0, 0.0,
+                       None if plan.candidates is None else 0)
     return _RANKERS[plan.applied](gallery, queries, plan, refiner, t0)
 
 
@@ -165,12 +173,13 @@ def _hits(g: Gallery, queries: np.ndarray, want: int, flt: SearchFilter) -> list
 Candidates = list[tuple[list[Hit], np.ndarray]]  # per query: its hits and their index vectors
 
 
-def _candidates(g: Gallery, queries: np.ndarray, plan: SearchPlan) -> Candidates:
+def _candidates(g: Gallery, queries: np.ndarray, plan: SearchPlan) -> tuple[Candidates, int]:
     """local/kreciprocal: per query its K candidates that pass the filters, then their expansion (filtered
     too; an expansion's ``cosine`` is left 0, the refined modes compute every cosine themselves), with their
-    index vectors."""
-    out = []
+    index vectors; and the most candidates any query had before expansion."""
+    out, used = [], 0
     for hits in _hits(g, queries, plan.candidates, plan.filter):
+        used = max(used, len(hits))
         ids = np.asarray([h.id for h in hits], dtype=np.int64)
         vecs, found = g.index.vectors(ids)
         new = expand_candidates(ids, plan.expand, lambda k: g.index.search(vecs, k)[1])[len(ids):].tolist()
@@ -179,7 +188,7 @@ def _candidates(g: Gallery, queries: np.ndarray, plan: SearchPlan) -> Candidates
             extra_vecs, extra_found = g.index.vectors([h.id for h in extra])
             hits, vecs, found = hits + extra, np.concatenate([vecs, extra_vecs]), np.concatenate([found, extra_found])
         out.append(([h for h, f in zip(hits, found) if f], vecs[found]))  # drop ids deleted meanwhile
-    return out
+    return out, used
 
 
 def _ranked(order_scores: np.ndarray, cosines: np.ndarray, hits: list[Hit], top_k: int) -> list[SearchResult]:
@@ -215,7 +224,7 @@ def _rank_joint(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refi
 
 
 def _rank_local(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refiner, t0: float) -> Ranking:
-    per_query = _candidates(g, queries, plan)
+    per_query, used = _candidates(g, queries, plan)
     t1 = time.perf_counter()
     # One NFormer pass: all queries + the union of their candidates (first-seen order), as the paper
     # refines a query batch together; every query is then ranked over the whole union.
@@ -232,18 +241,18 @@ def _rank_local(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refi
     sims = refiner.rerank("local", queries, vecs) if len(hits) else np.zeros((nq, 0), np.float32)
     cosines = queries @ vecs.T
     results = [_ranked(sims[qi], cosines[qi], hits, plan.top_k) for qi in range(nq)]
-    return Ranking(results, t1 - t0, time.perf_counter() - t1)
+    return Ranking(results, t1 - t0, time.perf_counter() - t1, used)
 
 
 def _rank_kreciprocal(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refiner, t0: float) -> Ranking:
-    per_query = _candidates(g, queries, plan)
+    per_query, used = _candidates(g, queries, plan)
     t1 = time.perf_counter()
     results = []
     for qi, (qhits, qvecs) in enumerate(per_query):  # each query on its own candidates
         q = queries[qi:qi + 1]
         sims = refiner.rerank("kreciprocal", q, qvecs)[0] if qhits else np.zeros(0, np.float32)
         results.append(_ranked(sims, (q @ qvecs.T)[0], qhits, plan.top_k))
-    return Ranking(results, t1 - t0, time.perf_counter() - t1)
+    return Ranking(results, t1 - t0, time.perf_counter() - t1, used)
 
 
 # auto is never applied itself: plan_search resolves it to one of these

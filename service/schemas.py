@@ -75,8 +75,13 @@ class SearchTiming(OmitsAbsent):
     total: float
 
 
+_CANDIDATES_USED = Field(None, description="local/kreciprocal: the candidates refined (the most of any query, before "
+                                           "expansion): fewer than candidates when the gallery, after the "
+                                           "filters, holds fewer; absent for the other modes")
+
+
 class SearchResponse(OmitsAbsent):
-    omit_if_none = ("threshold",)
+    omit_if_none = ("threshold", "candidates_used")
 
     results: list[SearchResult]
     timing_ms: SearchTiming
@@ -84,8 +89,10 @@ class SearchResponse(OmitsAbsent):
     refine: str = Field(description="refine mode asked for (or the server's default)")
     refine_applied: str = Field(description="the mode that ran: refine itself, or what auto chose for this "
                                             "gallery (none, local or kreciprocal)")
-    candidates: int | None = Field(None, description="local/kreciprocal: gallery candidates refined per query "
-                                                     "(max(K, top_k), before any expansion); else null")
+    candidates: int | None = Field(None, description="local/kreciprocal: K, the gallery candidates refined per "
+                                                     "query before any expansion (the request's candidates, else "
+                                                     "REID_REFINE_CANDIDATES raised to top_k); else null")
+    candidates_used: int | None = _CANDIDATES_USED
     threshold: float | None = Field(None, description="the calibrated cosine threshold behind ``match`` "
                                                       "(absent until the gallery is calibrated)")
 
@@ -97,7 +104,7 @@ class QueryResults(BaseModel):
 
 
 class BatchSearchResponse(OmitsAbsent):
-    omit_if_none = ("threshold",)
+    omit_if_none = ("threshold", "candidates_used")
 
     queries: list[QueryResults]
     timing_ms: SearchTiming
@@ -105,6 +112,7 @@ class BatchSearchResponse(OmitsAbsent):
     refine: str
     refine_applied: str
     candidates: int | None = None
+    candidates_used: int | None = _CANDIDATES_USED
     threshold: float | None = None
 
 
@@ -159,11 +167,27 @@ class ImageInfo(BaseModel):
     model: str | None = None
 
 
-class Deleted(BaseModel):
+class ImagePage(BaseModel):
+    gallery: str
+    total: int = Field(description="images in the gallery's index")
+    offset: int
+    limit: int
+    images: list[ImageInfo] = Field(description="this page, ordered by id (stable from page to page while the "
+                                                "gallery does not change)")
+
+
+class GalleryDeleted(BaseModel):
     deleted: bool = True
     gallery: str
-    id: int | None = None
-    count: int = Field(1, description="images deleted (the gallery's image count when a gallery is deleted)")
+    count: int = Field(description="the gallery's images, deleted with it")
+
+
+# its own model, not an optional id on one shared with galleries: a gallery's answer had "id": null
+class ImageDeleted(BaseModel):
+    deleted: bool = True
+    gallery: str
+    id: int = Field(description="the image deleted")
+    count: int = Field(1, description="images deleted: 1")
 
 
 class DeleteFilter(BaseModel):
@@ -202,6 +226,11 @@ class Job(BaseModel):
                                                             "failed, errors: [...] (capped), errors_truncated}")
     created_at: str
     updated_at: str
+
+
+class JobList(BaseModel):
+    jobs: list[Job] = Field(description="newest first")
+    next_cursor: str | None = Field(description="pass as cursor for the next page; null on the last")
 
 
 class AdaptRequest(BaseModel):

@@ -2,6 +2,10 @@
 tracklet's as one aggregate), rank the gallery (service/ranking.py) and mark the matches against the gallery's
 calibration. No HTTP here: a bad request or image raises `SearchError`.
 
+A search with an image already in the gallery (`run_stored_search`, what a click on a result of the web page
+runs) takes its stored vector as the query: nothing is decoded or embedded, so it works whether or not the
+image's bytes are kept, and the image itself is left out of its own results.
+
 A tracklet's query is the mean of its crops' L2-normalised embeddings, re-normalised. Once the gallery is
 calibrated (``POST /calibrate``) each result also has ``match`` (cosine above the stored threshold).
 """
@@ -9,7 +13,7 @@ calibrated (``POST /calibrate``) each result also has ``match`` (cosine above th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import partial
 
@@ -20,7 +24,7 @@ from index.vector_index import l2_normalize
 from . import calibration
 from .batcher import embed_images
 from .images import ImageError, decode_image
-from .ranking import Gallery, SearchError, SearchPlan, SearchRequest, plan_search, rank
+from .ranking import Gallery, Ranking, SearchError, SearchPlan, SearchRequest, plan_search, rank
 from .schemas import SearchResult, SearchTiming
 from .settings import RefineMode
 from .state import ServiceState
@@ -39,6 +43,7 @@ class SearchOutcome:
     plan: SearchPlan
     model: str  # the model that embedded and ranked
     threshold: float | None  # the gallery's calibrated threshold, if any
+    candidates_used: int | None = None  # see ranking.Ranking
 
 
 def aggregate(vecs: np.ndarray) -> np.ndarray:
@@ -59,20 +64,61 @@ def run_search(state: ServiceState, gallery: str, blobs: list[tuple[str | None, 
         if kind is QueryKind.tracklet:
             queries = aggregate(queries)
         t2 = time.perf_counter()
-        idx = state.index_for(gallery)
-        ranking = rank(None if idx is None else Gallery(idx, partial(state.store.get_many, gallery)), queries, plan,
-                       state.refiner)
+        ranking = _rank(state, gallery, queries, plan)
         model = state.bundle.model_id
-    calib = calibration.load(state.store, gallery)
-    if calib is not None:
-        for res in ranking.results:
-            for r in res:
-                r.match = r.cosine > calib["threshold"]
+    threshold = _mark_matches(state, gallery, ranking.results)
     t3 = time.perf_counter()
     timing = SearchTiming(decode=_ms(t0, td), embed=_ms(t1, t2), search=round(ranking.search_s * 1000.0, 3),
-                          refine=None if plan.applied is RefineMode.none else round(ranking.refine_s * 1000.0, 3),
-                          total=_ms(t0, t3))
-    return SearchOutcome(ranking.results, timing, plan, model, None if calib is None else float(calib["threshold"]))
+                          refine=_refine_ms(plan, ranking), total=_ms(t0, t3))
+    return SearchOutcome(ranking.results, timing, plan, model, threshold, ranking.candidates_used)
+
+
+def run_stored_search(state: ServiceState, gallery: str, image_id: int, request: SearchRequest) -> SearchOutcome:
+    """One query, the stored vector of gallery image ``image_id``; its results leave the image itself out.
+    Reading the vector counts as search time (a store look-up); decode and embed are 0."""
+    t0 = time.perf_counter()
+    with state.model_lock.shared():  # the vector and the index of one model
+        plan = plan_search(state, request, gallery)
+        vector = state.store.get_vector(gallery, image_id)
+        if vector is None:
+            raise SearchError("image_not_found", f"image {image_id} not found in gallery {gallery!r}", 404)
+        t1 = time.perf_counter()
+        # one more than asked, since the image itself is among the gallery's best answers to its own vector
+        ran = _one_more(plan)
+        ranking = _rank(state, gallery, vector[None, :], ran)
+        model = state.bundle.model_id
+    results = [[r for r in ranking.results[0] if r.id != image_id][:plan.top_k]]
+    threshold = _mark_matches(state, gallery, results)
+    t3 = time.perf_counter()
+    timing = SearchTiming(decode=0.0, embed=0.0, search=round((t1 - t0 + ranking.search_s) * 1000.0, 3),
+                          refine=_refine_ms(plan, ranking), total=_ms(t0, t3))
+    return SearchOutcome(results, timing, ran, model, threshold, ranking.candidates_used)  # the K that ran
+
+
+def _one_more(plan: SearchPlan) -> SearchPlan:
+    top_k = plan.top_k + 1
+    return replace(plan, top_k=top_k, candidates=None if plan.candidates is None else max(plan.candidates, top_k))
+
+
+def _rank(state: ServiceState, gallery: str, queries: np.ndarray, plan: SearchPlan) -> Ranking:
+    idx = state.index_for(gallery)
+    return rank(None if idx is None else Gallery(idx, partial(state.store.get_many, gallery)), queries, plan,
+                state.refiner)
+
+
+def _mark_matches(state: ServiceState, gallery: str, results: list[list[SearchResult]]) -> float | None:
+    """Once the gallery is calibrated, each result's ``match``; returns the threshold (None if not calibrated)."""
+    calib = calibration.load(state.store, gallery)
+    if calib is None:
+        return None
+    for res in results:
+        for r in res:
+            r.match = r.cosine > calib["threshold"]
+    return float(calib["threshold"])
+
+
+def _refine_ms(plan: SearchPlan, ranking: Ranking) -> float | None:
+    return None if plan.applied is RefineMode.none else round(ranking.refine_s * 1000.0, 3)
 
 
 def _decode(state: ServiceState, blobs: list[tuple[str | None, bytes]], name_files: bool) -> list:

@@ -1,5 +1,10 @@
 """Which gallery images a search may return: cameras (allow/deny, the query's own), time window, person.
 
+``cameras`` and ``exclude_cameras`` take comma-separated ids (each trimmed) or, for ids that hold a comma or
+edge spaces, a JSON array of strings taken verbatim (``["door,left", "lobby"]``). A value naming no camera
+(``,,,``, ``[]``) is refused: read as "no filter" it would silently widen the search. An empty field is an
+absent one (what an HTML form sends for an empty input).
+
 An image's time is its ``captured_at``, else its upload time (as for deletion, service/deletion.py).
 ``exclude_same_camera`` follows the evaluation protocol (index/metrics.py): with the query's camera it drops
 that camera's images; given the query's person too, only that person's images from that camera go (the
@@ -8,20 +13,38 @@ protocol's "same identity and same camera" rule), so other people seen by the sa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 
 from index.store import StoredImage
 
 from .deletion import FilterError, image_time, parse_time
+from .labels import nesting_exceeds
 
 
-def _ids(value: str | None) -> frozenset[str] | None:
-    """A comma-separated form value as a set (None when absent or empty)."""
-    if value is None:
+def _ids(value: str | None, field: str) -> frozenset[str] | None:
+    """A camera-list form value as a set (None when absent or empty); FilterError when it names no camera."""
+    if not value:
         return None
-    items = frozenset(v.strip() for v in value.split(",") if v.strip())
-    return items or None
+    items = _json_ids(value, field) if value.lstrip().startswith("[") else [v.strip() for v in value.split(",")]
+    items = [v for v in items if v]
+    if not items:
+        raise FilterError("invalid_camera_list", f"{field}={value!r} names no camera: give comma-separated "
+                                                 "camera ids or a JSON array of them")
+    return frozenset(items)
+
+
+def _json_ids(value: str, field: str) -> list[str]:
+    if nesting_exceeds(value, 1):  # a flat array; checked before parsing (a recursive parse of deep input crashes)
+        raise FilterError("invalid_camera_list", f"{field} must be a flat JSON array of camera id strings")
+    try:
+        items = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise FilterError("invalid_camera_list", f"{field} is not a valid JSON array: {e}") from None
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise FilterError("invalid_camera_list", f"{field} must be a JSON array of camera id strings")
+    return items
 
 
 @dataclass(frozen=True)
@@ -40,7 +63,7 @@ class SearchFilter:
                   query_camera_id: str | None = None, query_person_id: str | None = None,
                   after: str | None = None, before: str | None = None,
                   person_id: str | None = None) -> "SearchFilter":
-        deny = set(_ids(exclude_cameras) or ())
+        deny = set(_ids(exclude_cameras, "exclude_cameras") or ())
         if exclude_camera_id:
             deny.add(exclude_camera_id)
         same_camera = same_person = None
@@ -53,7 +76,8 @@ class SearchFilter:
         t_before = parse_time(before, "before") if before else None
         if t_after and t_before and t_before <= t_after:
             raise FilterError("invalid_time_range", "before must be later than after")
-        return cls(_ids(cameras), frozenset(deny), same_person, same_camera, t_after, t_before, person_id or None)
+        return cls(_ids(cameras, "cameras"), frozenset(deny), same_person, same_camera, t_after, t_before,
+                   person_id or None)
 
     @property
     def active(self) -> bool:

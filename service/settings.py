@@ -5,6 +5,7 @@
     REID_MODEL_DIR=path/to/bundle      model bundle (model.json + encoder.onnx); default: bundled one
     REID_API_KEY=secret                optional: /v1/* then requires the X-API-Key header (a read-write key)
     REID_API_KEYS_READ='["k1"]'        keys that may only read (GET); REID_API_KEYS_WRITE: keys that may also write
+    REID_METRICS_REQUIRE_KEY=true      /metrics then needs X-API-Key too (any configured key; needs one)
     REID_CORS_ORIGINS='["https://a"]'  CORS is off unless origins are listed here
     REID_REFINE_DEFAULT=auto           search-time refinement when a request names none (none/local/joint/kreciprocal/auto)
     REID_KEEP_IMAGES=true              keep each accepted image's bytes in Redis (needed to adapt and re-embed)
@@ -26,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.index_factory import IndexSpec
@@ -101,6 +102,8 @@ class Settings(BaseSettings):
                                      "JSON list. Any configured key makes /v1/* require X-API-Key")
     api_keys_write: list[str] = Field(default_factory=list, description="API keys that may read and write "
                                       "(POST/PATCH/DELETE); JSON list")
+    metrics_require_key: bool = Field(False, description="GET /metrics needs X-API-Key too (a read key is "
+                                      "enough); its labels name galleries and routes. Off: open to scrapers")
     cors_origins: list[str] = Field(default_factory=list, description="CORS: browser origins allowed to call the "
                                     "API (JSON list, explicit origins); empty = CORS off")
 
@@ -180,6 +183,14 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+
+    @model_validator(mode="after")
+    def _metrics_key_exists(self) -> "Settings":
+        # asked for but impossible: /metrics would stay open, the opposite of what was configured
+        if self.metrics_require_key and not (self.read_keys or self.write_keys):
+            raise ValueError("REID_METRICS_REQUIRE_KEY needs a key: set REID_API_KEY, REID_API_KEYS_READ or "
+                             "REID_API_KEYS_WRITE")
+        return self
 
     @property
     def read_keys(self) -> list[str]:

@@ -125,6 +125,7 @@ class ServiceState:
         log.info("model %s = %s (dim %d) on %s", self.bundle_id, self.bundle.model_id, self.embedder.dim,
                  self.embedder.providers)
         self.jobs = JobManager(self.store.job_store())
+        self.jobs.fail_orphans()  # jobs a crashed predecessor left "running" would hold their kind for a while
         self.index_cache = IndexCache(self.store, s.index_spec,
                                       IndexedModel(self.bundle_id, self.bundle.model_id, self.embedder.dim))
         self.sync = IndexSync(self.store, s, self.index_cache, self.follow_activation)

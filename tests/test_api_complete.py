@@ -266,11 +266,12 @@ def test_calibrate_match_and_evaluate_vs_index_metrics(live_server, gallery_name
     q = blobs[0][1]
     r = httpx.post(f"{base}/v1/galleries/{g}/search", files={"file": ("q.png", q)}, data={"top_k": 5})
     assert "threshold" not in r.json() and "match" not in r.json()["results"][0]
-    r = httpx.post(f"{base}/v1/galleries/{g}/calibrate", json={"target_fpr": 0.01})
+    # 90 impostor pairs measure an FPR down to 1/90: 0.01 would be refused (tests/test_api_hardening.py)
+    r = httpx.post(f"{base}/v1/galleries/{g}/calibrate", json={"target_fpr": 0.02})
     assert r.status_code == 200, r.text
     cal = r.json()
     assert cal["genuine_pairs"] == 6 * 3 and cal["impostor_pairs"] == 15 * 6  # cross-camera pairs only
-    assert cal["fpr"] <= 0.01 and 0 <= cal["tpr"] <= 1 and "tpr_at_fpr_1e-3" in cal and len(cal["roc"]) >= 5
+    assert cal["fpr"] <= 0.02 and 0 <= cal["tpr"] <= 1 and "tpr_at_fpr_1e-3" in cal and len(cal["roc"]) >= 5
     assert httpx.get(f"{base}/v1/galleries/{g}/calibration").json()["threshold"] == cal["threshold"]
     r = httpx.post(f"{base}/v1/galleries/{g}/search", files={"file": ("q.png", q)}, data={"top_k": 18}).json()
     assert r["threshold"] == cal["threshold"]
@@ -332,7 +333,7 @@ def test_import_archive_job(server_factory, gallery_name, image_bytes):
     assert found["camera_id"] == "lobby"
     market = httpx.post(f"{base}/v1/galleries/{g}/search", data={"top_k": 1},
                         files={"file": members["0002_c1s1_000001_00.png"]}).json()["results"][0]
-    assert (market["person_id"], market["camera_id"]) == ("0002", "1")
+    assert (market["person_id"], market["camera_id"]) == ("2", "1")  # the numbers the name gives (service/labels.py)
     assert httpx.get(f"{base}/v1/galleries/{g}").json()["count"] == 7
     # many plain files; then cancel of a finished job is a 409
     r = httpx.post(f"{base}/v1/galleries/{g}/imports", files=[("files", (f"{i}.png", image_bytes(900 + i)))

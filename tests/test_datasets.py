@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from index.metrics import evaluate_rankings
 from models.data.datasets import (
-    combine_for_training, cuhk03_camera, custom_folder, load_dataset, market1501, split_identities,
+    SHARED_READERS, combine_for_training, cuhk03_camera, custom_folder, load_dataset, market1501, split_identities,
 )
 from tests.shared_data import require_shared_data
 
@@ -68,10 +70,29 @@ def test_market_layout_and_custom_folder(tmp_path):
             (tmp_path / folder / n).write_bytes(b"x")
     ds = market1501(tmp_path)
     assert [s.pid for s in ds.train] == [2, 2] and {s.camid for s in ds.train} == {1, 2}
-    assert sorted(s.pid for s in ds.gallery) == [-1, 0, 3]  # junk kept, the evaluator ignores it
+    assert sorted(s.pid for s in ds.gallery) == [-1, 0, 3]  # junk and distractor kept: the evaluator decides
     assert custom_folder(tmp_path).name == ds.name
     flat = custom_folder(tmp_path / "bounding_box_train")
     assert len(flat.train) == 2
+
+    # Market's rule on what the reader gives: the junk (-1) ranked first is ignored, the distractor (0000)
+    # ranked next is a wrong answer, so the true match is at rank 2
+    distance = {-1: 0.0, 0: 0.1, 3: 0.2}
+    m = evaluate_rankings(np.array([[distance[s.pid] for s in ds.gallery]]),
+                          np.array([s.pid for s in ds.query]), np.array([s.pid for s in ds.gallery]),
+                          np.array([s.camid for s in ds.query]), np.array([s.camid for s in ds.gallery]))
+    assert m.ranks["rank1"] == 0.0 and m.cmc[1] == 1.0 and m.mAP == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_READERS))
+def test_shared_protocols_evaluate_no_junk_or_distractor_ids(name):
+    """The reported splits (0-2) of the shared protocols hold no id 0 or -1 in their query or gallery, so
+    Market's junk/distractor rule never touches their figures (CUHK03 numbers a real person 0, who falls
+    in the test half of some later splits)."""
+    require_shared_data()
+    for split in (0, 1, 2):
+        ds = load_dataset(name, split)
+        assert min(s.pid for s in ds.query + ds.gallery) > 0, (name, split)
 
 
 def test_combined_training_sets_never_collide():

@@ -1,6 +1,8 @@
-"""`reid demo --once` (what `make demo ARGS=--once` runs): embedded Redis, bundled model, a ranked answer."""
+"""`reid demo --once` (what `make demo ARGS=--once` runs): embedded Redis, bundled model, a ranked answer
+with its true match marked, and the demo gallery's rank-1 / mAP over all its queries."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,14 @@ def test_demo_once_prints_a_ranked_answer_and_the_url(tmp_path):
     out = done.stdout
     assert "service ready at http://127.0.0.1:" in out
     assert "top 10:" in out and out.count("\n") > 12
+    # the first screen judges the model, not one query: the true match is marked, or its rank beyond the top 10
+    # is given, and rank-1 / mAP over every query of the demo gallery follow
+    table = out.split("top 10:", 1)[1]
+    assert "<- true match" in table or re.search(r"true match \(person \S+ from another camera\) is at rank "
+                                                 r"\d+, beyond the top 10", table), table
+    quality = re.search(r"demo gallery quality over all (\d+) queries.*rank-1 ([\d.]+)%, mAP ([\d.]+)%", out)
+    assert quality, out
+    assert int(quality[1]) >= 60 and 0 <= float(quality[2]) <= 100 and 0 < float(quality[3]) <= 100
     assert "/docs for the API" in out
     assert (tmp_path / "service" / "redis").is_dir()  # its own redis-server kept its AOF there
     # the server and its redis-server are gone

@@ -24,6 +24,22 @@ def test_hand_computed_case():
     assert m.ranks["rank1"] == pytest.approx(0.5) and m.ranks["rank5"] == pytest.approx(1.0)
 
 
+def test_market_rule_distractors_count_as_wrong_answers():
+    """Market-1501's protocol (and torchreid's, fast-reid's): only id -1 is junk; id 0 images are
+    distractors, ranked and counted like any other wrong person, whatever their camera."""
+    g_pids = np.array([0, 5, -1, 0, 5, 6])
+    g_cams = np.array([2, 2, 2, 3, 3, 1])
+    distmat = np.array([
+        [0.1, 0.3, 0.2, 0.4, 0.5, 0.6],    # q0 id5 cam1: kept g0(0) g1* g3(0) g4* g5 -> AP (1/2 + 2/4)/2
+        [0.05, 0.6, 0.0, 0.3, 0.5, 0.1],   # q1 id6 cam2: junk g2 ignored, same-camera distractor g0 first, g5* rank 2
+    ])
+    m = evaluate_rankings(distmat, np.array([5, 6]), g_pids, np.array([1, 2]), g_cams, max_rank=5)
+    assert m.evaluated_queries == 2 and m.skipped_queries == 0
+    assert m.mAP == pytest.approx((0.5 + 0.5) / 2)
+    assert m.mINP == pytest.approx((2 / 4 + 1 / 2) / 2)
+    assert m.cmc == pytest.approx([0.0, 1.0, 1.0, 1.0, 1.0])
+
+
 def test_perfect_and_worst_ranking():
     q = np.eye(3, dtype=np.float32)
     perfect = evaluate_features(q, q, [1, 2, 3], [1, 2, 3], [1, 1, 1], [2, 2, 2])

@@ -9,7 +9,7 @@ from index.metrics import evaluate_rankings
 from models.data.datasets import load_dataset
 from models.evaluate import BundleEncoder, embed_protocol, evaluate_bundle
 from models.refine_eval import bundle_refiner
-from service.client import ReIDClient, metadata_for_samples
+from service.client import ReidClient, metadata_for_samples
 from service.settings import DEFAULT_BUNDLE_DIR
 from tests.shared_data import require_shared_data
 
@@ -29,19 +29,19 @@ def test_http_search_reproduces_offline_evaluation(prid2011, server_factory):
     server = server_factory(model_dir=DEFAULT_BUNDLE_DIR, ort_threads=0, max_batch_queries=100,
                             refine_precision="fp32")
     gallery = prid2011.gallery
-    with ReIDClient(server.url) as client:
-        ingested = client.ingest("prid2011", [s.path for s in gallery], metadata_for_samples(gallery), progress=False)
-        assert not ingested["errors"] and len(ingested["items"]) == len(gallery) == 649
-        assert client.gallery("prid2011")["count"] == 649
-        column = {item["id"]: i for i, item in enumerate(ingested["items"])}
+    with ReidClient(server.url) as client:
+        ingested = client.ingest("prid2011", [s.path for s in gallery], metadata_for_samples(gallery))
+        assert not ingested.errors and len(ingested.items) == len(gallery) == 649
+        assert client.gallery("prid2011").count == 649
+        column = {item.id: i for i, item in enumerate(ingested.items)}
         distmat = np.full((len(prid2011.query), len(gallery)), np.inf)
         for row, query in enumerate(prid2011.query):
             answer = client.search("prid2011", query.path, top_k=len(gallery))
-            assert len(answer["results"]) == len(gallery)
-            for result in answer["results"]:
-                distmat[row, column[result["id"]]] = 1.0 - result["score"]
-        local = [[column[r["id"]] for r in client.search("prid2011", q.path, top_k=50, refine="local",
-                                                        candidates=50)["results"]] for q in prid2011.query]
+            assert len(answer.results) == len(gallery)
+            for result in answer.results:
+                distmat[row, column[result.id]] = 1.0 - result.score
+        local = [[column[r.id] for r in client.search("prid2011", q.path, top_k=50, refine="local",
+                                                      candidates=50).results] for q in prid2011.query]
         joint = client.search_batch("prid2011", [q.path for q in prid2011.query], top_k=10, refine="joint")
 
     online = evaluate_rankings(distmat, np.array([s.pid for s in prid2011.query]), np.array([s.pid for s in gallery]),
@@ -56,7 +56,7 @@ def test_http_search_reproduces_offline_evaluation(prid2011, server_factory):
     refiner = bundle_refiner(DEFAULT_BUNDLE_DIR, precision="fp32")
     offline_local = np.argsort(-refiner.with_candidates(50).similarities("local", q, g), axis=1)[:, :50]
     offline_joint = np.argsort(-refiner.similarities("joint", q, g), axis=1)[:, :10]
-    online_joint = [[column[r["id"]] for r in answer["results"]] for answer in joint["queries"]]
+    online_joint = [[column[r.id] for r in answer.results] for answer in joint.queries]
     assert np.mean([a[0] == b[0] for a, b in zip(local, offline_local)]) >= 0.99
     assert np.mean([a[:10] == list(b[:10]) for a, b in zip(local, offline_local)]) >= 0.95
     assert np.mean([a[0] == b[0] for a, b in zip(online_joint, offline_joint)]) >= 0.99

@@ -104,14 +104,14 @@ def test_auto_over_http_refines_track_galleries_and_leaves_single_shot_ones(serv
     import httpx
 
     from models.data.datasets import load_dataset
-    from service.client import ReIDClient
+    from service.client import ReidClient
     from service.settings import DEFAULT_BUNDLE_DIR, Settings
     from tests.shared_data import require_shared_data
 
     require_shared_data()
     server = server_factory(model_dir=DEFAULT_BUNDLE_DIR, refine_default="auto")
     assert isinstance(server.settings, Settings)
-    client = ReIDClient(server.url)
+    client = ReidClient(server.url)
     tracks_ds, singles_ds = load_dataset("cuhk03", 0), load_dataset("prid450s", 0)
     for gallery, samples in (("tracks", _gallery_of(tracks_ds, 24)), ("singles", _gallery_of(singles_ds, 150))):
         client.ingest(gallery, [s.path for s in samples])
@@ -124,8 +124,8 @@ def test_auto_over_http_refines_track_galleries_and_leaves_single_shot_ones(serv
 
     query = Path(tracks_ds.query[0].path).read_bytes()
     answer = client.search("tracks", query, refine=None)  # the server's default: auto
-    assert answer["refine"] == "auto" and answer["refine_applied"] == "kreciprocal" and answer["candidates"] == 200
+    assert answer.refine == "auto" and answer.refine_applied == "kreciprocal" and answer.candidates == 200
     single_query = Path(singles_ds.query[0].path).read_bytes()
     auto, none = (client.search("singles", single_query, refine=mode) for mode in ("auto", "none"))
-    assert auto["refine_applied"] == "none" and none["refine_applied"] == "none"
-    assert [(r["id"], r["score"]) for r in auto["results"]] == [(r["id"], r["score"]) for r in none["results"]]
+    assert auto.refine_applied == "none" and none.refine_applied == "none"
+    assert [(r.id, r.score) for r in auto.results] == [(r.id, r.score) for r in none.results]

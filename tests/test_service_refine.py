@@ -14,7 +14,7 @@ import pytest
 
 from index.refine import NeighborTransformer, NFormerSpec, Refiner
 from index.vector_index import VectorIndex
-from service.client import ReIDClient, ServiceError
+from service.client import ReidClient, ServiceError
 from service.images import decode_image
 from tests.test_service_http import assert_error, search, upload
 
@@ -199,11 +199,11 @@ def test_batch_refines_queries_together(nformer_server, nformer_bundle, gallery_
         plain = ok(search(base, g, data, top_k=TOP_K))["results"]
         assert [r["id"] for r in answer["results"]] == [r["id"] for r in plain]
 
-    with ReIDClient(base) as client:  # the client speaks both
+    with ReidClient(base) as client:  # the client speaks both
         got = client.search_batch(g, [data for _, data in queries], top_k=4, refine="local", candidates=5)
-        assert len(got["queries"]) == 3 and got["candidates"] == 5
+        assert len(got.queries) == 3 and got.candidates == 5
         one = client.search(g, queries[0][1], top_k=4, refine="joint")
-        assert one["refine"] == "joint" and len(one["results"]) == 4
+        assert one.refine == "joint" and len(one.results) == 4
 
 
 def test_batch_errors_and_route(server_factory, nformer_bundle, gallery_name, image_bytes):
@@ -262,7 +262,7 @@ def test_bundle_without_nformer(server_factory, gallery_name, image_bytes):
         msg = assert_error(search(base, g, image_bytes(1), refine=mode), 422, "refine_unavailable")["error"]["message"]
         assert "nformer.onnx" in msg and "none" in msg
         assert_error(batch(base, g, [("q.png", image_bytes(1))], refine=mode), 422, "refine_unavailable")
-    with ReIDClient(base) as client, pytest.raises(ServiceError) as e:
+    with ReidClient(base) as client, pytest.raises(ServiceError) as e:
         client.search(g, image_bytes(1), refine="local")
     assert e.value.status == 422
 

@@ -13,7 +13,7 @@ from PIL import Image
 from index.bundle import BundleError, load_bundle
 from service.embedder import Embedder, preprocess
 from service.images import ImageError, decode_image, sniff_format
-from service.ingest import MetadataError, build_metadata
+from service.labels import MetadataError, build_metadata
 
 from conftest import make_image_bytes, write_tiny_bundle
 

@@ -1,7 +1,8 @@
 """Dataset readers. Each returns `Sample(path, pid, camid)` lists; no torch needed.
 
 Readers know two layouts:
-- Market-1501 (`bounding_box_train/`, `bounding_box_test/`, `query/`, names `PPPP_cC...jpg`, junk ids -1/0)
+- Market-1501 (`bounding_box_train/`, `bounding_box_test/`, `query/`, names `PPPP_cC...jpg`; gallery id -1
+  is junk, ignored by the evaluator, and id 0 distractors, wrong answers to every query; neither is trained on)
   and any folder of `<pid>_c<cam>_*.jpg` files (a custom dataset);
 - the four real sets in `../shared/data` (PRID450S, PRID2011, VIPeR half, multi-shot CUHK03) with their
   standard protocols, split by `split_identities` (the one place a split is defined).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
@@ -15,6 +14,7 @@ from ..deps import READ_ONLY, GalleryDep, StateDep
 from ..errors import ApiError
 from ..evaluation import evaluate_gallery
 from ..images import ImageError, decode_image
+from ..labels import MetadataError, check_value, parse_metadata_json
 from ..limits import EmbedSlot
 from ..schemas import CalibrateRequest, Calibration, ErrorResponse, Evaluation
 
@@ -70,15 +70,19 @@ async def evaluate(
     pids = cams = None
     if files:
         try:
-            meta = json.loads(metadata or "null")
-        except json.JSONDecodeError as e:
-            raise ApiError(422, "invalid_metadata", f"metadata is not valid JSON: {e}") from None
+            meta = parse_metadata_json(metadata or "null")
+        except MetadataError as e:
+            raise ApiError(422, "invalid_metadata", str(e)) from None
         if not isinstance(meta, list) or len(meta) != len(files) or not all(
                 isinstance(m, dict) and isinstance(m.get("person_id"), (str, int))
                 and isinstance(m.get("camera_id"), (str, int)) for m in meta):
             raise ApiError(422, "invalid_metadata", "metadata must be a JSON array with one "
                                                     "{\"person_id\", \"camera_id\"} per file")
-        pids, cams = [str(m["person_id"]) for m in meta], [str(m["camera_id"]) for m in meta]
+        try:  # the labels the gallery's images were stored with follow the same rule (service/labels.py)
+            pids = [check_value("person_id", m["person_id"]) for m in meta]
+            cams = [check_value("camera_id", m["camera_id"]) for m in meta]
+        except MetadataError as e:
+            raise ApiError(422, "invalid_metadata", str(e)) from None
     blobs = [(f.filename, await f.read()) for f in files]
 
     def work():

@@ -14,11 +14,12 @@ from index.store import GALLERY_NAME_RE
 from ..deletion import FilterError, ImageFilter, delete_matching
 from ..deps import GalleryDep, StateDep
 from ..errors import ApiError, error_body
-from ..ingest import MetadataError, build_metadata, ingest
+from ..ingest import ingest
+from ..labels import MetadataError, build_metadata
 from ..limits import EmbedSlot
 from ..observability import observe_stage
-from ..schemas import (BulkDeleted, Deleted, DeleteFilter, ErrorResponse, GalleryCreate, GalleryDetail, GalleryInfo,
-                       GalleryList, GalleryPatch, ImageInfo, UploadResponse)
+from ..schemas import (BulkDeleted, DeleteFilter, ErrorResponse, GalleryCreate, GalleryDeleted, GalleryDetail,
+                       GalleryInfo, GalleryList, GalleryPatch, ImageDeleted, ImageInfo, UploadResponse)
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
 
@@ -61,8 +62,8 @@ async def get_gallery(gallery: GalleryDep, state: StateDep) -> GalleryDetail:
                          refine_auto=auto)
 
 
-@router.delete("/{gallery}", response_model=Deleted, responses=_ERRORS)
-async def delete_gallery(gallery: GalleryDep, state: StateDep) -> Deleted:
+@router.delete("/{gallery}", response_model=GalleryDeleted, responses=_ERRORS)
+async def delete_gallery(gallery: GalleryDep, state: StateDep) -> GalleryDeleted:
     count = 0
 
     def work() -> bool:
@@ -77,7 +78,7 @@ async def delete_gallery(gallery: GalleryDep, state: StateDep) -> Deleted:
     existed = await run_in_threadpool(work)
     if not existed:
         raise ApiError(404, "gallery_not_found", f"gallery {gallery!r} does not exist")
-    return Deleted(gallery=gallery, count=count)
+    return GalleryDeleted(gallery=gallery, count=count)
 
 
 @router.post("/{gallery}/images", status_code=201, response_model=UploadResponse,
@@ -135,8 +136,8 @@ async def get_image(gallery: GalleryDep, image_id: int, state: StateDep) -> Imag
     return ImageInfo(**rec.to_dict())
 
 
-@router.delete("/{gallery}/images/{image_id}", response_model=Deleted, responses=_ERRORS)
-async def delete_image(gallery: GalleryDep, image_id: int, state: StateDep) -> Deleted:
+@router.delete("/{gallery}/images/{image_id}", response_model=ImageDeleted, responses=_ERRORS)
+async def delete_image(gallery: GalleryDep, image_id: int, state: StateDep) -> ImageDeleted:
     def work() -> bool:
         with state.model_lock.shared():  # not in the middle of a model switch
             existed = state.store.delete(gallery, image_id)
@@ -146,7 +147,7 @@ async def delete_image(gallery: GalleryDep, image_id: int, state: StateDep) -> D
     existed = await run_in_threadpool(work)
     if not existed:
         raise ApiError(404, "image_not_found", f"image {image_id} not found in gallery {gallery!r}")
-    return Deleted(gallery=gallery, id=image_id)
+    return ImageDeleted(gallery=gallery, id=image_id)
 
 
 @router.post("", status_code=201, response_model=GalleryInfo, responses={409: {"model": ErrorResponse}, **_ERRORS})

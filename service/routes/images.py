@@ -1,18 +1,21 @@
-"""One image: change its metadata, get its thumbnail."""
+"""A gallery's images a page at a time; one image: change its metadata, get its thumbnail."""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import GalleryDep, StateDep
 from ..errors import ApiError
+from ..etag import ANY, none_match_tags
 from ..image_meta import patch_metadata, thumbnail
+from ..image_pages import image_page
 from ..images import ImageError
-from ..ingest import MetadataError
-from ..schemas import ErrorResponse, ImageInfo, ImagePatch
+from ..labels import MetadataError
+from ..schemas import ErrorResponse, ImageInfo, ImagePage, ImagePatch
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
 
@@ -21,6 +24,20 @@ _ERRORS = {c: {"model": ErrorResponse} for c in (404, 422)}
 
 def _not_found(gallery: str, image_id: int) -> ApiError:
     return ApiError(404, "image_not_found", f"image {image_id} not found in gallery {gallery!r}")
+
+
+@router.get("/{gallery}/images", response_model=ImagePage, responses=_ERRORS)
+async def list_images(
+    gallery: GalleryDep,
+    state: StateDep,
+    offset: Annotated[int, Query(ge=0, description="images to skip")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="images per page")] = 48,
+) -> ImagePage:
+    """The gallery's images (metadata, as ``GET .../images/{id}``) a page at a time, ordered by id, with the
+    gallery's ``total``: what the web page's gallery view browses."""
+    page = await run_in_threadpool(image_page, state, gallery, offset, limit)
+    return ImagePage(gallery=gallery, total=page.total, offset=offset, limit=limit,
+                     images=[ImageInfo(**rec.to_dict()) for rec in page.records])
 
 
 @router.patch("/{gallery}/images/{image_id}", response_model=ImageInfo, responses=_ERRORS)
@@ -51,13 +68,16 @@ async def get_thumbnail(gallery: GalleryDep, image_id: int, state: StateDep, req
     size = state.settings.thumbnail_size
     etag = '"' + hashlib.sha1(f"{gallery}/{image_id}/{size}".encode()).hexdigest()[:20] + '"'
     headers = {"Cache-Control": "private, max-age=86400, immutable", "ETag": etag}
-    if request.headers.get("if-none-match") == etag:
+    held = none_match_tags(", ".join(request.headers.getlist("if-none-match")) or None)
+    if etag in held:  # the tag names gallery, id and size: no need to read the store
         return Response(status_code=304, headers=headers)
     data = (await run_in_threadpool(state.store.get_image_bytes, gallery, [image_id]))[0]
     if data is None:
         if await run_in_threadpool(state.store.exists, gallery, image_id):
             raise ApiError(404, "image_bytes_not_kept", f"image {image_id}'s bytes are not kept (REID_KEEP_IMAGES)")
         raise _not_found(gallery, image_id)
+    if ANY in held:  # "*": any current representation, which exists now
+        return Response(status_code=304, headers=headers)
     try:
         jpeg = await run_in_threadpool(thumbnail, data, size, state.settings.max_image_pixels)
     except ImageError as e:

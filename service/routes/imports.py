@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from index.store import GALLERY_NAME_RE
 
-from ..archive import ArchiveError, Limits, kind, scan
+from ..archive import ArchiveError, Limits, kind, scan, unsafe_name
 from ..deps import StateDep
 from ..errors import ApiError
 from ..imports import Upload, run_import
@@ -32,9 +32,11 @@ async def create_import(
 
     Archives are checked first: too many files (``REID_IMPORT_MAX_MEMBERS``) or too many bytes uncompressed
     (``REID_IMPORT_MAX_UNCOMPRESSED_BYTES``) give ``413``; a member with an absolute or ``..`` path, a link or a
-    special file gives ``422 unsafe_archive`` and nothing is imported. Each image is then checked as a single
-    upload is. A member named ``<pid>_c<cam>...`` gets that person and camera; else ``<camera>/<file>`` gives
-    the camera. No parameter names a server-side path."""
+    special file gives ``422 unsafe_archive`` and nothing is imported (an image file whose name is such a path:
+    ``422 unsafe_name``). Each image is then checked as a single upload is. Labels come from each file's name,
+    the same way for every archive of the upload: its file name is the ``external_id``; ``<pid>_c<cam>...`` gives
+    that person and camera (as numbers: ``0001_c1`` is person ``1``, camera ``1``); else ``<camera>/<file>``
+    gives the camera. No parameter names a server-side path."""
     if not GALLERY_NAME_RE.match(gallery):
         raise ApiError(422, "invalid_gallery_name", f"invalid gallery name {gallery!r}: use 1-64 characters from "
                                                     "A-Z a-z 0-9 _ . -, starting with a letter or digit")
@@ -47,6 +49,10 @@ async def create_import(
     def check() -> int:
         n = 0
         for up in uploads:
+            if kind(up.data) is None and up.filename and unsafe_name(up.filename):
+                # a file's name gives its labels: one that climbs out of its folder names nothing sensible
+                raise ArchiveError(422, "unsafe_name", f"file name {up.filename!r} is absolute or has a parent "
+                                                       "('..'), a backslash or a drive letter; nothing was imported")
             n += scan(up.data, limits) if kind(up.data) is not None else 1
             if n > limits.max_members:
                 raise ArchiveError(413, "too_many_members", f"more than {limits.max_members} images "

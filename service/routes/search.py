@@ -1,8 +1,9 @@
-"""Search a gallery with one query image (``/search``), several (``/search:batch``) or several crops of one
-person (``/search:tracklet``), optionally refined.
+"""Search a gallery with one query image (``/search``), several (``/search:batch``), several crops of one
+person (``/search:tracklet``) or one of its own images (``/images/{id}/search``), optionally refined.
 
 Each handler unpacks its form (`search_form`: top_k, refine, candidates and the filters, as a `SearchRequest`)
-and its files, and calls one core function, service/search.py: run_search; the refine modes and the ranking are
+and its files, and calls one core function, service/search.py: run_search (run_stored_search for a gallery
+image); the refine modes and the ranking are
 in service/ranking.py, the filters in service/search_filter.py. ``refine`` is a `RefineMode`: OpenAPI lists the
 modes and FastAPI answers a bad one (422 unsupported_refine).
 """
@@ -26,7 +27,7 @@ from ..limits import EmbedSlot
 from ..observability import observe_stage
 from ..ranking import MAX_CANDIDATES, SearchError, SearchRequest, plan_search
 from ..schemas import BatchSearchResponse, ErrorResponse, QueryResults, SearchResponse
-from ..search import QueryKind, SearchOutcome, run_search
+from ..search import QueryKind, SearchOutcome, run_search, run_stored_search
 from ..search_filter import SearchFilter
 from ..settings import RefineMode
 from ..state import ServiceState
@@ -38,8 +39,10 @@ _ERRORS = {c: {"model": ErrorResponse} for c in (404, 413, 415, 422, 503)}
 
 def search_filter(
     exclude_camera_id: Annotated[str | None, Form(description="drop results from this camera")] = None,
-    cameras: Annotated[str | None, Form(description="only these cameras (comma-separated camera_ids)")] = None,
-    exclude_cameras: Annotated[str | None, Form(description="drop these cameras (comma-separated)")] = None,
+    cameras: Annotated[str | None, Form(description="only these cameras: comma-separated camera_ids, or a JSON "
+                                                    "array of them (ids holding a comma)")] = None,
+    exclude_cameras: Annotated[str | None, Form(description="drop these cameras (comma-separated, or a JSON "
+                                                            "array)")] = None,
     exclude_same_camera: Annotated[bool, Form(description="drop the query camera's images (needs "
                                               "query_camera_id; with query_person_id only that person's: the "
                                               "evaluation protocol's rule)")] = False,
@@ -68,8 +71,8 @@ def _known_refine(value: object, check: ValidatorFunctionWrapHandler) -> RefineM
 
 _REFINE_DOC = (f"re-ranking mode; default: REID_REFINE_DEFAULT (local and joint need a bundle with "
                f"{NFORMER_FILE}; auto picks per gallery)")
-_CANDIDATES_DOC = (f"local/kreciprocal: K FAISS candidates to refine (1..{MAX_CANDIDATES}); "
-                   "default REID_REFINE_CANDIDATES")
+_CANDIDATES_DOC = (f"local/kreciprocal: K FAISS candidates to refine (top_k..{MAX_CANDIDATES}; below top_k is "
+                   "422 invalid_candidates); default REID_REFINE_CANDIDATES, raised to top_k")
 
 
 def search_form(
@@ -111,19 +114,25 @@ async def _search(request: Request, state: ServiceState, gallery: str, form: Sea
     blobs = [(f.filename, await f.read()) for f in files]
     with _api_errors():
         out = await run_in_threadpool(run_search, state, gallery, blobs, form, kind)
+    _observe(request, out)
+    return out
+
+
+def _observe(request: Request, out: SearchOutcome, stages=("decode", "embed", "search", "refine")) -> None:
+    """The search's stage times into /metrics (only the stages it ran)."""
     hist = getattr(request.app.state, "refine_seconds", None)
     if hist is not None and out.timing.refine is not None:
         hist.labels(out.plan.applied.value).observe(out.timing.refine / 1000.0)
-    for stage in ("decode", "embed", "search", "refine"):
+    for stage in stages:
         v = getattr(out.timing, stage)
         observe_stage(request.app.state, stage, None if v is None else v / 1000.0)
-    return out
 
 
 def _answer(out: SearchOutcome) -> dict:
     """The fields every search answer has besides its results."""
     return dict(timing_ms=out.timing, model=out.model, refine=out.plan.refine.value,
-                refine_applied=out.plan.applied.value, candidates=out.plan.candidates, threshold=out.threshold)
+                refine_applied=out.plan.applied.value, candidates=out.plan.candidates,
+                candidates_used=out.candidates_used, threshold=out.threshold)
 
 
 @router.post("/{gallery}/search", response_model=SearchResponse, responses=_ERRORS, openapi_extra=READ_ONLY)
@@ -176,3 +185,22 @@ async def search_batch(
     out = await _search(request, state, gallery, form, files, QueryKind.batch)
     return BatchSearchResponse(queries=[QueryResults(index=i, filename=f.filename, results=r)
                                         for i, (f, r) in enumerate(zip(files, out.results))], **_answer(out))
+
+
+@router.post("/{gallery}/images/{image_id}/search", response_model=SearchResponse, responses=_ERRORS,
+             openapi_extra=READ_ONLY)
+async def search_stored(
+    request: Request,
+    gallery: GalleryDep,
+    image_id: int,
+    state: StateDep,
+    form: SearchForm,
+) -> SearchResponse:
+    """Search with an image of the gallery (a result, or one found by browsing ``GET .../images``): its stored
+    vector is the query, so nothing is uploaded, decoded or embedded and its bytes need not be kept. Same form
+    fields and answer as ``/search``; the image itself is left out of the results. ``404 image_not_found``."""
+    _check(state, form)
+    with _api_errors():
+        out = await run_in_threadpool(run_stored_search, state, gallery, image_id, form)
+    _observe(request, out, stages=("search", "refine"))  # nothing decoded or embedded
+    return SearchResponse(results=out.results[0], **_answer(out))
