@@ -204,6 +204,10 @@ def _rank_none(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refin
 
 def _rank_joint(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refiner, t0: float) -> Ranking:
     ids, gallery_vecs = g.index.items()
+    # Landmarks are token positions, so the gallery goes in id order: the same answer on every replica,
+    # whatever order its index was filled in (the write path, the change-log follower, a rebuild).
+    by_id = np.argsort(ids, kind="stable")
+    ids, gallery_vecs = ids[by_id], gallery_vecs[by_id]
     t1 = time.perf_counter()
     sims = refiner.similarities("joint", queries, gallery_vecs)
     t2 = time.perf_counter()

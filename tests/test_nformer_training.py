@@ -60,7 +60,7 @@ def test_nformer_method_trains_both_stages_resumes_and_exports(tmp_path):
     assert [r["epoch"] for r in log] == [1, 2]
     assert log[-1]["loss"] < log[0]["loss"], "stage 2 learns"
     evaluation = log[-1]["eval"]["market:data"]
-    assert set(evaluation) == {"none", "joint"} and evaluation["joint"] != evaluation["none"]
+    assert set(evaluation) == {"none", "joint", "local"} and evaluation["joint"] != evaluation["none"]
 
     before = (run / "nformer.pt").stat().st_mtime_ns
     reid("train", "--method", "nformer", "--encoder", str(run / "last.pt"), *common)  # already done: resumes
