@@ -7,10 +7,8 @@ Real uvicorn, real redis-server, the tiny ONNX model; the crash is a SIGKILL of 
 
 from __future__ import annotations
 
-import io
 import socket
 import subprocess
-import tarfile
 import time
 import uuid
 
@@ -20,16 +18,7 @@ import redis
 from index.job_store import JobStore
 from service.api_process import ApiProcess, gallery_count
 from service.jobs import JobManager, process_identity
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+from tests.archives import tar_bytes
 
 
 def _start_import(base: str, gallery: str, data: bytes) -> str:
@@ -54,7 +43,7 @@ def _progressed(n: int):
 
 def test_a_cancelled_import_keeps_its_counts(server_factory, gallery_name, image_bytes):
     base, g = server_factory(import_chunk=1, batch_max_delay_ms=0).url, gallery_name
-    job_id = _start_import(base, g, _tar({f"cam/{i}.png": image_bytes(3000 + i, size=(64, 128)) for i in range(300)}))
+    job_id = _start_import(base, g, tar_bytes({f"cam/{i}.png": image_bytes(3000 + i, size=(64, 128)) for i in range(300)}))
     _wait(base, job_id, _progressed(3))
     r = httpx.delete(f"{base}/v1/jobs/{job_id}", timeout=60)
     assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
@@ -67,7 +56,7 @@ def test_a_cancelled_import_keeps_its_counts(server_factory, gallery_name, image
 
 def test_an_import_that_stored_nothing_fails(live_server, gallery_name):
     base, g = live_server, gallery_name
-    job_id = _start_import(base, g, _tar({f"bad{i}.jpg": b"not an image" for i in range(3)}))
+    job_id = _start_import(base, g, tar_bytes({f"bad{i}.jpg": b"not an image" for i in range(3)}))
     job = _wait(base, job_id, lambda j: j["status"] not in ("queued", "running"))
     assert job["status"] == "failed" and "none of the 3" in job["message"], job
     assert job["result"]["failed"] == 3 and job["result"]["created"] == 0 and len(job["result"]["errors"]) == 3
@@ -75,7 +64,7 @@ def test_an_import_that_stored_nothing_fails(live_server, gallery_name):
 
 def test_a_crashed_import_is_failed_at_restart_with_its_counts(tmp_path, tiny_bundle, redis_url, image_bytes):
     g, env = "crash", {"REID_IMPORT_CHUNK": "1", "REID_BATCH_MAX_DELAY_MS": "0"}
-    data = _tar({f"cam/{i}.png": image_bytes(4000 + i, size=(64, 128)) for i in range(300)})
+    data = tar_bytes({f"cam/{i}.png": image_bytes(4000 + i, size=(64, 128)) for i in range(300)})
     api = ApiProcess(tmp_path / "data", tiny_bundle, redis_url=redis_url, env=env).start()
     try:
         job_id = _start_import(api.url, g, data)

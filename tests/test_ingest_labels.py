@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -21,19 +20,10 @@ import pytest
 from index.store import image_id
 from scripts.cli import main as reid
 from service.labels import labels_from_name
+from tests.archives import tar_bytes
 from tests.http_checks import assert_error
 
 DEEP = "[" * 100_000 + "]" * 100_000
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _zip(members: dict[str, bytes]) -> bytes:
@@ -98,8 +88,8 @@ def test_every_ingestion_path_gives_the_same_labels(server_factory, tmp_path, im
                                         "external_id": "0002_c3s1_000001_00.png"}}
     files = {**tree, **other}
 
-    _import(base, "two-archives", [("imp.tar", _tar(tree)), ("imp.zip", _zip(other))])
-    _import(base, "one-each", [("imp.tar", _tar(tree))])
+    _import(base, "two-archives", [("imp.tar", tar_bytes(tree)), ("imp.zip", _zip(other))])
+    _import(base, "one-each", [("imp.tar", tar_bytes(tree))])
     _import(base, "one-each", [("imp.zip", _zip(other))])
     folder = tmp_path / "folder"
     for name, data in files.items():
