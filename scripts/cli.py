@@ -10,6 +10,12 @@ import sys
 from pathlib import Path
 
 
+
+def _write(path: str, text: str) -> None:
+    """An output file named on the command line, its folder created if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
 def cmd_train(args) -> int:
     if args.method == "gracl":
         return train_unsupervised(args)
@@ -165,7 +171,7 @@ def cmd_gracl_experiment(args) -> int:
     print(table)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table)
+        _write(args.markdown, table)
     return 0
 
 
@@ -246,7 +252,7 @@ def cmd_evaluate(args) -> int:
         print(f"CMC plot: {plot_cmc(results, args.plot)}")
     summary = {name: metrics_summary(m) for name, m in results.items()}
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        _write(args.json, json.dumps(summary, indent=2) + "\n")
     if args.write_card:
         from models.export import update_card_evaluation
 
@@ -298,9 +304,9 @@ def evaluate_refinement(args, encoder) -> int:
     text = "\n".join(markdown) + "\n"
     print(text)
     if args.markdown:
-        Path(args.markdown).write_text(text)
+        _write(args.markdown, text)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        _write(args.json, json.dumps(report, indent=2) + "\n")
     if args.write_card:
         from models.export import update_card_evaluation
 
@@ -409,7 +415,7 @@ def cmd_lever_study(args) -> int:
     table = study.markdown(results, encoder_rates, args.budget_minutes)
     print(table)
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        _write(args.markdown, table)
     if args.plot and encoder_rates:
         plot_accuracy_vs_speed(results, encoder_rates, Path(args.plot))
     return 0
@@ -457,7 +463,7 @@ def cmd_refine_auto_study(args) -> int:
     table = study.markdown(rows, labels, auto, threshold)
     print(table + f"\nthreshold for {auto} (no gallery above it loses more than {args.tolerance} mAP): {threshold}")
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        _write(args.markdown, table)
     if args.plot:
         study.plot(rows, labels, threshold, args.plot)
     if args.json:
@@ -479,10 +485,10 @@ def cmd_refine_combinations(args) -> int:
     table = combos.markdown(results, args.candidates)
     print(table)
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        _write(args.markdown, table)
     if args.json:
         figures = {n: {v: {"mAP": m.mAP, **m.ranks} for v, m in r.items()} for n, r in results.items()}
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        _write(args.json, json.dumps(figures, indent=2))
     return 0
 
 
@@ -500,7 +506,7 @@ def cmd_train_speed(args) -> int:
     table = markdown_table(rows)
     print(table)
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        _write(args.markdown, table)
     return 0
 
 
@@ -512,9 +518,9 @@ def cmd_loadtest(args) -> int:
     table = load.markdown(result)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        _write(args.json, json.dumps(result, indent=2))
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        _write(args.markdown, table)
     return 1 if any(p["errors"] for p in result["phases"]) else 0
 
 

@@ -16,7 +16,13 @@ def test_default_bundle_is_intact_and_documented():
     for protocol in ("cuhk03/split0", "prid450s/split0", "prid2011/split0"):
         figures = card["evaluation"][protocol]
         assert {"mAP", "rank1", "rank5", "rank10"} <= set(figures)
-    assert set(card["training_data"]["datasets"]) == {"cuhk03", "prid450s", "prid2011", "viper-all"}
+    assert set(card["training_data"]["datasets"]) == {"cuhk03", "prid450s", "prid2011", "viper-all", "cuhk01-all",
+                                                      "pku-reid-all"}
+    # the chain of warm restarts that made it (make train-default): ImageNet, then two cycles from the last
+    lineage = card["lineage"]
+    assert lineage[0]["init"] == "imagenet" and len(lineage) == 3
+    assert [c["epochs"] for c in lineage] == [12, 66, 20]
+    assert all(c["split"] == 0 and c["input"] == [card["input"]["height"], card["input"]["width"]] for c in lineage)
 
 
 def test_default_bundle_ships_the_nformer_with_its_refinement_figures():
