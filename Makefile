@@ -64,7 +64,7 @@ refinement-report: $(DEV_STAMP)
 GRACL_VIPER = --data viper --eval-data viper --source runs/prid-only/last.pt --epochs 6 --batches-per-epoch 10 \
 	--p 16 --k 2 --min-samples 2 --k1 10 --k2 2 --eps 0.3 --lr 3.5e-5 --decay-epochs --freeze-bn
 GRACL_ABLATION = "centroid + intra" "centroid + inter" "centroid + inter + intra" "weights 1 + 1" \
-	"inter rule knn_mean" "inter rule centroid" "intra rule centroid" "intra loss pull" "proxies per epoch only" \
+	"inter rule knn_mean" "inter rule centroid" "intra rule farthest_pair" "intra loss pull" "proxies per epoch only" \
 	"intra update mean"
 gracl-viper: $(DEV_STAMP)
 	test -f runs/prid-only/last.pt || $(PY) -m scripts.cli train --data prid450s prid2011 --eval-data viper \

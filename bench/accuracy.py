@@ -7,21 +7,22 @@ from pathlib import Path
 
 from index.bundle import ENCODER_FILE, NFORMER_FILE
 from models.refine_eval import bundle_refiner, evaluate_modes
+from service.settings import RefineMode
 
 from . import data
 from .features import protocol_features
 
 
 def run(bundle_dir: Path, cfg) -> dict:
-    """``cfg``: refine_modes, candidates (local K list), kreciprocal_candidates. Returns JSON figures plus
-    ``_metrics`` (RetrievalMetrics per mode, for the plot; dropped from the JSON)."""
+    """``cfg``: refine_modes, candidates (K list of local and local_kreciprocal), kreciprocal_candidates.
+    Returns JSON figures plus ``_metrics`` (RetrievalMetrics per mode, for the plot; dropped from the JSON)."""
     dataset = data.protocol(data.PROTOCOL)
     if dataset is None:
         return {"skipped": f"{data.PROTOCOL} not in the shared data (../shared/data or $REID_SHARED_DATA)"}
     card = data.card(bundle_dir)
     q, g = protocol_features(bundle_dir / ENCODER_FILE, card, dataset)
     refiner = bundle_refiner(bundle_dir)  # what serves: the int8 NFormer when the bundle ships one
-    modes = [m for m in cfg.refine_modes if m not in ("joint", "local") or refiner.nformer is not None]
+    modes = [m for m in cfg.refine_modes if not RefineMode(m).needs_nformer or refiner.nformer is not None]
     metrics = evaluate_modes(refiner, dataset, q, g, modes, cfg.candidates, cfg.kreciprocal_candidates)
     if refiner.nformer is not None and refiner.nformer.path.name != NFORMER_FILE:
         fp32 = evaluate_modes(bundle_refiner(bundle_dir, precision="fp32"), dataset, q, g, ("joint", "local"),

@@ -21,7 +21,7 @@ class BenchConfig:
     resnet_batches: tuple = (1, 8, 32)
     calibration_images: int = 256
     protocols: tuple = ("prid450s", "prid2011", "cuhk03")
-    refine_modes: tuple = ("none", "joint", "local", "kreciprocal")
+    refine_modes: tuple = ("none", "joint", "local", "kreciprocal", "local_kreciprocal")
     candidates: tuple = (50, 100, 200, 500)
     kreciprocal_candidates: tuple = (200, 0)
     ingest_clients: int = 4

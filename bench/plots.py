@@ -68,6 +68,9 @@ def refinement_cost(ref: dict, path: Path) -> Path:
     left.plot(ks, [restricted[k]["dense_ms"] for k in ks], marker="s",
               label="k-reciprocal, reid-strong-baseline layout")
     left.plot(ks, [restricted[k]["scalable_ms"] for k in ks], marker="^", label="k-reciprocal, scalable")
+    if all(f"local_kreciprocal@{k}" in lat for k in ks):  # results from before the mode existed lack it
+        left.plot(ks, [lat[f"local_kreciprocal@{k}"] for k in ks], marker="D",
+                  label="NFormer local, then k-reciprocal")
     left.set_xlabel("K candidates per query")
     left.set_ylabel("ms per query")
     left.set_title("refinement of K candidates")

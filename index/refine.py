@@ -8,6 +8,9 @@ Modes (all return query x gallery similarities; higher = more alike):
   each candidate's own nearest gallery neighbours); gallery entries outside the candidates keep their cosine
   score, below every candidate. Cost independent of the gallery size.
 - `kreciprocal`: k-reciprocal re-ranking (Zhong et al. 2017) on the same candidates as `local`.
+- `local_kreciprocal`: both in turn on those candidates: NFormer over the query plus its candidates, as
+  `local`, then k-reciprocal re-ranking of the refined features (docs/refine-combinations.md: the best
+  multi-shot mode measured, and, like `kreciprocal`, a loss on single-shot galleries).
 
 The neighbour top-k and the landmarks are chosen here (numpy), not inside the ONNX graph, so the graph is
 O(N*k) in memory and a request always gives the same answer."""
@@ -22,7 +25,7 @@ import numpy as np
 
 from .bundle import NFormerSpec
 
-MODES = ("none", "joint", "local", "kreciprocal")
+MODES = ("none", "joint", "local", "kreciprocal", "local_kreciprocal")
 SMALL_KNN = 1 << 20  # up to this many similarities (4 MB), k-NN is one numpy matmul; beyond, FAISS in blocks
 
 
@@ -113,9 +116,9 @@ class Refiner:
     """Scores queries against gallery features under one of `MODES`.
 
     `nformer` maps L2-normalised features [N,D] to refined, L2-normalised [N,D] (a `NeighborTransformer`, or
-    any callable with that contract, e.g. the torch module during training). `candidates` is K of `local` and
-    `kreciprocal` (0 = the whole gallery); `expand` adds each candidate's own `expand` nearest gallery
-    neighbours to the set `local` refines."""
+    any callable with that contract, e.g. the torch module during training). `candidates` is K of `local`,
+    `kreciprocal` and `local_kreciprocal` (0 = the whole gallery); `expand` adds each candidate's own `expand`
+    nearest gallery neighbours to the set they refine."""
 
     def __init__(self, nformer=None, candidates: int = 200, expand: int = 0,
                  k1: int = 20, k2: int = 6, lambda_value: float = 0.3):
@@ -126,8 +129,9 @@ class Refiner:
         return Refiner(self.nformer, candidates, self.expand, self.k1, self.k2, self.lambda_value)
 
     def similarities(self, mode: str, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-        """[Q,G], higher = more alike. Outside the candidate set of `local`/`kreciprocal`, gallery entries keep
-        their cosine, shifted below every candidate (the ranking a service returns past its K)."""
+        """[Q,G], higher = more alike. Outside the candidate set of `local`/`kreciprocal`/`local_kreciprocal`,
+        gallery entries keep their cosine, shifted below every candidate (the ranking a service returns past
+        its K)."""
         if mode not in MODES:
             raise ValueError(f"unknown refine mode {mode!r}; one of {', '.join(MODES)}")
         query, gallery = _normalize(np.asarray(query, np.float32)), _normalize(np.asarray(gallery, np.float32))
@@ -135,12 +139,10 @@ class Refiner:
         if mode == "none" or len(gallery) == 0:
             return cosine
         if mode == "kreciprocal" and not self.candidates:  # the classic: all queries and the whole gallery
-            from .rerank import k_reciprocal_rerank
-
-            return 1.0 - k_reciprocal_rerank(query, gallery, self.k1, self.k2, self.lambda_value)
+            return self.kreciprocal(query, gallery)
         if mode == "joint":
-            refined = self._run(np.concatenate([query, gallery]))
-            return refined[: len(query)] @ refined[len(query):].T
+            refined_query, refined_gallery = self.refine_together(query, gallery)
+            return refined_query @ refined_gallery.T
         out = cosine - 10.0  # cosine lies in [-1, 1], candidate scores too: -10 puts the rest below them
         for qi in range(len(query)):
             candidates = self.candidate_ids(cosine[qi], gallery)
@@ -157,14 +159,28 @@ class Refiner:
     def rerank(self, mode: str, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """[Q,C] refined similarities of queries to candidate features (what the service calls after FAISS)."""
         if mode == "local":
-            refined = self._run(np.concatenate([query, candidates]))
-            return refined[: len(query)] @ refined[len(query):].T
+            refined_query, refined_candidates = self.refine_together(query, candidates)
+            return refined_query @ refined_candidates.T
         if mode == "kreciprocal":
-            from .rerank import k_reciprocal_rerank
-
-            # distance in [0, ~1.3] -> similarity in the cosine's range, higher = better
-            return 1.0 - k_reciprocal_rerank(query, candidates, self.k1, self.k2, self.lambda_value)
+            return self.kreciprocal(query, candidates)
+        if mode == "local_kreciprocal":
+            return self.kreciprocal(*self.refine_together(query, candidates))
         return query @ candidates.T
+
+    def refine_together(self, query: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The NFormer step of `local`, `local_kreciprocal` and (over the whole gallery) `joint`: one pass over
+        the queries plus the candidates (in that order: landmarks are token positions); the refined queries and
+        the refined candidates."""
+        refined = self._run(np.concatenate([query, candidates]))
+        return refined[: len(query)], refined[len(query):]
+
+    def kreciprocal(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """[Q,C] k-reciprocal re-ranking of the candidates, all queries in one neighbourhood graph (the service
+        calls it a query at a time)."""
+        from .rerank import k_reciprocal_rerank
+
+        # distance in [0, ~1.3] -> similarity in the cosine's range, higher = better
+        return 1.0 - k_reciprocal_rerank(query, candidates, self.k1, self.k2, self.lambda_value)
 
     def _run(self, features: np.ndarray) -> np.ndarray:
         if self.nformer is None:

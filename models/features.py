@@ -28,6 +28,21 @@ def extract_features(model, samples: list[Sample], spec: InputSpec, batch_size: 
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
+@torch.no_grad()
+def extract_decoded_features(model, images: torch.Tensor, spec: InputSpec, batch_size: int = 128,
+                             desc: str = "features") -> np.ndarray:
+    """Eval-mode features of images already decoded and resized to the input size (uint8 [N,3,H,W], as
+    `DecodedImages` holds them): the test transform's normalisation only, no file read again."""
+    model.eval()
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        batch = (images[start:start + batch_size].float() - mean) / std
+        chunks.append(model(batch.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
 def evaluate_model(model, dataset: ReIDDataset, spec: InputSpec, device: str = "cpu") -> RetrievalMetrics:
     q = extract_features(model, dataset.query, spec, device=device, desc=f"{dataset.name} query")
     g = extract_features(model, dataset.gallery, spec, device=device, desc=f"{dataset.name} gallery")

@@ -1,6 +1,7 @@
 """Issue 15's combinations: k-reciprocal re-ranking on NFormer-refined features, and NFormer on k-reciprocal
 candidates, against each alone, with the serving code (`index.refine.Refiner` over the bundle's NFormer
-graph, `index.rerank`). Study only: a combination becomes a refine mode of the service if it wins here.
+graph, `index.rerank`). Study only: a combination becomes a refine mode of the service if it wins here, as
+`local>kreciprocal` did (the service's `local_kreciprocal`, which this study now runs itself).
 
 Every variant ranks the same K cosine candidates of each query (the service's FAISS candidates); gallery
 entries outside them keep their cosine shifted below every candidate, as `Refiner.similarities` does.
@@ -15,7 +16,6 @@ from tqdm import tqdm
 
 from index.metrics import RetrievalMetrics, evaluate_rankings
 from index.refine import Refiner
-from index.rerank import k_reciprocal_rerank
 
 from .data.datasets import ReIDDataset
 
@@ -32,9 +32,8 @@ def _kreciprocal(r: Refiner, q: np.ndarray, g: np.ndarray, cos: np.ndarray) -> n
 
 
 def _local_then_kreciprocal(r: Refiner, q: np.ndarray, g: np.ndarray, cos: np.ndarray) -> np.ndarray:
-    """k-reciprocal re-ranking of the NFormer-refined query and candidates."""
-    refined = r.nformer(np.concatenate([q, g]))
-    return 1.0 - k_reciprocal_rerank(refined[:1], refined[1:], r.k1, r.k2, r.lambda_value)[0]
+    """k-reciprocal re-ranking of the NFormer-refined query and candidates: the shipped mode."""
+    return r.rerank("local_kreciprocal", q, g)[0]
 
 
 def _mean(r: Refiner, q: np.ndarray, g: np.ndarray, cos: np.ndarray) -> np.ndarray:

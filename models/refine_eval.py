@@ -35,16 +35,21 @@ def mode_label(mode: str, candidates: int | None) -> str:
     return f"{mode}@{candidates}" if candidates else mode
 
 
+#: the modes that refine each query's K candidates (index/refine.py), measured at every K of `candidates`
+PER_CANDIDATE_MODES = ("local", "local_kreciprocal")
+
+
 def evaluate_modes(refiner: Refiner, dataset: ReIDDataset, query: np.ndarray, gallery: np.ndarray,
-                   modes=("none", "joint", "local", "kreciprocal"),
+                   modes=("none", "joint", "local", "kreciprocal", "local_kreciprocal"),
                    candidates=DEFAULT_CANDIDATES, kreciprocal_candidates=(200, 0)) -> dict[str, RetrievalMetrics]:
-    """Every mode on one protocol; `local` at each K, `kreciprocal` at each K (0 = the classic: all queries
-    and the whole gallery together)."""
+    """Every mode on one protocol; `local` and `local_kreciprocal` at each K of `candidates`, `kreciprocal`
+    at each K of `kreciprocal_candidates` (0 = the classic: all queries and the whole gallery together)."""
     ids = ([s.pid for s in dataset.query], [s.pid for s in dataset.gallery], [s.camid for s in dataset.query],
            [s.camid for s in dataset.gallery])
     runs = []
     for mode in modes:
-        ks = candidates if mode == "local" else kreciprocal_candidates if mode == "kreciprocal" else (None,)
+        ks = (candidates if mode in PER_CANDIDATE_MODES else kreciprocal_candidates if mode == "kreciprocal"
+              else (None,))
         runs += [(mode, k) for k in ks]
     results = {}
     for mode, k in tqdm(runs, desc=f"{dataset.name} refine modes", leave=False):
@@ -121,17 +126,16 @@ def _refinement_latency(refiner: Refiner, real: np.ndarray, sizes, queries: int,
                 times.append((time.perf_counter() - started) * 1000)
             return float(np.median(times))
 
-        row["none"] = timed(lambda q: flat.search(q, 10))
-        for k in candidates:
-            def local(q, k=k):
+        def on_candidates(mode: str, k: int):  # what serves: FAISS's top K, then the mode re-ranks them
+            def run(q):
                 _, ids = flat.search(q, k)
-                refiner.rerank("local", q, gallery[ids[0]])
-            row[f"local@{k}"] = timed(local)
+                refiner.rerank(mode, q, gallery[ids[0]])
+            return run
 
-        def kreciprocal(q):
-            _, ids = flat.search(q, 200)
-            refiner.rerank("kreciprocal", q, gallery[ids[0]])
-        row["kreciprocal@200"] = timed(kreciprocal)
+        row["none"] = timed(lambda q: flat.search(q, 10))
+        row.update({f"local@{k}": timed(on_candidates("local", k)) for k in candidates})
+        row["kreciprocal@200"] = timed(on_candidates("kreciprocal", 200))
+        row.update({f"local_kreciprocal@{k}": timed(on_candidates("local_kreciprocal", k)) for k in candidates})
         if refiner.nformer is not None:
             k = refiner.nformer.spec.topk
             started = time.perf_counter()

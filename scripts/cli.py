@@ -9,6 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+# index/refine.py's MODES, spelled out so that building the parser imports no numpy (tests/test_cli.py keeps
+# the two in step); the modes that refine each query's K candidates are the ones refine=auto can apply
+REFINE_MODES = ["none", "joint", "local", "kreciprocal", "local_kreciprocal"]
+CANDIDATE_MODES = ["local", "kreciprocal", "local_kreciprocal"]
 
 
 def _write(path: str, text: str) -> None:
@@ -151,7 +155,7 @@ def cmd_adapt(args) -> int:
 def cmd_gracl_experiment(args) -> int:
     from dataclasses import replace
 
-    from models.gracl.experiment import VARIANTS, results_markdown, run_experiment
+    from models.gracl.experiment import VARIANTS, cluster_timeline_markdown, results_markdown, run_experiment
     from models.gracl.train import GRACLConfig
 
     unknown = set(args.variants) - set(VARIANTS)
@@ -167,7 +171,7 @@ def cmd_gracl_experiment(args) -> int:
     base = replace(GRACLConfig(), data=args.data, eval_data=[args.eval_data], init_checkpoint=args.source or "",
                    **overrides)
     rows = run_experiment(base, args.variants, args.seeds, args.out)
-    table = results_markdown(rows, args.title)
+    table = results_markdown(rows, args.title) + "\n" + cluster_timeline_markdown(rows, seed=args.seeds[0])
     print(table)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
@@ -175,8 +179,64 @@ def cmd_gracl_experiment(args) -> int:
     return 0
 
 
+def cmd_gracl_clusters(args) -> int:
+    import numpy as np
+
+    from models.features import extract_features
+    from models.gracl.cluster_study import best, cluster_grid, sweep, sweep_markdown
+    from models.gracl.pseudo_labels import pseudo_labels
+    from models.gracl.train import GRACLConfig, training_samples
+    from models.train import load_trained_model
+
+    samples = training_samples(GRACLConfig(data=args.data, split=args.split, cameras=args.cameras or [],
+                                           identities=args.identities or 0))
+    model, spec, _ = load_trained_model(args.source)
+    features = extract_features(model, samples, spec, desc="features")
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    true_ids = np.array([s.pid for s in samples])
+    rows = sweep(features, true_ids, args.eps, args.min_samples, args.k1, args.k2)
+    table = sweep_markdown(rows, f"{args.title} ({len(samples)} images, {len(set(true_ids))} identities)")
+    print(table)
+    if args.markdown:
+        _write(args.markdown, table)
+    if args.grid:
+        chosen = best(rows)
+        labels = pseudo_labels(features, chosen["eps"], chosen["min_samples"], chosen["k1"], chosen["k2"])
+        print(f"wrote {cluster_grid(samples, features, labels, args.grid)}")
+    return 0
+
+
+def cmd_adapt_walkthrough(args) -> int:
+    from models.data.datasets import load_dataset
+    from models.gracl.train import GRACLConfig, training_samples
+    from service.client import ReidClient
+
+    from scripts.adapt_walkthrough import run_walkthrough, smaller_protocol
+    from scripts.local_service import local_service
+
+    train = training_samples(GRACLConfig(data=[args.data], split=args.split, cameras=args.cameras or [],
+                                         identities=args.identities or 0))
+    test = smaller_protocol(load_dataset(args.data, args.split), args.test_identities)
+    top_k = max(1000, len(test.gallery))  # every query ranks the whole test gallery
+    env = {"REID_ADAPT_EXTRA_ARGS": json.dumps(args.adapt_args), "REID_MAX_TOP_K": str(top_k)}
+    with local_service(Path(args.data_dir).resolve(), args.port, env) as (url, server), ReidClient(url) as client:
+        client.wait_ready(timeout=180, process=server)
+        print(f"service at {url}; adapting on {len(train)} {args.data} split-{args.split} training images, "
+              f"testing on {len({s.pid for s in test.query})} identities; reid adapt {' '.join(args.adapt_args)}")
+        result = run_walkthrough(client, train, test, epochs=args.epochs, max_top_k=top_k)
+    print(result.summary())
+    if args.json:
+        _write(args.json, json.dumps({
+            "data": args.data, "split": args.split, "images": result.images, "bundle_id": result.bundle_id,
+            "adapt_s": round(result.adapt_s, 1), "activate_s": round(result.activate_s, 1),
+            "adapt_args": args.adapt_args, "epochs": args.epochs,
+            "before": result.before.metrics.as_dict(), "after": result.after.metrics.as_dict()}, indent=2))
+    return 0
+
+
 GRACL_OPTIONS = ("freeze_bn", "eps", "min_samples", "k1", "k2", "w_centroid", "w_inter", "w_intra", "inter_rule",
-                 "intra_rule", "inter_update", "intra_update", "intra_loss", "batches_per_epoch")
+                 "intra_rule", "inter_update", "intra_update", "intra_loss", "batches_per_epoch", "proxy_momentum",
+                 "inter_negatives", "cameras", "identities")
 
 
 def add_gracl_arguments(p: argparse.ArgumentParser) -> None:
@@ -189,11 +249,17 @@ def add_gracl_arguments(p: argparse.ArgumentParser) -> None:
             ("w-centroid", float, "weight of the centroid (cluster-contrast) loss (default 0)"),
             ("w-inter", float, "weight of the inter-ID proxy loss (default 0.5)"),
             ("w-intra", float, "weight of the intra-ID proxy loss (default 0.5)"),
-            ("batches-per-epoch", int, "batches per epoch (default 50)")):
+            ("batches-per-epoch", int, "batches per epoch (default 50)"),
+            ("proxy-momentum", float, "momentum of the inter/intra memories (default: the centroid memory's 0.1)")):
         p.add_argument(f"--{name}", type=typ, help=f"GRACL: {text}")
+    p.add_argument("--cameras", nargs="+", type=int,
+                   help="GRACL: train on these cameras' images only (numbers as the data names them; default all)")
+    p.add_argument("--identities", type=int, help="GRACL: train on the images of this many identities drawn at "
+                                                  "random (labeled sets only; labels choose the subset, nothing else)")
     # the choices are models/gracl/memory.py's (INTER_RULES, INTRA_RULES, UPDATE_MODES, LOSS_FORMS), checked there
     for name, text in (("inter-rule", "hardest_negative (default), knn_mean or centroid"),
-                       ("intra-rule", "mean_similarity (default) or centroid"),
+                       ("intra-rule", "mean_similarity (default) or farthest_pair"),
+                       ("inter-negatives", "L_inter's negatives: proxies (default) or centroids"),
                        ("inter-update", "memory update: mean, hard, outward (default) or none"),
                        ("intra-update", "memory update: mean, hard (default), outward or none"),
                        ("intra-loss", "infonce (default) or pull")):
@@ -630,9 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011", "cuhk01", "pku-reid"],
                    help="protocols studied (default: cuhk03 prid450s prid2011 cuhk01 pku-reid)")
     p.add_argument("--split", type=int, default=1, help="protocol split (default 1: unseen by the bundled model)")
-    p.add_argument("--modes", nargs="+", default=["kreciprocal"], choices=["local", "kreciprocal"],
+    p.add_argument("--modes", nargs="+", default=["kreciprocal"], choices=CANDIDATE_MODES,
                    help="refine modes measured against none (default kreciprocal)")
-    p.add_argument("--auto-mode", default="kreciprocal", choices=["local", "kreciprocal"],
+    p.add_argument("--auto-mode", default="kreciprocal", choices=CANDIDATE_MODES,
                    help="the mode auto applies above the threshold (default kreciprocal)")
     p.add_argument("--candidates", type=int, default=200, help="K of the refined modes (default 200)")
     p.add_argument("--tolerance", type=float, default=0.5, help="mAP a refined gallery may lose")
@@ -701,6 +767,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_gracl_arguments(p)
     p.set_defaults(func=cmd_gracl_experiment)
 
+    p = sub.add_parser("gracl-clusters", help="pseudo-label settings swept against the true identities (choose "
+                                              "them on split 1), and a picture of clusters with their proxies")
+    p.add_argument("--source", required=True, help="encoder checkpoint whose features are clustered")
+    p.add_argument("--data", nargs="+", required=True, help="labeled training sets (labels only score the clusters)")
+    p.add_argument("--split", type=int, default=1, help="split of --data's training part (default 1)")
+    p.add_argument("--cameras", nargs="+", type=int, help="only these cameras' images (default all)")
+    p.add_argument("--identities", type=int, help="only the images of this many identities drawn at random")
+    p.add_argument("--eps", nargs="+", type=float, default=[0.4, 0.5, 0.6], help="DBSCAN eps values")
+    p.add_argument("--min-samples", nargs="+", type=int, default=[2, 4], help="DBSCAN min_samples values")
+    p.add_argument("--k1", nargs="+", type=int, default=[20, 30], help="k-reciprocal k1 values")
+    p.add_argument("--k2", nargs="+", type=int, default=[6], help="k-reciprocal k2 values")
+    p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--grid", help="draw clusters of the chosen setting (highest NMI) to this PNG")
+    p.add_argument("--title", default="Pseudo-label settings", help="the table's title")
+    p.set_defaults(func=cmd_gracl_clusters)
+
+    p = sub.add_parser("adapt-walkthrough", help="the adaptation product path over HTTP on a labeled target: "
+                                                 "gallery -> adapt -> activate, test identities searched before "
+                                                 "and after (its own embedded service)")
+    p.add_argument("--data", default="cuhk03", help="labeled set: its training images (labels dropped) are adapted "
+                                                    "on, its test protocol is searched (default cuhk03)")
+    p.add_argument("--split", type=int, default=0, help="protocol split (default 0)")
+    p.add_argument("--cameras", nargs="+", type=int, help="adapt on these cameras' images only (default all)")
+    p.add_argument("--identities", type=int, help="adapt on the images of N training identities drawn at random "
+                                                  "(as gracl-experiment --identities)")
+    p.add_argument("--test-identities", type=int, help="search the first N test identities only")
+    p.add_argument("--epochs", type=int, help="adaptation epochs (POST .../adapt's epochs; default reid adapt's)")
+    p.add_argument("--adapt-args", nargs=argparse.REMAINDER, default=[],
+                   help="the rest of the line: reid adapt options the service passes (REID_ADAPT_EXTRA_ARGS)")
+    p.add_argument("--port", type=int, default=8010, help="the embedded service's port (a free one if busy)")
+    p.add_argument("--data-dir", default="runs/adapt-walkthrough/service", help="the embedded service's files")
+    p.add_argument("--json", help="write the before/after figures here")
+    p.set_defaults(func=cmd_adapt_walkthrough)
+
     p = sub.add_parser("export", help="export a checkpoint to a model bundle (checked against ONNX Runtime)")
     p.add_argument("--checkpoint", default="runs/default/last.pt",
                    help="encoder checkpoint (default runs/default/last.pt)")
@@ -734,9 +834,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranklists", help="folder for rank-list pictures (first queries and their top 10)")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--write-card", action="store_true", help="record the figures in the bundle's model.json")
-    p.add_argument("--refine", nargs="+", choices=["none", "joint", "local", "kreciprocal"],
-                   help="evaluate these refinement modes (local at every --candidates K)")
-    p.add_argument("--candidates", nargs="+", type=int, default=[50, 100, 200, 500], help="K of local")
+    p.add_argument("--refine", nargs="+", choices=REFINE_MODES,
+                   help="evaluate these refinement modes (local and local_kreciprocal at every --candidates K; "
+                        "kreciprocal at 200 and classic)")
+    p.add_argument("--candidates", nargs="+", type=int, default=[50, 100, 200, 500],
+                   help="K of local and local_kreciprocal")
     p.add_argument("--latency-sizes", nargs="*", type=int, help="also time each mode at these gallery sizes")
     p.add_argument("--joint-cost", type=int, help="also measure joint refinement at this N, sparse vs dense")
     p.add_argument("--markdown", help="write the refinement report (markdown) here")
@@ -777,10 +879,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_service_arguments(p)
     p.add_argument("--gallery", required=True, help="the gallery searched")
     p.add_argument("--top-k", type=int, default=10, help="results wanted (default 10)")
-    p.add_argument("--refine", choices=["none", "joint", "local", "kreciprocal", "auto"],
+    p.add_argument("--refine", choices=[*REFINE_MODES, "auto"],
                    help="re-ranking mode (default: the server's REID_REFINE_DEFAULT; auto: the server picks per "
                         "gallery)")
-    p.add_argument("--candidates", type=int, help="K of local/kreciprocal, at least --top-k (default: the server's)")
+    p.add_argument("--candidates", type=int, help="K of local/kreciprocal/local_kreciprocal, at least --top-k "
+                                                  "(default: the server's)")
     p.add_argument("--exclude-camera-id", help="leave out results from this camera")
     p.add_argument("--json", action="store_true", help="print the answer as JSON instead of a table")
     p.set_defaults(func=cmd_search)

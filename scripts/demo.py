@@ -5,25 +5,15 @@ page's URL."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-from index.redis_server import free_port
 from models.data.datasets import ReIDDataset, load_dataset, market1501, shared_data_dir
 from service.client import ReidClient, SearchAnswer, metadata_for_samples
 
 from scripts.demo_quality import gallery_quality, match_mark, true_match_rank
+from scripts.local_service import local_service
 
 GALLERY = "demo"
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def demo_dataset(data_dir: Path) -> ReIDDataset:
@@ -54,18 +44,8 @@ def format_results(answer: SearchAnswer, truth: str | None = None, camera: str |
 def run_demo(port: int = 8000, once: bool = False, data_dir: str | Path = "data/demo") -> int:
     data_dir = Path(data_dir).resolve()
     dataset = demo_dataset(data_dir)
-    if not port_is_free(port):
-        new_port = free_port()
-        print(f"port {port} is busy: using {new_port}")
-        port = new_port
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "REID_DATA_DIR": str(data_dir / "service")}
-    env.pop("REID_REDIS_URL", None)  # the demo runs on embedded defaults
-    server = subprocess.Popen([sys.executable, "-m", "scripts.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                               "--log-level", "warning"],
-                              env=env)
     try:
-        with ReidClient(url) as client:
+        with local_service(data_dir / "service", port) as (url, server), ReidClient(url) as client:
             client.wait_ready(timeout=180, process=server)
             card = client.model()
             print(f"service ready at {url} with model {card.name} {card.version}")
@@ -86,18 +66,11 @@ def run_demo(port: int = 8000, once: bool = False, data_dir: str | Path = "data/
             elif rank > 10:
                 print(f"its true match (person {person} from another camera) is at rank {rank}, beyond the top 10")
             print(f"\ndemo gallery quality {quality.summary(len(dataset.query))}")
-        print(f"\nOpen {url}/ for the web page, {url}/docs for the API.")
-        if once:
-            return 0
-        print("Serving until interrupted (Ctrl-C).")
-        server.wait()
-        return server.returncode or 0
+            print(f"\nOpen {url}/ for the web page, {url}/docs for the API.")
+            if once:
+                return 0
+            print("Serving until interrupted (Ctrl-C).")
+            server.wait()
+            return server.returncode or 0
     except KeyboardInterrupt:
         return 0
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGINT)  # graceful: the embedded redis-server is shut down too
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()

@@ -83,7 +83,7 @@ class SearchAnswer:
     refine: str  # the mode asked for (or the server's default)
     refine_applied: str  # the mode that ran (auto's choice)
     timing_ms: dict[str, float]
-    candidates: int | None = None  # local/kreciprocal: K candidates refined per query
+    candidates: int | None = None  # local/kreciprocal/local_kreciprocal: K candidates refined per query
     candidates_used: int | None = None  # fewer than K when the gallery (after the filters) holds fewer
     threshold: float | None = None  # the calibrated threshold behind each hit's `match`
 
@@ -371,10 +371,11 @@ class ReidClient:
 
     def search(self, gallery: str, image: Image, top_k: int = 10, refine: str | None = "none",
                candidates: int | None = None, **filters: Any) -> SearchAnswer:
-        """The ``top_k`` gallery images most like ``image``. ``refine``: none, local, joint, kreciprocal or auto
-        (None: the server's default); ``candidates``: K of local/kreciprocal (None: the server's; at least
-        ``top_k``). ``filters``: the search form's filters, e.g. ``cameras="1,2"``, ``exclude_camera_id="3"``,
-        ``person_id``, ``after``/``before`` (ISO 8601), ``exclude_same_camera=True`` with ``query_camera_id``."""
+        """The ``top_k`` gallery images most like ``image``. ``refine``: none, local, joint, kreciprocal,
+        local_kreciprocal or auto (None: the server's default); ``candidates``: K of local/kreciprocal/
+        local_kreciprocal (None: the server's; at least ``top_k``). ``filters``: the search form's filters,
+        e.g. ``cameras="1,2"``, ``exclude_camera_id="3"``, ``person_id``, ``after``/``before`` (ISO 8601),
+        ``exclude_same_camera=True`` with ``query_camera_id``."""
         data = self._search_form(top_k, refine, candidates, filters)
         body = self._call("POST", f"/v1/galleries/{gallery}/search", files={"file": _file(image, "query")}, data=data)
         return _known(SearchAnswer, body, results=_hits(body.pop("results")))
@@ -407,6 +408,18 @@ class ReidClient:
         """One page of the gallery's images (records, in id order)."""
         body = self._call("GET", f"/v1/galleries/{gallery}/images", params={"offset": offset, "limit": limit})
         return _known(ImagePage, body, images=[_known(GalleryImage, i) for i in body.pop("images")])
+
+    # ------------------------------------------------------------------ models
+
+    def adapt(self, gallery: str, epochs: int | None = None, name: str | None = None) -> Job:
+        """Start fine-tuning the active model on the gallery's images without labels (GRACL); the job's
+        ``result["bundle_id"]`` names the new bundle, which is not activated."""
+        body = {k: v for k, v in (("epochs", epochs), ("name", name)) if v is not None}
+        return _known(Job, self._call("POST", f"/v1/galleries/{gallery}/adapt", json=body))
+
+    def activate(self, bundle_id: str) -> Job:
+        """Start re-embedding every gallery with the bundle, then serving it."""
+        return _known(Job, self._call("POST", f"/v1/models/{bundle_id}/activate"))
 
     # ------------------------------------------------------------------ jobs
 

@@ -1,7 +1,7 @@
 """Ranking one gallery for embedded queries under a refine mode; no HTTP here (service/search.py runs it for
 every search endpoint).
 
-Refine modes (index/refine.py; the bundle's ``nformer.onnx`` runs local and joint):
+Refine modes (index/refine.py; the bundle's ``nformer.onnx`` runs local, local_kreciprocal and joint):
 
 - ``none``: FAISS cosine ranking.
 - ``local``: FAISS top-K candidates among the images that pass the filters (K: ``candidates``, which may not be
@@ -9,20 +9,22 @@ Refine modes (index/refine.py; the bundle's ``nformer.onnx`` runs local and join
   candidates; re-ranked by the cosine of the refined features. A batch refines all its queries plus the union
   of their candidates in one pass.
 - ``kreciprocal``: k-reciprocal re-ranking of each query's own K candidates.
+- ``local_kreciprocal``: local's NFormer pass (the same candidates, one pass for a batch), then k-reciprocal
+  re-ranking of each query's own candidates on the refined features (docs/refine-combinations.md).
 - ``joint``: NFormer over the queries plus the whole gallery (the paper's protocol; for galleries up to
   ``joint_max_gallery``); the filters then drop results.
 - ``auto``: per gallery, ``REID_REFINE_AUTO_MODE`` when the gallery's own features say it is multi-shot, else
   ``none`` (service/refine_auto.py). The plan's ``applied`` says which.
 
-local and kreciprocal refine the same candidates as `Refiner` offline (index/refine.py: expand_candidates),
-so that `reid evaluate` measures what serves. Each result has ``score`` (the mode's ranking score) and
-``cosine`` (the plain encoder cosine).
+local, kreciprocal and local_kreciprocal refine the same candidates as `Refiner` offline (index/refine.py:
+expand_candidates) with its own steps (`Refiner.rerank`), so that `reid evaluate` measures what serves. Each
+result has ``score`` (the mode's ranking score) and ``cosine`` (the plain encoder cosine).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +56,7 @@ class SearchRequest:
     """A search's parameters as the search endpoints take them (routes/search.py: search_form)."""
     top_k: int = 10
     refine: RefineMode | None = None  # None: the server's default (REID_REFINE_DEFAULT)
-    candidates: int | None = None  # K of local/kreciprocal; None: REID_REFINE_CANDIDATES
+    candidates: int | None = None  # K of the modes that refine candidates; None: REID_REFINE_CANDIDATES
     filter: SearchFilter = field(default_factory=SearchFilter)
 
 
@@ -64,8 +66,8 @@ class SearchPlan:
     top_k: int
     refine: RefineMode  # as requested (or the default)
     applied: RefineMode  # the mode that runs: refine itself, or auto's choice for the gallery
-    candidates: int | None  # K of local/kreciprocal; None for none/joint
-    expand: int  # local/kreciprocal: each candidate's own nearest neighbours also refined (REID_REFINE_EXPAND)
+    candidates: int | None  # K of local/kreciprocal/local_kreciprocal; None for none/joint
+    expand: int  # with K: each candidate's own nearest neighbours also refined (REID_REFINE_EXPAND)
     filter: SearchFilter
 
 
@@ -98,7 +100,7 @@ def plan_search(state: ServiceState, request: SearchRequest, gallery: str | None
                               f"gallery {gallery!r} has {len(idx)} images; refine=joint refines the whole gallery "
                               f"and is limited to {s.joint_max_gallery} (REID_JOINT_MAX_GALLERY): use refine=local")
     k = None
-    if applied in (RefineMode.local, RefineMode.kreciprocal):
+    if applied.refines_candidates:
         k = candidates or max(s.refine_candidates, request.top_k)
     return SearchPlan(request.top_k, refine, applied, k, s.refine_expand, request.filter)
 
@@ -115,7 +117,7 @@ class Ranking:
     results: list[list[SearchResult]]  # per query, best first
     search_s: float  # FAISS searches and record reads
     refine_s: float  # the refine mode's re-ranking (0 for none)
-    # local/kreciprocal: the most candidates any query refined (before expansion); below the plan's K when the
+    # the modes with K: the most candidates any query refined (before expansion); below the plan's K when the
     # gallery, after the filters, holds fewer
     candidates_used: int | None = None
 
@@ -174,7 +176,7 @@ Candidates = list[tuple[list[Hit], np.ndarray]]  # per query: its hits and their
 
 
 def _candidates(g: Gallery, queries: np.ndarray, plan: SearchPlan) -> tuple[Candidates, int]:
-    """local/kreciprocal: per query its K candidates that pass the filters, then their expansion (filtered
+    """The modes with K: per query its K candidates that pass the filters, then their expansion (filtered
     too; an expansion's ``cosine`` is left 0, the refined modes compute every cosine themselves), with their
     index vectors; and the most candidates any query had before expansion."""
     out, used = [], 0
@@ -227,38 +229,68 @@ def _rank_joint(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refi
     return Ranking(results, (t1 - t0) + (time.perf_counter() - t2), t2 - t1)
 
 
-def _rank_local(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refiner, t0: float) -> Ranking:
-    per_query, used = _candidates(g, queries, plan)
-    t1 = time.perf_counter()
-    # One NFormer pass: all queries + the union of their candidates (first-seen order), as the paper
-    # refines a query batch together; every query is then ranked over the whole union.
+def _union(per_query: Candidates, dim: int) -> tuple[list[Hit], np.ndarray, list[np.ndarray]]:
+    """The queries' candidates merged in first-seen order (what one NFormer pass refines), their vectors, and
+    each query's own candidates as positions in the union."""
     union: dict[int, int] = {}
-    hits, rows = [], []
+    hits, rows, positions = [], [], []
     for qhits, qvecs in per_query:
         for h, v in zip(qhits, qvecs):
             if h.id not in union:
                 union[h.id] = len(hits)
                 hits.append(h)
                 rows.append(v)
+        positions.append(np.asarray([union[h.id] for h in qhits], dtype=np.int64))
+    vecs = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+    return hits, vecs, positions
+
+
+def _rank_local(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refiner, t0: float) -> Ranking:
+    per_query, used = _candidates(g, queries, plan)
+    t1 = time.perf_counter()
+    # One NFormer pass: all queries + the union of their candidates (first-seen order), as the paper
+    # refines a query batch together; every query is then ranked over the whole union.
+    hits, vecs, _ = _union(per_query, g.index.dim)
     nq = len(queries)
-    vecs = np.stack(rows) if rows else np.zeros((0, g.index.dim), np.float32)
     sims = refiner.rerank("local", queries, vecs) if len(hits) else np.zeros((nq, 0), np.float32)
     cosines = queries @ vecs.T
     results = [_ranked(sims[qi], cosines[qi], hits, plan.top_k) for qi in range(nq)]
     return Ranking(results, t1 - t0, time.perf_counter() - t1, used)
 
 
+def _kreciprocal_each(queries: np.ndarray, per_query: Candidates, features: Iterable[tuple[np.ndarray, np.ndarray]],
+                      refiner: Refiner, top_k: int) -> list[list[SearchResult]]:
+    """Each query k-reciprocal re-ranked on its own candidates alone, so that a batch answers each query as a
+    single search of the same features would. ``features``: per query, (its row, its candidates' rows) to
+    re-rank on, the encoder's or the NFormer's; ``cosine`` stays the encoder's."""
+    results = []
+    for qi, ((qhits, qvecs), (query_row, candidate_rows)) in enumerate(zip(per_query, features)):
+        sims = refiner.rerank("kreciprocal", query_row, candidate_rows)[0] if qhits else np.zeros(0, np.float32)
+        results.append(_ranked(sims, (queries[qi:qi + 1] @ qvecs.T)[0], qhits, top_k))
+    return results
+
+
 def _rank_kreciprocal(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refiner, t0: float) -> Ranking:
     per_query, used = _candidates(g, queries, plan)
     t1 = time.perf_counter()
-    results = []
-    for qi, (qhits, qvecs) in enumerate(per_query):  # each query on its own candidates
-        q = queries[qi:qi + 1]
-        sims = refiner.rerank("kreciprocal", q, qvecs)[0] if qhits else np.zeros(0, np.float32)
-        results.append(_ranked(sims, (q @ qvecs.T)[0], qhits, plan.top_k))
+    encoder_features = ((queries[qi:qi + 1], qvecs) for qi, (_, qvecs) in enumerate(per_query))
+    results = _kreciprocal_each(queries, per_query, encoder_features, refiner, plan.top_k)
+    return Ranking(results, t1 - t0, time.perf_counter() - t1, used)
+
+
+def _rank_local_kreciprocal(g: Gallery, queries: np.ndarray, plan: SearchPlan, refiner: Refiner,
+                            t0: float) -> Ranking:
+    per_query, used = _candidates(g, queries, plan)
+    t1 = time.perf_counter()
+    # local's one NFormer pass over the batch and the union of its candidates (Refiner.rerank's
+    # local_kreciprocal for a single query), then kreciprocal's per-query re-ranking on the refined rows
+    hits, vecs, positions = _union(per_query, g.index.dim)
+    refined_queries, refined_union = refiner.refine_together(queries, vecs) if hits else (queries, vecs)
+    refined = ((refined_queries[qi:qi + 1], refined_union[pos]) for qi, pos in enumerate(positions))
+    results = _kreciprocal_each(queries, per_query, refined, refiner, plan.top_k)
     return Ranking(results, t1 - t0, time.perf_counter() - t1, used)
 
 
 # auto is never applied itself: plan_search resolves it to one of these
 _RANKERS = {RefineMode.none: _rank_none, RefineMode.joint: _rank_joint, RefineMode.local: _rank_local,
-            RefineMode.kreciprocal: _rank_kreciprocal}
+            RefineMode.kreciprocal: _rank_kreciprocal, RefineMode.local_kreciprocal: _rank_local_kreciprocal}

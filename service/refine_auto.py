@@ -64,7 +64,7 @@ class RefineAdvisor:
 
     def decide(self, gallery: str, idx: VectorIndex | None, model: str, has_nformer: bool = True) -> AutoDecision:
         """The gallery's current decision, re-made when it is stale. Without an NFormer in the model, a
-        multi-shot gallery gets kreciprocal instead of local."""
+        multi-shot gallery gets kreciprocal instead of local or local_kreciprocal."""
         size = 0 if idx is None else len(idx)
         mode = self.mode if has_nformer else "kreciprocal"
         with self._lock:

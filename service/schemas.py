@@ -75,9 +75,9 @@ class SearchTiming(OmitsAbsent):
     total: float
 
 
-_CANDIDATES_USED = Field(None, description="local/kreciprocal: the candidates refined (the most of any query, before "
-                                           "expansion): fewer than candidates when the gallery, after the "
-                                           "filters, holds fewer; absent for the other modes")
+_CANDIDATES_USED = Field(None, description="local/kreciprocal/local_kreciprocal: the candidates refined (the most "
+                                           "of any query, before expansion): fewer than candidates when the "
+                                           "gallery, after the filters, holds fewer; absent for the other modes")
 
 
 class SearchResponse(OmitsAbsent):
@@ -88,10 +88,11 @@ class SearchResponse(OmitsAbsent):
     model: str
     refine: str = Field(description="refine mode asked for (or the server's default)")
     refine_applied: str = Field(description="the mode that ran: refine itself, or what auto chose for this "
-                                            "gallery (none, local or kreciprocal)")
-    candidates: int | None = Field(None, description="local/kreciprocal: K, the gallery candidates refined per "
-                                                     "query before any expansion (the request's candidates, else "
-                                                     "REID_REFINE_CANDIDATES raised to top_k); else null")
+                                            "gallery (none, local, kreciprocal or local_kreciprocal)")
+    candidates: int | None = Field(None, description="local/kreciprocal/local_kreciprocal: K, the gallery "
+                                                     "candidates refined per query before any expansion (the "
+                                                     "request's candidates, else REID_REFINE_CANDIDATES raised "
+                                                     "to top_k); else null")
     candidates_used: int | None = _CANDIDATES_USED
     threshold: float | None = Field(None, description="the calibrated cosine threshold behind ``match`` "
                                                       "(absent until the gallery is calibrated)")

@@ -30,6 +30,18 @@ def test_every_option_of_every_command_is_described():
     assert undescribed == []
 
 
+def test_refine_choices_are_the_refiners_modes():
+    from index.refine import MODES
+    from scripts.cli import CANDIDATE_MODES, REFINE_MODES
+    from service.settings import RefineMode
+
+    assert REFINE_MODES == list(MODES)
+    assert CANDIDATE_MODES == [m.value for m in RefineMode if m.refines_candidates]
+    choices = {name: next(a.choices for a in parser._actions if a.dest == "refine")
+               for name, parser in _subcommands().items() if name in ("evaluate", "search")}
+    assert choices == {"evaluate": list(MODES), "search": [*MODES, "auto"]}
+
+
 def test_the_readme_table_lists_every_command():
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Command line: `reid`"):]

@@ -57,22 +57,23 @@ def brute_inter(feats, labels, rule, k=10):
 
 
 def brute_intra(feats, labels, rule):
+    """Smallest score, ties (at 1e-6) to the member with the largest hardest-negative similarity."""
     sim = (feats @ feats.T).tolist()
     lab = labels.tolist()
-    cent = centroids(feats, labels, C).tolist()
     out = []
     for c in range(C):
         members = [i for i in range(len(lab)) if lab[i] == c]
-        best, best_i = math.inf, -1
+        scored = []
         for i in members:
-            if rule == "centroid":
-                r = sum(a * b for a, b in zip(feats[i].tolist(), cent[c]))
+            others = [sim[i][j] for j in members if j != i]
+            if not others:
+                r = 0.0
             else:
-                others = [sim[i][j] for j in members if j != i]
-                r = sum(others) / len(others) if others else 0.0
-            if r < best:
-                best, best_i = r, i
-        out.append(best_i)
+                r = min(others) if rule == "farthest_pair" else sum(others) / len(others)
+            closeness = max((sim[i][j] for j in range(len(lab)) if lab[j] not in (c, -1)), default=-math.inf)
+            scored.append((r, -closeness, i))
+        lowest = min(r for r, _, _ in scored) if scored else 0.0
+        out.append(min((c, i) for r, c, i in scored if r <= lowest + 1e-6)[1] if scored else -1)
     return out
 
 
@@ -201,9 +202,9 @@ def test_centroid_proxies_reduce_to_cluster_contrast(how):
 
 def test_build_relation_proxies_are_the_selected_members():
     feats, labels = toy()
-    gr = GRACLLoss.build(feats, labels, C, w_centroid=0.5, inter_rule="knn_mean", intra_rule="centroid", k=4)
+    gr = GRACLLoss.build(feats, labels, C, w_centroid=0.5, inter_rule="knn_mean", intra_rule="farthest_pair", k=4)
     inter = inter_proxy_index(feats, labels, C, "knn_mean", k=4)
-    intra = intra_proxy_index(feats, labels, C, "centroid")
+    intra = intra_proxy_index(feats, labels, C, "farthest_pair")
     assert torch.allclose(gr.memories["inter"].proxies, feats[inter])
     assert torch.allclose(gr.memories["intra"].proxies, feats[intra])
     assert torch.allclose(gr.memories["centroid"].proxies, centroids(feats, labels, C))
@@ -340,3 +341,74 @@ def test_training_reduces_gracl_loss():
         history.append(total.item())
     assert all(math.isfinite(v) for v in history)
     assert history[-1] < 0.5 * history[0]
+
+
+# ----------------------------------------------------------------------------- review fixes (issue 16)
+
+
+def test_centroid_intra_rule_is_gone_because_it_duplicated_mean_similarity():
+    feats, labels = toy(seed=5)
+    with pytest.raises(ValueError, match="unknown intra rule"):
+        intra_proxy_index(feats, labels, C, rule="centroid")
+    # the reason: f_i . c ranks members as the mean similarity does, for every cluster
+    cent = centroids(feats, labels, C)
+    by_centroid = [max((i for i in range(len(labels)) if labels[i] == c), key=lambda i: -float(feats[i] @ cent[c]))
+                   for c in range(C)]
+    assert intra_proxy_index(feats, labels, C, "mean_similarity").tolist() == by_centroid
+
+
+def test_farthest_pair_differs_from_mean_similarity():
+    """Not a renamed duplicate: on the toy clusters the two rules pick different members somewhere."""
+    picks = [(intra_proxy_index(f, y, C, "mean_similarity") != intra_proxy_index(f, y, C, "farthest_pair")).any()
+             for f, y in (toy(seed=s) for s in range(6))]
+    assert any(picks)
+
+
+@pytest.mark.parametrize("rule", INTRA_RULES)
+def test_two_member_cluster_intra_proxy_is_the_member_closer_to_other_clusters(rule):
+    """Both members of a pair score the same (each one's only fellow is the other); the tie goes to the member
+    nearer the other clusters, i.e. not the inter proxy, whatever the order or the float rounding."""
+    g = torch.Generator().manual_seed(11)
+    other = F.normalize(torch.randn(4, D, generator=g, dtype=torch.float64), dim=1)
+    near = F.normalize(other[0] + 0.05 * torch.randn(D, generator=g, dtype=torch.float64), dim=0)
+    far = F.normalize(-other.sum(0) + 0.05 * torch.randn(D, generator=g, dtype=torch.float64), dim=0)
+    assert (other @ near).max() > 0.5 > (other @ far).max()
+    for order in ([near, far], [far, near]):
+        feats = torch.cat([torch.stack(order), other]).float()  # float32: rounding differs between the two
+        labels = torch.tensor([0, 0, 1, 1, 1, 1])
+        intra = intra_proxy_index(feats, labels, 2, rule)[0].item()
+        inter = inter_proxy_index(feats, labels, 2)[0].item()
+        assert torch.equal(feats[intra], near.float()) and intra != inter
+
+
+def test_inter_negatives_centroids_contrast_against_other_clusters_centroids():
+    feats, labels = toy(seed=6)
+    f, y = batch(feats, labels, seed=1)
+    loss = GRACLLoss.build(feats, labels, C, w_inter=1.0, w_intra=0.0, inter_negatives="centroids")
+    memory = loss.memories["inter"]
+    cent = centroids(feats, labels, C)
+    expected = cent.clone().expand(len(y), -1, -1).clone()
+    expected[torch.arange(len(y)), y] = memory.proxies[y]
+    logits = torch.einsum("bd,bcd->bc", f, expected) / memory.tau
+    assert torch.allclose(memory.logits(f, y), logits)
+    assert torch.allclose(loss(f, y)[1]["inter"], F.cross_entropy(logits, y))
+    plain = GRACLLoss.build(feats, labels, C, w_inter=1.0, w_intra=0.0)
+    assert not torch.allclose(plain(f, y)[1]["inter"], loss(f, y)[1]["inter"])
+    with pytest.raises(ValueError, match="inter negatives"):
+        GRACLLoss.build(feats, labels, C, inter_negatives="members")
+
+
+def test_proxy_momentum_keeps_the_global_choice():
+    """With cluster-contrast's momentum 0.1 one update nearly replaces the chosen proxy; 0.9 keeps it."""
+    feats, labels = toy(seed=7)
+    f, y = batch(feats, labels, seed=2)
+    kept = GRACLLoss.build(feats, labels, C, w_centroid=1.0, proxy_momentum=0.9)
+    moved = GRACLLoss.build(feats, labels, C, w_centroid=1.0)
+    chosen = kept.memories["inter"].proxies.clone()
+    kept.update(f, y)
+    moved.update(f, y)
+    touched = torch.unique(y)
+    keep_cos = (kept.memories["inter"].proxies[touched] * chosen[touched]).sum(1)
+    move_cos = (moved.memories["inter"].proxies[touched] * chosen[touched]).sum(1)
+    assert (keep_cos > move_cos).all()
+    assert kept.memories["centroid"].momentum == moved.memories["centroid"].momentum == 0.1

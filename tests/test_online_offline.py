@@ -40,8 +40,9 @@ def test_http_search_reproduces_offline_evaluation(prid2011, server_factory):
             assert len(answer.results) == len(gallery)
             for result in answer.results:
                 distmat[row, column[result.id]] = 1.0 - result.score
-        local = [[column[r.id] for r in client.search("prid2011", q.path, top_k=50, refine="local",
-                                                      candidates=50).results] for q in prid2011.query]
+        local, local_kreciprocal = ([[column[r.id] for r in client.search("prid2011", q.path, top_k=50, refine=mode,
+                                                                          candidates=50).results]
+                                     for q in prid2011.query] for mode in ("local", "local_kreciprocal"))
         joint = client.search_batch("prid2011", [q.path for q in prid2011.query], top_k=10, refine="joint")
 
     online = evaluate_rankings(distmat, np.array([s.pid for s in prid2011.query]), np.array([s.pid for s in gallery]),
@@ -54,11 +55,16 @@ def test_http_search_reproduces_offline_evaluation(prid2011, server_factory):
     # the refined modes: the same rankings as the offline evaluation's code path
     q, g = embed_protocol(BundleEncoder(DEFAULT_BUNDLE_DIR), prid2011)
     refiner = bundle_refiner(DEFAULT_BUNDLE_DIR, precision="fp32")
-    offline_local = np.argsort(-refiner.with_candidates(50).similarities("local", q, g), axis=1)[:, :50]
+    offline_local, offline_local_kreciprocal = (
+        np.argsort(-refiner.with_candidates(50).similarities(mode, q, g), axis=1)[:, :50]
+        for mode in ("local", "local_kreciprocal"))
     # the service puts the gallery in id order for joint (landmarks are positions): the same here
     by_id = np.argsort([item.id for item in ingested.items])
     offline_joint = by_id[np.argsort(-refiner.similarities("joint", q, g[by_id]), axis=1)[:, :10]]
     online_joint = [[column[r.id] for r in answer.results] for answer in joint.queries]
     assert np.mean([a[0] == b[0] for a, b in zip(local, offline_local)]) >= 0.99
     assert np.mean([a[:10] == list(b[:10]) for a, b in zip(local, offline_local)]) >= 0.95
+    assert np.mean([a[0] == b[0] for a, b in zip(local_kreciprocal, offline_local_kreciprocal)]) >= 0.99
+    assert np.mean([a[:10] == list(b[:10]) for a, b in zip(local_kreciprocal, offline_local_kreciprocal)]) >= 0.95
+    assert local_kreciprocal != local  # a ranking of its own
     assert np.mean([a[0] == b[0] for a, b in zip(online_joint, offline_joint)]) >= 0.99

@@ -95,6 +95,38 @@ def test_modes_keep_their_contracts(nformer_onnx):
         refiner.similarities("bogus", query, gallery)
 
 
+def test_local_kreciprocal_is_kreciprocal_on_the_nformer_refined_candidates(nformer_onnx):
+    """Step by step, without the Refiner: local's candidates (the K nearest by cosine, then each one's nearest
+    gallery neighbours), NFormer over the query and them, then the reference k-reciprocal re-ranking of the
+    refined features."""
+    from index.rerank import k_reciprocal_rerank_dense
+
+    _, onnx = nformer_onnx
+    x = clustered(150, seed=7)
+    query, gallery = x[:5], x[5:]
+    k, expand = 20, 2
+    refiner = Refiner(onnx, candidates=k, expand=expand)
+    combined = refiner.similarities("local_kreciprocal", query, gallery)
+    local = refiner.similarities("local", query, gallery)
+    kreciprocal = refiner.similarities("kreciprocal", query, gallery)
+    cosine = query @ gallery.T
+    for qi in range(len(query)):
+        order = list(np.argsort(-cosine[qi], kind="stable")[:k])
+        for c in order[:k]:  # each candidate's own nearest (itself first), unseen ones appended in order
+            order += [n for n in np.argsort(-(gallery @ gallery[c]), kind="stable")[:expand + 1] if n not in order]
+        assert len(order) > k, "the expansion adds candidates"
+        refined = onnx(np.concatenate([query[qi:qi + 1], gallery[order]]))
+        expected = 1.0 - k_reciprocal_rerank_dense(refined[:1], refined[1:], 20, 6, 0.3, v_dtype=np.float64)[0]
+        np.testing.assert_allclose(combined[qi, order], expected, rtol=1e-5, atol=1e-5)
+        outside = np.setdiff1d(np.arange(len(gallery)), order)
+        np.testing.assert_allclose(combined[qi, outside], cosine[qi, outside] - 10.0, atol=1e-6)
+        assert set(np.flatnonzero(local[qi] > -5)) == set(order)  # the same candidates as local
+    # neither part alone: the NFormer moves k-reciprocal's scores, k-reciprocal re-ranks local's refined ones
+    assert not np.allclose(combined, kreciprocal, atol=1e-3) and not np.allclose(combined, local, atol=1e-3)
+    with pytest.raises(ValueError, match="nformer"):
+        Refiner(None).rerank("local_kreciprocal", query[:1], gallery[:10])
+
+
 def test_candidates_expand_by_new_neighbours_in_first_seen_order():
     top = np.array([5, 2], dtype=np.int64)
     nearest = {3: np.array([[5, 9, 2], [2, 7, 9]]), 2: np.array([[5, -1], [2, 7]])}  # FAISS pads with -1

@@ -81,6 +81,17 @@ def test_advisor_remakes_stale_decisions_only():
     assert advisor.decide("g", idx, "m2", has_nformer=False).mode == "kreciprocal"  # no NFormer: kreciprocal
 
 
+def test_default_auto_mode_is_local_kreciprocal_and_needs_the_nformer():
+    from service.settings import RefineMode, Settings
+
+    mode = Settings().refine_auto_mode
+    assert mode == "local_kreciprocal" and RefineMode(mode).needs_nformer
+    advisor = RefineAdvisor(mode, 0.3)
+    idx = index_of(tracks(40, 5, seed=4))
+    assert advisor.decide("g", idx, "m").mode == "local_kreciprocal"
+    assert advisor.decide("g", idx, "m2", has_nformer=False).mode == "kreciprocal"  # no NFormer: kreciprocal
+
+
 def test_tiny_or_missing_galleries_are_not_refined():
     advisor = RefineAdvisor("kreciprocal", 0.3)
     assert advisor.decide("none", None, "m").mode == "none"
@@ -99,8 +110,9 @@ def _gallery_of(dataset, people: int):
 
 
 def test_auto_over_http_refines_track_galleries_and_leaves_single_shot_ones(server_factory):
-    """A CUHK03 gallery (about 5 images per person, unseen identities) reads multi-shot and is refined; a
-    PRID450S gallery (one image per person) is not, and auto's answer is then exactly none's."""
+    """A CUHK03 gallery (about 5 images per person, unseen identities) reads multi-shot and gets the default
+    auto mode, local_kreciprocal, whose answer auto's then is exactly; a PRID450S gallery (one image per
+    person) is not refined, and auto's answer is then exactly none's."""
     import httpx
 
     from models.data.datasets import load_dataset
@@ -117,14 +129,17 @@ def test_auto_over_http_refines_track_galleries_and_leaves_single_shot_ones(serv
         client.ingest(gallery, [s.path for s in samples])
 
     detail = {g: httpx.get(f"{server.url}/v1/galleries/{g}").json()["refine_auto"] for g in ("tracks", "singles")}
-    assert detail["tracks"]["mode"] == "kreciprocal" and detail["singles"]["mode"] == "none", detail
+    assert detail["tracks"]["mode"] == "local_kreciprocal" and detail["singles"]["mode"] == "none", detail
     threshold = server.settings.refine_auto_threshold
     assert detail["tracks"]["profile"]["neighbour_excess"] >= threshold > detail["singles"]["profile"]["neighbour_excess"]
     assert "neighbour_excess" in detail["tracks"]["rule"]
 
     query = Path(tracks_ds.query[0].path).read_bytes()
     answer = client.search("tracks", query, refine=None)  # the server's default: auto
-    assert answer.refine == "auto" and answer.refine_applied == "kreciprocal" and answer.candidates == 200
+    assert answer.refine == "auto" and answer.refine_applied == "local_kreciprocal" and answer.candidates == 200
+    chosen, plain = (client.search("tracks", query, refine=mode) for mode in ("local_kreciprocal", "kreciprocal"))
+    assert [(r.id, r.score, r.cosine) for r in answer.results] == [(r.id, r.score, r.cosine) for r in chosen.results]
+    assert [r.score for r in answer.results] != [r.score for r in plain.results]  # not kreciprocal's answer
     single_query = Path(singles_ds.query[0].path).read_bytes()
     auto, none = (client.search("singles", single_query, refine=mode) for mode in ("auto", "none"))
     assert auto.refine_applied == "none" and none.refine_applied == "none"

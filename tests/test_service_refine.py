@@ -16,6 +16,7 @@ from index.refine import NeighborTransformer, NFormerSpec, Refiner
 from index.vector_index import VectorIndex
 from service.client import ReidClient, ServiceError
 from service.images import decode_image
+from service.settings import RefineMode
 from tests.test_service_http import assert_error, search, upload
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
@@ -65,6 +66,10 @@ class Offline:
 
     def embed(self, blobs):
         return self.state.embedder.embed([decode_image(data) for _, data in blobs])
+
+    def nformer_step(self, queries, candidates):
+        """The bundle's NFormer over the queries then the candidates, called directly: refined rows, same order."""
+        return self.refiner.nformer(np.concatenate([queries, candidates]))
 
     def topk(self, q, k):
         """Positions (in self.G) of the query's k nearest gallery vectors, best first."""
@@ -162,6 +167,11 @@ def test_local_with_camera_filter_and_expansion(server_factory, nformer_bundle, 
     assert len(order) > 5, "the expansion adds candidates"
     scores = off.refiner.rerank("local", q[None], off.G[order])[0]
     check(body["results"], *off.ranking(scores, np.array(order), top_k=5))
+    # local_kreciprocal refines the very same filtered, expanded candidates
+    body = ok(search(base, g, data, top_k=5, refine="local_kreciprocal", exclude_camera_id="1"))
+    assert body["candidates"] == 5 and body["candidates_used"] == 5
+    scores = off.refiner.rerank("local_kreciprocal", q[None], off.G[order])[0]
+    check(body["results"], *off.ranking(scores, np.array(order), top_k=5))
 
 
 def test_batch_refines_queries_together(nformer_server, nformer_bundle, gallery_name, image_bytes):
@@ -206,6 +216,44 @@ def test_batch_refines_queries_together(nformer_server, nformer_bundle, gallery_
         assert one.refine == "joint" and len(one.results) == 4
 
 
+def test_local_kreciprocal_matches_offline(nformer_server, nformer_bundle, gallery_name, image_bytes):
+    """k-reciprocal re-ranking of the NFormer-refined candidates: a search answers what `reid evaluate`
+    measures (the offline Refiner's ranking of the whole gallery); a batch refines its queries together, as
+    local does, then re-ranks each query on its own candidates."""
+    base, g = nformer_server.url, gallery_name
+    off = Offline(nformer_server, g, nformer_bundle)
+    queries = query_blobs(image_bytes, 3)
+    Q = off.embed(queries)
+    offline = off.refiner.with_candidates(K).similarities("local_kreciprocal", Q, off.G)
+    local = off.refiner.with_candidates(K).similarities("local", Q, off.G)
+    kreciprocal = off.refiner.with_candidates(K).similarities("kreciprocal", Q, off.G)
+    everything = np.arange(len(off.ids))
+    # what makes this check bite: the combination answers neither what kreciprocal nor what local does
+    assert not np.allclose(offline, kreciprocal, atol=1e-3)
+    assert any(off.ranking(a, everything)[0] != off.ranking(b, everything)[0] for a, b in zip(offline, local))
+    for qi, (_, data) in enumerate(queries):
+        body = ok(search(base, g, data, top_k=TOP_K, refine="local_kreciprocal"))
+        assert (body["refine"], body["refine_applied"]) == ("local_kreciprocal", "local_kreciprocal")
+        assert body["candidates"] == K and body["candidates_used"] == K and body["timing_ms"]["refine"] >= 0
+        ids, expected = off.ranking(offline[qi], everything)
+        check(body["results"], ids, expected, cosines=[float(off.G[off.ids == i][0] @ Q[qi]) for i in ids])
+        assert ok(search(base, g, data, top_k=TOP_K, refine="local_kreciprocal")) == {**body, "timing_ms": ANY}
+
+    body = ok(batch(base, g, queries, top_k=TOP_K, refine="local_kreciprocal"))
+    assert body["refine"] == "local_kreciprocal" and body["candidates"] == K
+    union, own = [], []  # each query's K candidates, first seen first; and each query's own in the union
+    for q in Q:
+        top = off.topk(q, K)
+        union += [p for p in top if p not in union]
+        own.append([union.index(p) for p in top])
+    refined = off.nformer_step(Q, off.G[union])
+    for qi, answer in enumerate(body["queries"]):
+        scores = off.refiner.rerank("kreciprocal", refined[qi:qi + 1], refined[len(Q):][own[qi]])[0]
+        check(answer["results"], *off.ranking(scores, np.array(union)[own[qi]]))
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'reid_refine_seconds_count{mode="local_kreciprocal"} 7.0' in metrics
+
+
 def test_batch_errors_and_route(server_factory, nformer_bundle, gallery_name, image_bytes):
     srv = server_factory(model_dir=nformer_bundle, max_batch_queries=2, joint_max_gallery=3)
     base, g = srv.url, gallery_name
@@ -247,8 +295,7 @@ def test_model_card_and_default_mode(server_factory, nformer_bundle, gallery_nam
     assert ok(search(srv.url, gallery_name, image_bytes(1), refine="none"))["refine"] == "none"
     assert srv.app.state.reid.has_nformer
     page = httpx.get(f"{srv.url}/").text  # the web page offers the modes
-    assert '<select id="refine">' in page and all(f'value="{m}"' in page for m in ("none", "local", "joint",
-                                                                                  "kreciprocal", "auto"))
+    assert '<select id="refine">' in page and all(f'value="{m.value}"' in page for m in RefineMode)
 
 
 def test_bundle_without_nformer(server_factory, gallery_name, image_bytes):
@@ -258,7 +305,7 @@ def test_bundle_without_nformer(server_factory, gallery_name, image_bytes):
     assert upload(base, g, gallery_blobs(image_bytes, 6)[0]).status_code == 201
     # a default the bundle cannot honour falls back to none (logged) instead of failing every search
     assert ok(search(base, g, image_bytes(1)))["refine"] == "none"
-    for mode in ("local", "joint"):
+    for mode in ("local", "joint", "local_kreciprocal"):
         msg = assert_error(search(base, g, image_bytes(1), refine=mode), 422, "refine_unavailable")["error"]["message"]
         assert "nformer.onnx" in msg and "none" in msg
         assert_error(batch(base, g, [("q.png", image_bytes(1))], refine=mode), 422, "refine_unavailable")
@@ -324,7 +371,10 @@ def test_refine_mode_is_the_refiners_modes_plus_auto():
     from service.settings import RefineMode
 
     assert [m.value for m in RefineMode] == [*MODES, "auto"]
-    assert [m for m in RefineMode if m.needs_nformer] == [RefineMode.joint, RefineMode.local]
+    assert [m for m in RefineMode if m.needs_nformer] == [RefineMode.joint, RefineMode.local,
+                                                          RefineMode.local_kreciprocal]
+    assert [m for m in RefineMode if m.refines_candidates] == [RefineMode.local, RefineMode.kreciprocal,
+                                                               RefineMode.local_kreciprocal]
 
 
 def test_service_never_imports_torch():

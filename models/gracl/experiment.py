@@ -21,6 +21,8 @@ VARIANTS: dict[str, dict] = {
     "cluster-contrast": {"w_centroid": 1.0, "w_inter": 0.0, "w_intra": 0.0},
     "gracl": {},
     # ablation: which proxies (total weight 1 throughout)
+    "inter only": {"w_inter": 1.0, "w_intra": 0.0},
+    "intra only": {"w_inter": 0.0, "w_intra": 1.0},
     "centroid + intra": {"w_centroid": 0.5, "w_inter": 0.0, "w_intra": 0.5},
     "centroid + inter": {"w_centroid": 0.5, "w_inter": 0.5, "w_intra": 0.0},
     "centroid + inter + intra": {"w_centroid": 1 / 3, "w_inter": 1 / 3, "w_intra": 1 / 3},
@@ -28,9 +30,12 @@ VARIANTS: dict[str, dict] = {
     "weights 1 + 1": {"w_inter": 1.0, "w_intra": 1.0},
     "inter rule knn_mean": {"inter_rule": "knn_mean"},
     "inter rule centroid": {"inter_rule": "centroid"},
-    "intra rule centroid": {"intra_rule": "centroid"},
+    "intra rule farthest_pair": {"intra_rule": "farthest_pair"},
     "intra loss pull": {"intra_loss": "pull"},
+    # the global choice kept: fixed for the epoch, or barely moved by each visit (momentum 0.1 replaces it)
     "proxies per epoch only": {"inter_update": "none", "intra_update": "none"},
+    "proxy momentum 0.9": {"proxy_momentum": 0.9},
+    "inter negatives centroids": {"inter_negatives": "centroids"},
     "intra update mean": {"intra_update": "mean"},
 }
 
@@ -47,7 +52,8 @@ def run_variant(base: GRACLConfig, variant: str, seed: int, out_dir: Path) -> di
     last = records[-1]
     metrics = next(iter(last["eval"].values()))
     return {"variant": variant, "seed": seed, "rank1": metrics["ranks"]["rank1"], "mAP": metrics["mAP"],
-            "clusters": last["clusters"], "trained_epochs": sum("skipped" not in r for r in records),
+            "clusters": last["clusters"], "cluster_epochs": [r["clusters"] for r in records],
+            "trained_epochs": sum("skipped" not in r for r in records),
             "seconds_per_epoch": statistics.mean(r["seconds"] for r in records)}
 
 
@@ -88,4 +94,24 @@ def results_markdown(rows: list[dict], title: str) -> str:
         seconds = f"{statistics.mean(r['seconds_per_epoch'] for r in group):.0f}" if c else "–"
         lines.append(f"| {variant} | {len(group)} | {_mean_std([r['rank1'] for r in group])} | "
                      f"{_mean_std([r['mAP'] for r in group])} | {clusters} | {outliers} | {precision_text} | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def cluster_timeline_markdown(rows: list[dict], seed: int = 0) -> str:
+    """Each variant's pseudo-labels epoch by epoch (one seed): how the clusters the losses train on evolve."""
+    lines = [f"#### Pseudo-labels per epoch (seed {seed}; statistics against the true identities, never trained on)",
+             "", "| variant | epoch | clusters | outliers | largest | pair precision | pair recall | NMI |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["seed"] != seed or "cluster_epochs" not in r:
+            continue
+        for epoch, c in enumerate(r["cluster_epochs"], 1):
+            nmi = "–" if c.get("nmi") is None else f"{c['nmi']:.3f}"
+            lines.append(f"| {r['variant']} | {epoch} | {c['clusters']} | {100 * c['outlier_share']:.0f}% | "
+                         f"{c['largest']} | {_share(c.get('pairwise_precision'))} | "
+                         f"{_share(c.get('pairwise_recall'))} | {nmi} |")
     return "\n".join(lines) + "\n"

@@ -10,6 +10,11 @@ Each proxy set lives in a :class:`ProxyMemory` (C x D, InfoNCE with temperature 
 :class:`GRACLLoss` combines them. The exact scoring rules are not known from the paper (spec tag [I]), so they
 are switchable options: ``INTER_RULES`` / ``INTRA_RULES``.
 
+Ties: a two-member cluster's members score the same under either intra rule (each one's only fellow is the
+other), so float rounding used to decide its intra proxy. Scores within 1e-6 of the cluster's lowest tie, and a
+tie goes to the member *closest* to other clusters: the harder positive, and the one that is not the inter proxy, so the
+two memories of a pair differ.
+
 Conventions: features are L2-normalised rows, labels are pseudo-ids in 0..C-1 and -1 marks DBSCAN outliers,
 which are ignored everywhere (never chosen as a proxy and never counted as "another cluster"). A cluster with
 no members gets proxy index -1 (and, in memories, a zero row).
@@ -24,7 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 INTER_RULES = ("hardest_negative", "knn_mean", "centroid")
-INTRA_RULES = ("mean_similarity", "centroid")
+INTRA_RULES = ("mean_similarity", "farthest_pair")
+# "centroid" (f_i . c) was an intra rule: for unit-norm features it ranks members exactly as mean_similarity
+# does (both are monotone in f_i . S_c), so it picked the same member in 4,000 of 4,000 clusters checked.
+INTER_NEGATIVES = ("proxies", "centroids")
 UPDATE_MODES = ("mean", "hard", "outward", "none")
 MEMORY_NAMES = ("centroid", "inter", "intra")
 LOSS_FORMS = ("infonce", "pull")
@@ -49,17 +57,25 @@ def _cluster_sums(features: torch.Tensor, labels: torch.Tensor, num_clusters: in
     return sums, counts
 
 
-def _argmin_per_cluster(scores: torch.Tensor, labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    """[C] index of the member with the smallest score in each cluster; ties -> smallest index; empty -> -1.
+def _argmin_per_cluster(scores: torch.Tensor, labels: torch.Tensor, num_clusters: int,
+                        tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """[C] index of the member with the smallest score in each cluster; empty -> -1. With ``tiebreak``, scores
+    within 1e-6 of their cluster's minimum tie, and a tie goes to the smallest tiebreak value; remaining ties ->
+    smallest index.
 
-    Done with two scatter-reduce passes (min score per cluster, then min index among members reaching it) so the
-    whole thing stays vectorised; equality is exact because both passes see the same stored values."""
+    Done with scatter-reduce passes (min key per cluster, then the members reaching it) so the whole thing stays
+    vectorised; comparisons are against the same stored values, so a member always reaches its own minimum."""
     keep = labels >= 0
     idx = torch.arange(labels.numel(), device=labels.device)
-    lab, sc, ix = labels[keep], scores[keep], idx[keep]
-    best = scores.new_full((num_clusters,), float("inf")).scatter_reduce(0, lab, sc, reduce="amin")
+    lab, ix = labels[keep], idx[keep]
+    alive = torch.ones_like(lab, dtype=torch.bool)
+    keys = [(scores[keep], 0.0)] if tiebreak is None else [(scores[keep], 1e-6), (tiebreak[keep], 0.0)]
+    for key, tolerance in keys:  # lexicographic: each pass keeps the members at their cluster's minimum
+        key = torch.where(alive, key, torch.full_like(key, float("inf")))
+        best = key.new_full((num_clusters,), float("inf")).scatter_reduce(0, lab, key, reduce="amin")
+        alive = alive & (key <= best[lab] + tolerance)
     sentinel = labels.numel()
-    cand = torch.where(sc == best[lab], ix, torch.full_like(ix, sentinel))
+    cand = torch.where(alive, ix, torch.full_like(ix, sentinel))
     out = torch.full((num_clusters,), sentinel, dtype=torch.long, device=labels.device)
     out = out.scatter_reduce(0, lab, cand, reduce="amin")
     return torch.where(out == sentinel, torch.full_like(out, -1), out)
@@ -133,12 +149,21 @@ def inter_proxy_index(features, labels, num_clusters, rule="hardest_negative", k
         return _argmin_per_cluster(scores, labels, num_clusters)
 
 
-def intra_similarity(features, labels, num_clusters, rule="mean_similarity") -> torch.Tensor:
+def _farthest_fellow(f: torch.Tensor, lab: torch.Tensor, start: int, chunk: int) -> torch.Tensor:
+    """Rows start..start+chunk: each one's smallest similarity to another member of its cluster (+inf if none)."""
+    rows = torch.arange(start, min(start + chunk, len(f)), device=f.device)
+    sim = (f[rows] @ f.T).masked_fill(lab[rows][:, None] != lab[None, :], float("inf"))
+    sim[torch.arange(len(rows)), rows] = float("inf")
+    return sim.min(dim=1).values
+
+
+def intra_similarity(features, labels, num_clusters, rule="mean_similarity", chunk=4096) -> torch.Tensor:
     """[N] similarity of each clustered sample to its own cluster (outliers get +inf).
 
-    mean_similarity uses the sum-of-members trick: mean_{j!=i} f_i.f_j = (f_i.S_c - f_i.f_i) / (n_c - 1)
-    (f_i.f_i instead of the literal 1 keeps it exact for slightly non-unit inputs). Singletons score 0: they are
-    the only candidate anyway."""
+    mean_similarity: mean_{j!=i} f_i.f_j, with the sum-of-members trick (f_i.S_c - f_i.f_i) / (n_c - 1)
+    (f_i.f_i instead of the literal 1 keeps it exact for slightly non-unit inputs);
+    farthest_pair: min_{j!=i} f_i.f_j, so the two members of the cluster's least similar pair score lowest.
+    Singletons score 0: they are the only candidate anyway."""
     if rule not in INTRA_RULES:
         raise ValueError(f"unknown intra rule {rule!r}; options {INTRA_RULES}")
     labels = _check_labels(labels, num_clusters)
@@ -147,23 +172,26 @@ def intra_similarity(features, labels, num_clusters, rule="mean_similarity") -> 
     if not keep.any():
         return scores
     f, lab = features[keep], labels[keep]
-    if rule == "centroid":
-        scores[keep] = (f * centroids(features, labels, num_clusters)[lab]).sum(dim=1)
-        return scores
     sums, counts = _cluster_sums(features, labels, num_clusters)
     n = counts[lab].to(f.dtype)
+    if rule == "farthest_pair":
+        farthest = torch.cat([_farthest_fellow(f, lab, start, chunk) for start in range(0, len(f), chunk)])
+        scores[keep] = torch.where(n > 1, farthest, torch.zeros_like(farthest))
+        return scores
     others = (f * sums[lab]).sum(dim=1) - (f * f).sum(dim=1)
     scores[keep] = torch.where(n > 1, others / (n - 1).clamp_min(1), torch.zeros_like(others))
     return scores
 
 
-def intra_proxy_index(features, labels, num_clusters, rule="mean_similarity") -> torch.Tensor:
+def intra_proxy_index(features, labels, num_clusters, rule="mean_similarity", chunk=4096) -> torch.Tensor:
     """[C] index of each cluster's intra-ID relation-aware proxy: the member least like its own cluster
-    (smallest intra_similarity). Empty clusters get -1."""
+    (smallest intra_similarity); a tie (every two-member cluster) goes to the member closest to other clusters.
+    Empty clusters get -1."""
     labels = _check_labels(labels, num_clusters)
     with torch.no_grad():
-        scores = intra_similarity(features, labels, num_clusters, rule=rule)
-        return _argmin_per_cluster(scores, labels, num_clusters)
+        scores = intra_similarity(features, labels, num_clusters, rule=rule, chunk=chunk)
+        closeness = inter_closeness(features, labels, num_clusters, chunk=chunk)
+        return _argmin_per_cluster(scores, labels, num_clusters, tiebreak=-closeness)
 
 
 def _gather_proxies(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -189,10 +217,14 @@ class ProxyMemory(nn.Module):
       'outward' per pseudo-id, the sample whose max similarity to the OTHER rows of M is smallest (spec §3 5a);
       'none'    proxies fixed for the epoch (spec §3 5b).
     For 'hard'/'outward' all choices are made against the memory as it was before this update, so the result
-    does not depend on the order of pseudo-ids in the batch."""
+    does not depend on the order of pseudo-ids in the batch.
+
+    ``negatives`` [C,D] (optional, fixed): the InfoNCE contrasts the own proxy M[y] against these rows of the
+    other clusters instead of their proxies, e.g. centroids: the inter proxies are by construction each
+    cluster's most outward member, the easiest negatives there are."""
 
     def __init__(self, proxies: torch.Tensor, tau: float = 0.05, momentum: float = 0.1, mode: str = "mean",
-                 loss: str = "infonce"):
+                 loss: str = "infonce", negatives: torch.Tensor | None = None):
         super().__init__()
         if mode not in UPDATE_MODES:
             raise ValueError(f"unknown update mode {mode!r}; options {UPDATE_MODES}")
@@ -203,18 +235,26 @@ class ProxyMemory(nn.Module):
         if init.dtype not in (torch.float32, torch.float64):  # momentum updates in fp16 would drift
             init = init.float()
         self.register_buffer("proxies", F.normalize(init, dim=1))
+        if negatives is not None and negatives.shape != init.shape:
+            raise ValueError(f"negatives must be shaped like the proxies {tuple(init.shape)}")
+        self.register_buffer("negatives", None if negatives is None else negatives.detach().to(init.dtype).clone())
 
     @property
     def num_clusters(self) -> int:
         return self.proxies.shape[0]
 
-    def logits(self, f: torch.Tensor) -> torch.Tensor:
-        return f @ self.proxies.to(f.dtype).T / self.tau
+    def logits(self, f: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """[B,C] f . M / tau; with negatives (and the labels y) the other columns are f . negatives / tau."""
+        if self.negatives is None or y is None:
+            return f @ self.proxies.to(f.dtype).T / self.tau
+        positive = (f * self.proxies.to(f.dtype)[y]).sum(dim=1, keepdim=True)
+        return (f @ self.negatives.to(f.dtype).T).scatter(1, y[:, None], positive) / self.tau
 
     def forward(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = y.long()
         if self.loss == "pull":
-            return (1.0 - (f * self.proxies.to(f.dtype)[y.long()]).sum(dim=1)).mean()
-        return F.cross_entropy(self.logits(f), y.long())
+            return (1.0 - (f * self.proxies.to(f.dtype)[y]).sum(dim=1)).mean()
+        return F.cross_entropy(self.logits(f, y), y)
 
     @torch.no_grad()
     def update(self, f: torch.Tensor, y: torch.Tensor, mode: Optional[str] = None) -> None:
@@ -274,11 +314,17 @@ class GRACLLoss(nn.Module):
     def build(cls, features, labels, num_clusters, w_centroid=0.0, w_inter=1.0, w_intra=1.0,
               inter_rule="hardest_negative", intra_rule="mean_similarity",
               inter_update="outward", intra_update="hard", centroid_update="mean", intra_loss="infonce",
-              tau=0.05, momentum=0.1, k=10, chunk=4096, proxies="relation") -> "GRACLLoss":
+              tau=0.05, momentum=0.1, k=10, chunk=4096, proxies="relation", proxy_momentum=None,
+              inter_negatives="proxies") -> "GRACLLoss":
         """proxies="relation" selects the GRACL proxies (spec §3 steps 1-2); proxies="centroid" initialises the
-        inter/intra memories from centroids too (ablation: the losses then reduce to cluster-contrast)."""
+        inter/intra memories from centroids too (ablation: the losses then reduce to cluster-contrast).
+        proxy_momentum (default: momentum) is the inter/intra memories' own: with cluster-contrast's 0.1 the
+        first update of a row replaces the globally chosen proxy almost entirely. inter_negatives="centroids"
+        contrasts L_inter's positive against the other clusters' centroids (see ProxyMemory)."""
         if proxies not in ("relation", "centroid"):
             raise ValueError("proxies must be 'relation' or 'centroid'")
+        if inter_negatives not in INTER_NEGATIVES:
+            raise ValueError(f"unknown inter negatives {inter_negatives!r}; options {INTER_NEGATIVES}")
         with torch.no_grad():
             features = features.detach()
             labels = _check_labels(labels, num_clusters)
@@ -296,9 +342,11 @@ class GRACLLoss(nn.Module):
                         features, labels, num_clusters, rule=inter_rule, k=k, chunk=chunk))
                 else:
                     init = _gather_proxies(features, intra_proxy_index(
-                        features, labels, num_clusters, rule=intra_rule))
-                memories[name] = ProxyMemory(init, tau=tau, momentum=momentum, mode=update,
-                                             loss=intra_loss if name == "intra" else "infonce")
+                        features, labels, num_clusters, rule=intra_rule, chunk=chunk))
+                own_momentum = momentum if name == "centroid" or proxy_momentum is None else proxy_momentum
+                negatives = cent if name == "inter" and inter_negatives == "centroids" else None
+                memories[name] = ProxyMemory(init, tau=tau, momentum=own_momentum, mode=update,
+                                             loss=intra_loss if name == "intra" else "infonce", negatives=negatives)
         weights = {name: plan[name][0] for name in memories}
         return cls(memories, weights)
 

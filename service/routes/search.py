@@ -69,10 +69,10 @@ def _known_refine(value: object, check: ValidatorFunctionWrapHandler) -> RefineM
                           refine=repr(value), supported=", ".join(m.value for m in RefineMode)) from None
 
 
-_REFINE_DOC = (f"re-ranking mode; default: REID_REFINE_DEFAULT (local and joint need a bundle with "
-               f"{NFORMER_FILE}; auto picks per gallery)")
-_CANDIDATES_DOC = (f"local/kreciprocal: K FAISS candidates to refine (top_k..{MAX_CANDIDATES}; below top_k is "
-                   "422 invalid_candidates); default REID_REFINE_CANDIDATES, raised to top_k")
+_REFINE_DOC = (f"re-ranking mode; default: REID_REFINE_DEFAULT (local, joint and local_kreciprocal need a "
+               f"bundle with {NFORMER_FILE}; auto picks per gallery)")
+_CANDIDATES_DOC = (f"local/kreciprocal/local_kreciprocal: K FAISS candidates to refine (top_k..{MAX_CANDIDATES}; "
+                   "below top_k is 422 invalid_candidates); default REID_REFINE_CANDIDATES, raised to top_k")
 
 
 def search_form(
