@@ -138,6 +138,12 @@ class EmbeddedRedis:
             return None
         return pid, port
 
+    def running_url(self) -> str | None:
+        """URL of a live redis-server that another process (a running service) started in this data_dir, else None:
+        a maintenance command connects to it rather than starting a second server on the same AOF."""
+        found = self._stale_pid()
+        return None if found is None else f"redis://{self.host}:{found[1]}/0"
+
     def _stop_stale(self, timeout: float = 10.0) -> None:
         found = self._stale_pid()
         if found is None:

@@ -6,14 +6,27 @@ Key layout (all keys prefixed ``reid:``; gallery names match :data:`GALLERY_NAME
 so they never contain ``:``)::
 
     reid:galleries                      SET    names of all galleries
-    reid:gallery:{g}                    HASH   name, created_at (ISO 8601 UTC), retention_days (optional)
-    reid:gallery:{g}:vectors            HASH   {image id (decimal)} -> float32 vector bytes (little endian)
-    reid:gallery:{g}:image:{id}         HASH   id, gallery, external_id, camera_id, person_id,
-                                               captured_at, filename, created_at, model, dim
-    reid:gallery:{g}:images             HASH   {image id} -> the original image bytes as uploaded
-                                               (kept to adapt a model and to re-embed; optional)
+    reid:gallery:{g}                    HASH   name, created_at (ISO 8601 UTC), retention_days (optional),
+                                               vector_dtype (float32|float16: how :vectors holds this gallery's
+                                               vectors; absent = float32, the layout before it was recorded)
+    reid:gallery:{g}:vectors            HASH   {image id (decimal)} -> vector bytes, little endian, of the
+                                               gallery's vector_dtype (:mod:`index.vector_codec`)
+    reid:gallery:{g}:image:{id}         HASH   external_id, camera_id, person_id, captured_at, filename,
+                                               created_at, model, dim (records written before the blob
+                                               store also hold id and gallery, which the key already names)
+    reid:gallery:{g}:blobs              HASH   {image id} -> sha256 (32 raw bytes) of the image's kept bytes,
+                                               a blob in ``{blob_dir}/{g}/`` (:mod:`index.blob_store`)
+    reid:gallery:{g}:images             HASH   {image id} -> the original image bytes inside Redis: the layout
+                                               before the blob store, still written with image_storage="redis"
+                                               and always read as a fallback (:meth:`RedisStore.migrate_image_bytes`
+                                               moves them to disk)
+    reid:gallery:{g}:blob-removing:{sha256 hex}
+                                        STRING the token of a remover while it removes that blob's file
+                                               (expires after :data:`BLOB_MARK_TTL_MS`)
     reid:gallery:{g}:vectors:staged     HASH   like :vectors, written by a model activation before it
                                                replaces :vectors in one transaction
+    reid:blob_store                     STRING identity of the blob directory the kept bytes are in (the same
+                                               is written in it, :func:`index.blob_store.claim_identity`)
     reid:active_bundle                  STRING id of the model bundle whose vectors the store holds
     reid:events                         STREAM change log (op=put|delete|drop|activate, gallery, id),
                                                capped at ~``events_maxlen`` entries (approximate
@@ -28,10 +41,26 @@ Image ids are stable: the first 8 bytes of ``sha256(gallery + b"\\0" + image byt
 big-endian with the top bit cleared (a positive signed 63-bit integer). Re-uploading the
 same bytes to the same gallery gives the same id.
 
-Writes of images (vector + metadata + image bytes + gallery membership + change event) happen in one
+Writes of images (vector + metadata + kept-bytes reference + gallery membership + change event) happen in one
 MULTI/EXEC transaction guarded by WATCH on the image keys (:meth:`RedisStore.put_many`), so
 a reader never sees half an image and two concurrent uploads of the same bytes report
 exactly one ``created``.
+
+Kept image bytes on disk (``image_storage="disk"``). Each gallery has its own content-addressed blob folder
+``{blob_dir}/{g}/``, so a blob is referenced by at most one record: the image of that gallery whose id is
+``image_id(g, bytes)`` (put_many refuses kept bytes under any other id). Two galleries holding the same bytes
+hold two blobs, and removing one never touches the other. The rules:
+
+* Write: the blob is written and fsynced (:meth:`BlobStore.put`) *inside* the WATCH of the transaction that
+  then records its reference, before EXEC. A crash or a failed EXEC in between leaves at worst an orphan
+  blob, never a record pointing to a missing one; :func:`index.blob_gc.sweep_orphan_blobs` removes orphans.
+* Remove (delete, retention, gallery deletion, the sweep): the reference is dropped and a removal mark
+  ``…:blob-removing:{sha256}`` set in ONE transaction; then the file is renamed to a trash name, the mark read
+  back, and the trash unlinked only if the mark is still this remover's (else put back: the mark ran out and a
+  writer may have referenced the blob again); then the mark is released.
+* A writer WATCHes the marks of the blobs it writes and waits while one is set; a mark set after its WATCH
+  aborts its EXEC (it retries and rewrites the blob). So a writer never records a reference to a blob that a
+  remover is about to unlink, even when the same image is deleted and uploaded again at the same moment.
 
 Durability: with ``wait_aof_ms`` set (a server running ``appendfsync everysec``/``no`` that has
 WAITAOF, see :mod:`index.durability`), every write transaction is followed by ``WAITAOF 1 0`` on its
@@ -44,9 +73,14 @@ that were not given are absent (returned as ``None``).
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -54,14 +88,19 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .blob_store import BlobError, BlobMissing, BlobStore, blob_key, claim_identity, read_identity
 from .durability import Persistence, WaitAofPipeline, probe
 from .events import Event, EventReader, StreamInfo, read_range, stream_info
 from .job_store import JobStore
+from .vector_codec import VectorCodec
 
 __all__ = [
+    "BLOB_MARK_TTL_MS",
     "GALLERY_NAME_RE",
+    "IMAGE_STORAGES",
     "METADATA_FIELDS",
     "InvalidGalleryName",
+    "MigrationResult",
     "RedisStore",
     "StagingStale",
     "StoredImage",
@@ -69,13 +108,21 @@ __all__ = [
     "validate_gallery_name",
 ]
 
+log = logging.getLogger("reid.index")
+
 PREFIX = "reid:"
 GALLERY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: user-supplied metadata fields (strings)
 METADATA_FIELDS = ("external_id", "camera_id", "person_id", "captured_at", "filename")
 EVENTS_MAXLEN = 100_000
 #: fields of a gallery's settings hash that the store manages itself (others: :meth:`RedisStore.set_gallery_field`)
-GALLERY_OWN_FIELDS = ("name", "created_at", "retention_days")
+GALLERY_OWN_FIELDS = ("name", "created_at", "retention_days", "vector_dtype")
+#: where kept image bytes go: files in the blob directory, or (the layout before it) a hash inside Redis
+IMAGE_STORAGES = ("disk", "redis")
+#: a removal mark outlives any removal (a rename and an unlink); it expires so a crashed remover blocks nobody
+BLOB_MARK_TTL_MS = 60_000
+#: a gallery's vectors without a vector_dtype record were written as float32 (the only layout before it)
+LEGACY_DTYPE = "float32"
 
 # Set and remove fields of an image's record only if it exists (no record resurrected by a late PATCH).
 _PATCH = """
@@ -88,6 +135,24 @@ end
 return 1
 """
 
+# The sweep's claim on a blob nobody references: set the removal mark only if the gallery's image that could
+# reference it (KEYS[1] field ARGV[1]) does not, and no other remover holds it. Atomic, unlike a read then a SET.
+_CLAIM_UNREFERENCED = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+return 1
+"""
+
+# Release removal marks that are still ARGV[1]'s (one that ran out may be another remover's by now).
+_RELEASE_MARKS = """
+local n = 0
+for _, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then redis.call('DEL', k); n = n + 1 end
+end
+return n
+"""
+
 
 class InvalidGalleryName(ValueError):
     pass
@@ -95,6 +160,20 @@ class InvalidGalleryName(ValueError):
 
 class StagingStale(RuntimeError):
     """The staged vectors no longer cover exactly the gallery's images (a write happened meanwhile)."""
+
+
+class _BlobBusy(Exception):
+    """A blob a write needs is being removed right now: wait for its removal mark to go, then write again."""
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """:meth:`RedisStore.migrate_image_bytes` of one gallery: images whose bytes moved to disk, entries dropped
+    because their image is gone, and entries left in Redis because their id is not the bytes' content id."""
+
+    moved: int = 0
+    dropped: int = 0
+    skipped: int = 0
 
 
 def validate_gallery_name(name: str) -> str:
@@ -139,10 +218,17 @@ class RedisStore:
 
     ``client`` may be a ``redis.Redis`` or a URL (``redis://host:port/db``,
     ``unix:///path/to/sock``).
+
+    ``blob_dir``: where kept image bytes live on disk (one folder per gallery); ``image_storage`` says where new
+    ones go: "disk" (the default when there is a blob_dir) or "redis" (the hash ``…:images``, the layout before
+    the blob store; the default without a blob_dir). Bytes are read from wherever they are.
+    ``vector_dtype``: how the vectors of galleries created from now on are stored (float32 or float16); a
+    gallery keeps the dtype it was created with (``vector_dtype`` in its settings hash).
     """
 
     def __init__(self, client: redis.Redis | str, socket_timeout: float = 5.0, events_maxlen: int = EVENTS_MAXLEN,
-                 wait_aof_ms: int | None = None):
+                 wait_aof_ms: int | None = None, blob_dir: str | os.PathLike | None = None,
+                 image_storage: str | None = None, vector_dtype: str = "float32"):
         if isinstance(client, str):
             client = redis.Redis.from_url(
                 client,
@@ -159,6 +245,16 @@ class RedisStore:
         #: WAITAOF timeout after each write transaction; None: the server's own fsync policy is enough
         self.wait_aof_ms = wait_aof_ms
         self._patch = client.register_script(_PATCH)
+        self._claim_unreferenced = client.register_script(_CLAIM_UNREFERENCED)
+        self._release_marks = client.register_script(_RELEASE_MARKS)
+        self.blob_dir = Path(blob_dir) if blob_dir is not None else None
+        self.image_storage = image_storage or ("disk" if self.blob_dir is not None else "redis")
+        if self.image_storage not in IMAGE_STORAGES:
+            raise ValueError(f"image_storage must be one of {IMAGE_STORAGES}, not {self.image_storage!r}")
+        if self.image_storage == "disk" and self.blob_dir is None:
+            raise ValueError('image_storage="disk" needs a blob_dir')
+        #: the dtype new galleries' vectors are stored in
+        self.codec = VectorCodec.named(vector_dtype)
 
     def _pipeline(self) -> redis.client.Pipeline:
         """A MULTI/EXEC pipeline for a change: followed by WAITAOF when ``wait_aof_ms`` is set."""
@@ -225,12 +321,24 @@ class RedisStore:
         return f"{PREFIX}gallery:{g}:images"
 
     @staticmethod
+    def k_blobs(g: str) -> str:
+        return f"{PREFIX}gallery:{g}:blobs"
+
+    @staticmethod
+    def k_blob_mark(g: str, key: str) -> str:
+        return f"{PREFIX}gallery:{g}:blob-removing:{key}"
+
+    @staticmethod
     def k_staged(g: str) -> str:
         return f"{PREFIX}gallery:{g}:vectors:staged"
 
     @staticmethod
     def k_events() -> str:
         return PREFIX + "events"
+
+    @staticmethod
+    def k_blob_store() -> str:
+        return PREFIX + "blob_store"
 
     @staticmethod
     def k_active_bundle() -> str:
@@ -279,6 +387,8 @@ class RedisStore:
             pipe.sadd(self.k_galleries(), gallery)
             pipe.hsetnx(self.k_gallery(gallery), "name", gallery)
             pipe.hsetnx(self.k_gallery(gallery), "created_at", _now())
+            if created:
+                pipe.hsetnx(self.k_gallery(gallery), "vector_dtype", self.codec.name)
             if created and retention_days is not None:
                 pipe.hset(self.k_gallery(gallery), "retention_days", str(int(retention_days)))
 
@@ -326,8 +436,10 @@ class RedisStore:
         for g in names:
             pipe.hlen(self.k_vectors(g))
             pipe.hlen(self.k_images(g))
+            pipe.hlen(self.k_blobs(g))
         res = pipe.execute()
-        missing = {g: int(n) - int(kept) for g, n, kept in zip(names, res[::2], res[1::2])}
+        missing = {g: int(n) - int(in_redis) - int(on_disk)
+                   for g, n, in_redis, on_disk in zip(names, res[::3], res[1::3], res[2::3])}
         return {g: n for g, n in missing.items() if n > 0}
 
     def gallery_info(self, gallery: str) -> dict[str, Any] | None:
@@ -376,9 +488,34 @@ class RedisStore:
                 keys.clear()
         if keys:
             self.r.delete(*keys)
-        self.r.delete(self.k_vectors(gallery), self.k_images(gallery), self.k_staged(gallery),
+        self._drop_all_blobs(gallery, batch)
+        self.r.delete(self.k_vectors(gallery), self.k_images(gallery), self.k_blobs(gallery), self.k_staged(gallery),
                       self.k_gallery(gallery))
+        if self.blob_dir is not None:
+            self._blobs(gallery).prune_empty_dirs()
         return True
+
+    def _drop_all_blobs(self, gallery: str, batch: int) -> None:
+        """Drop every kept-bytes reference of the gallery and remove the blobs, a batch at a time (each batch's
+        references go in one transaction with its removal marks, as :meth:`delete_many` does)."""
+        chunk: dict[bytes, bytes] = {}
+        for field, raw in self.r.hscan_iter(self.k_blobs(gallery), count=batch):
+            chunk[field] = raw
+            if len(chunk) >= batch:
+                self._drop_blob_refs(gallery, chunk)
+                chunk = {}
+        if chunk:
+            self._drop_blob_refs(gallery, chunk)
+
+    def _drop_blob_refs(self, gallery: str, refs: Mapping[bytes, bytes]) -> None:
+        token = uuid.uuid4().hex
+        keys = {raw.hex() for raw in refs.values()}
+        pipe = self._pipeline()
+        pipe.hdel(self.k_blobs(gallery), *refs)
+        for key in keys:
+            pipe.set(self.k_blob_mark(gallery, key), token, px=BLOB_MARK_TTL_MS)
+        pipe.execute()
+        self._remove_blobs(gallery, keys, token)
 
     # ------------------------------------------------------------------ images
     def exists(self, gallery: str, id_: int) -> bool:
@@ -414,7 +551,9 @@ class RedisStore:
     ) -> list[bool]:
         """Store several images ``(id, vector, metadata)`` in ONE MULTI/EXEC transaction.
 
-        ``images``, aligned with ``records``, are the original bytes to keep (None: keep none).
+        ``images``, aligned with ``records``, are the original bytes to keep (None: keep none); on disk (the
+        blob store, fsynced before EXEC) or in Redis, by ``image_storage``. On disk an image's id must be its
+        content id, ``image_id(gallery, bytes)`` (what makes a blob one image's: see the module docstring).
         Returns, per record, whether it already existed (existing images are left untouched).
         WATCH on the image keys makes a concurrent writer of the same id abort and retry this
         transaction, so each id is reported ``created`` exactly once. One transaction means one
@@ -425,54 +564,111 @@ class RedisStore:
             return []
         if images is not None and len(images) != len(records):
             raise ValueError(f"got {len(images)} images for {len(records)} records")
-        blobs = list(images) if images is not None else [None] * len(records)
+        kept = [None if b is None else bytes(b) for b in images] if images is not None else [None] * len(records)
+        on_disk = self.image_storage == "disk"
         now = _now()
         prepared = []
-        for id_, vector, metadata in records:
-            vec = np.ascontiguousarray(np.asarray(vector, dtype="<f4").reshape(-1))
+        for (id_, vector, metadata), data in zip(records, kept):
+            vec = np.asarray(vector, dtype=np.float32).reshape(-1)
             meta = {k: _s(v) for k, v in (metadata or {}).items() if k in METADATA_FIELDS and v is not None}
-            meta.update({"id": str(int(id_)), "gallery": gallery, "created_at": now, "dim": str(vec.shape[0])})
+            # id and gallery are not stored: the key names both
+            meta.update({"created_at": now, "dim": str(vec.shape[0])})
             if model:
                 meta["model"] = model
-            prepared.append((int(id_), self.k_image(gallery, id_), vec.tobytes(), meta))
-        keys = [k for _, k, _, _ in prepared]
+            key = None
+            if data is not None and on_disk:
+                if image_id(gallery, data) != int(id_):
+                    raise ValueError(f"image {int(id_)}: kept bytes on disk need their content id, "
+                                     f"image_id(gallery, bytes) = {image_id(gallery, data)}")
+                key = blob_key(data)
+            prepared.append((int(id_), self.k_image(gallery, id_), vec, meta, data, key))
+        image_keys = [k for _, k, _, _, _, _ in prepared]
+        marks = sorted({self.k_blob_mark(gallery, key) for *_, key in prepared if key is not None})
         existed: list[bool] = []
 
         def txn(pipe: redis.client.Pipeline) -> None:
             nonlocal existed
-            # Keys are WATCHed on `pipe`'s connection; read their state in one round trip on
-            # another connection (any change after WATCH still aborts EXEC).
-            existed = self.exists_many(gallery, [id_ for id_, _, _, _ in prepared])
-            pipe.multi()
-            written: set[int] = set()
-            vectors: dict[str, bytes] = {}  # one HSET each for the batch's vectors and kept images
-            kept: dict[str, bytes] = {}
-            for (id_, key, vbytes, meta), ex, blob in zip(prepared, existed, blobs):
+            # The WATCHed keys' state, read in one round trip on another connection (any change after WATCH
+            # still aborts EXEC).
+            existed, dtype, busy = self._write_state(gallery, [id_ for id_, *_ in prepared], marks)
+            if busy:
+                raise _BlobBusy(busy)
+            codec = VectorCodec.named(dtype)
+            written: dict[int, tuple[str, dict[str, str]]] = {}  # id -> (image key, metadata)
+            vectors: dict[str, bytes] = {}  # one HSET each for the batch's vectors and kept bytes
+            in_redis: dict[str, bytes] = {}
+            on_disk_refs: dict[str, bytes] = {}
+            to_disk: list[bytes] = []
+            for (id_, image_key, vec, meta, data, key), ex in zip(prepared, existed):
                 if ex or id_ in written:
                     continue
-                written.add(id_)
-                vectors[str(id_)] = vbytes
-                pipe.hset(key, mapping=meta)
-                if blob is not None:
-                    kept[str(id_)] = bytes(blob)
+                written[id_] = (image_key, meta)
+                vectors[str(id_)] = codec.encode(vec)
+                if key is not None:
+                    to_disk.append(data)
+                    on_disk_refs[str(id_)] = bytes.fromhex(key)
+                elif data is not None:
+                    in_redis[str(id_)] = data
+            # Durable before the references to them are: a crash leaves orphans at worst. One at a time: concurrent
+            # writers already overlap their fsyncs (a pool per batch measured no faster with 4 writers).
+            blobs = self._blobs(gallery) if to_disk else None
+            for data in to_disk:
+                blobs.put(data)
+            pipe.multi()
+            for id_, (image_key, meta) in written.items():
+                pipe.hset(image_key, mapping=meta)
                 self._event(pipe, "put", gallery, str(id_))
             if vectors:
                 pipe.hset(self.k_vectors(gallery), mapping=vectors)
-            if kept:
-                pipe.hset(self.k_images(gallery), mapping=kept)
+            if in_redis:
+                pipe.hset(self.k_images(gallery), mapping=in_redis)
+            if on_disk_refs:
+                pipe.hset(self.k_blobs(gallery), mapping=on_disk_refs)
             if written:
                 pipe.sadd(self.k_galleries(), gallery)
                 pipe.hsetnx(self.k_gallery(gallery), "name", gallery)
                 pipe.hsetnx(self.k_gallery(gallery), "created_at", now)
+                pipe.hsetnx(self.k_gallery(gallery), "vector_dtype", codec.name)
 
-        self._transaction(txn, *keys)
+        # WATCH the gallery's settings too: its vector_dtype is decided by the first write, and a concurrent first
+        # write (another replica, maybe another REID_STORE_DTYPE) must not mix two dtypes in one gallery.
+        self._transaction_waiting_for_blobs(txn, *image_keys, self.k_gallery(gallery), *marks)
         # a duplicate id inside the batch: the second occurrence "exists"
         seen: set[int] = set()
         out = []
-        for (id_, _, _, _), ex in zip(prepared, existed):
+        for (id_, *_), ex in zip(prepared, existed):
             out.append(ex or id_ in seen)
             seen.add(id_)
         return out
+
+    def _write_state(self, gallery: str, ids: list[int], marks: list[str]) -> tuple[list[bool], str, list[str]]:
+        """``(existed per id, the gallery's vector dtype, the removal marks that are set)`` in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.exists(self.k_image(gallery, i))
+        pipe.hget(self.k_gallery(gallery), "vector_dtype")
+        pipe.exists(self.k_vectors(gallery))
+        for m in marks:
+            pipe.exists(m)
+        res = pipe.execute()
+        existed = [bool(x) for x in res[:len(ids)]]
+        recorded, has_vectors = res[len(ids)], res[len(ids) + 1]
+        busy = [m for m, x in zip(marks, res[len(ids) + 2:]) if x]
+        # a gallery with vectors but no record is of the layout before the record: float32
+        dtype = _s(recorded) or (LEGACY_DTYPE if has_vectors else self.codec.name)
+        return existed, dtype, busy
+
+    def _transaction_waiting_for_blobs(self, func: Callable[[redis.client.Pipeline], None], *watches: str) -> list:
+        """:meth:`_transaction`, again after a short wait while a blob it writes is being removed (the removal
+        mark expires by itself, so the wait is bounded)."""
+        deadline = time.monotonic() + BLOB_MARK_TTL_MS / 1000 + 5.0
+        while True:
+            try:
+                return self._transaction(func, *watches)
+            except _BlobBusy as e:
+                if time.monotonic() > deadline:
+                    raise BlobError(f"blobs still being removed after {BLOB_MARK_TTL_MS} ms: {e}") from None
+                time.sleep(0.02)
 
     def get(self, gallery: str, id_: int) -> StoredImage | None:
         raw = self.r.hgetall(self.k_image(gallery, id_))
@@ -504,8 +700,16 @@ class RedisStore:
         return out
 
     def get_vector(self, gallery: str, id_: int) -> np.ndarray | None:
-        raw = self.r.hget(self.k_vectors(gallery), str(int(id_)))
-        return None if raw is None else np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        """The stored vector as float32 (whatever dtype the gallery stores), or None."""
+        return self.get_vectors(gallery, [id_])[0]
+
+    # ------------------------------------------------------------------ vector dtype
+    def vector_dtype(self, gallery: str) -> str:
+        """How the gallery's vectors are stored: its record, else float32 (galleries from before the record)."""
+        return _s(self.r.hget(self.k_gallery(gallery), "vector_dtype")) or LEGACY_DTYPE
+
+    def vector_codec(self, gallery: str) -> VectorCodec:
+        return VectorCodec.named(self.vector_dtype(gallery))
 
     def patch_metadata(self, gallery: str, id_: int, changes: Mapping[str, str | None]) -> bool:
         """Set the metadata fields in ``changes`` (None removes one) if the image exists. Returns False if it does not:
@@ -520,45 +724,47 @@ class RedisStore:
         return bool(self._patch(keys=[self.k_image(gallery, id_)], args=[len(args) // 2, *args]))
 
     def delete(self, gallery: str, id_: int) -> bool:
-        """Delete one image. Returns False if it did not exist."""
-        pipe = self._pipeline()
-        pipe.hdel(self.k_vectors(gallery), str(int(id_)))
-        pipe.delete(self.k_image(gallery, id_))
-        pipe.hdel(self.k_images(gallery), str(int(id_)))
-        self._event(pipe, "delete", gallery, str(int(id_)))
-        n_vec, n_meta, _, _ = pipe.execute()
-        return bool(n_vec or n_meta)
+        """Delete one image (vector, metadata, kept bytes). Returns False if it did not exist."""
+        return self.delete_many(gallery, [id_]) == 1
 
     def iter_vectors(self, gallery: str, batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(ids int64 (n,), vectors float32 (n, d))`` batches, via HSCAN (never KEYS).
 
         Vectors of differing dimension within a batch are split into separate batches.
         """
+        codec = self.vector_codec(gallery)  # fixed while the gallery exists
         ids: list[int] = []
         vecs: list[bytes] = []
         for field, value in self.r.hscan_iter(self.k_vectors(gallery), count=batch):
             if vecs and len(value) != len(vecs[0]):
-                yield _pack(ids, vecs)
+                yield _pack(codec, ids, vecs)
                 ids, vecs = [], []
             ids.append(int(field))
             vecs.append(value)
             if len(ids) >= batch:
-                yield _pack(ids, vecs)
+                yield _pack(codec, ids, vecs)
                 ids, vecs = [], []
         if ids:
-            yield _pack(ids, vecs)
+            yield _pack(codec, ids, vecs)
 
     # ------------------------------------------------------------------ bulk deletion and retention
     def get_vectors(self, gallery: str, ids: Iterable[int]) -> list[np.ndarray | None]:
-        """The stored vectors of ``ids`` (None where absent), in one HMGET."""
-        return [None if v is None else np.frombuffer(v, dtype="<f4").astype(np.float32)
-                for v in self.get_raw_vectors(gallery, ids)]
+        """The stored vectors of ``ids`` as float32 (None where absent), in one round trip."""
+        codec, raw = self.get_raw_vectors(gallery, ids)
+        return [None if v is None else codec.decode(v) for v in raw]
 
-    def get_raw_vectors(self, gallery: str, ids: Iterable[int]) -> list[bytes | None]:
-        """The stored vectors of ``ids`` as they are kept (float32 little endian; None where absent), in one HMGET:
-        for callers that check each length against a dimension and decode many at once."""
+    def get_raw_vectors(self, gallery: str, ids: Iterable[int]) -> tuple[VectorCodec, list[bytes | None]]:
+        """``(codec, the stored vectors of ids as they are kept)`` (None where absent), read together in one
+        MULTI/EXEC: for callers that check each length against ``codec.nbytes(dim)`` and decode many at once
+        (``codec.decode_many``)."""
         ids = [str(int(i)) for i in ids]
-        return self.r.hmget(self.k_vectors(gallery), ids) if ids else []
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hget(self.k_gallery(gallery), "vector_dtype")
+        if ids:
+            pipe.hmget(self.k_vectors(gallery), ids)
+        res = pipe.execute()
+        codec = VectorCodec.named(_s(res[0]) or LEGACY_DTYPE)
+        return codec, (list(res[1]) if ids else [])
 
     def iter_image_ids(self, gallery: str, batch: int = 1000) -> Iterator[list[int]]:
         """Batches of the gallery's image ids (HSCAN of its vectors; NOVALUES where Redis >= 7.4 has it)."""
@@ -600,21 +806,70 @@ class RedisStore:
 
     def delete_many(self, gallery: str, ids: Sequence[int]) -> int:
         """Delete these images (vector, metadata, kept bytes) with their ``delete`` change-log entries in ONE
-        MULTI/EXEC; the caller batches. Returns how many existed."""
-        ids = [int(i) for i in ids]
+        MULTI/EXEC; the caller batches. Returns how many existed. Their blobs are removed after the transaction
+        (the removal rule of the module docstring)."""
+        ids = [int(i) for i in dict.fromkeys(int(i) for i in ids)]
         if not ids:
             return 0
-        pipe = self._pipeline()
-        for i in ids:
-            pipe.hdel(self.k_vectors(gallery), str(i))
-        for i in ids:
-            pipe.delete(self.k_image(gallery, i))
-        pipe.hdel(self.k_images(gallery), *[str(i) for i in ids])
-        for i in ids:
-            self._event(pipe, "delete", gallery, str(i))
-        res = pipe.execute()
+        fields = [str(i) for i in ids]
+        token = uuid.uuid4().hex
+        removing: set[str] = set()
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            nonlocal removing
+            # the blobs these images reference, read under the WATCH of their records (a reference changes only
+            # with its record)
+            removing = {raw.hex() for raw in self.r.hmget(self.k_blobs(gallery), fields) if raw is not None}
+            pipe.multi()
+            for f in fields:
+                pipe.hdel(self.k_vectors(gallery), f)
+            for i in ids:
+                pipe.delete(self.k_image(gallery, i))
+            pipe.hdel(self.k_images(gallery), *fields)
+            pipe.hdel(self.k_blobs(gallery), *fields)
+            for key in removing:
+                pipe.set(self.k_blob_mark(gallery, key), token, px=BLOB_MARK_TTL_MS)
+            for f in fields:
+                self._event(pipe, "delete", gallery, f)
+
+        res = self._transaction(txn, *(self.k_image(gallery, i) for i in ids))
+        self._remove_blobs(gallery, removing, token)
         n = len(ids)
         return sum(1 for vec, meta in zip(res[:n], res[n:2 * n]) if vec or meta)
+
+    def _remove_blobs(self, gallery: str, keys: Iterable[str], token: str) -> None:
+        """Remove blobs whose references are gone and whose removal marks ``token`` set (in the same transaction).
+        Best effort: a blob left behind (an error here, a crash) is an orphan for the sweep, never a problem."""
+        keys = sorted(keys)
+        if not keys:
+            return
+        marks = [self.k_blob_mark(gallery, k) for k in keys]
+        try:
+            blobs = self._blobs(gallery)
+            trashed = []
+            for key in keys:
+                trash = blobs.move_to_trash(key, token)
+                if trash is not None:
+                    trashed.append((key, trash))
+            if trashed:
+                # Still our mark: no writer has referenced the blob since (it would have waited for the mark).
+                # Not ours any more (it ran out while we were slow): a writer may have, so put the blob back.
+                pipe = self.r.pipeline(transaction=False)
+                for key, _ in trashed:
+                    pipe.get(self.k_blob_mark(gallery, key))
+                for (key, trash), mark in zip(trashed, pipe.execute()):
+                    if mark == token.encode():
+                        blobs.discard(trash)
+                    else:
+                        blobs.restore(trash, key)
+        except (OSError, BlobError, redis.RedisError) as e:
+            log.warning("gallery %s: could not remove %d blob(s) (left for the orphan sweep): %s",
+                        gallery, len(keys), e)
+        finally:
+            try:
+                self._release_marks(keys=marks, args=[token])
+            except redis.RedisError:
+                pass  # they expire by themselves
 
     def set_retention(self, gallery: str, days: int | None) -> bool:
         """Set (or clear, with None) the gallery's ``retention_days``. Returns False if it does not exist."""
@@ -644,37 +899,181 @@ class RedisStore:
         return {g: int(d) for g, d in zip(names, pipe.execute()) if d is not None}
 
     # ------------------------------------------------------------------ image bytes
+    def _blobs(self, gallery: str) -> BlobStore:
+        """The gallery's blob folder (its own: a blob is never shared between galleries)."""
+        if self.blob_dir is None:
+            raise BlobError(f"gallery {gallery!r} keeps image bytes on disk, but this store has no blob directory "
+                            "(REID_BLOB_DIR)")
+        return BlobStore(self.blob_dir / validate_gallery_name(gallery))
+
+    def check_blob_dir(self) -> str | None:
+        """Whether ``blob_dir`` is the blob directory this Redis's images reference; a problem to report, or None.
+
+        The first process that keeps bytes on disk gives its blob directory an identity and records it in Redis;
+        every later one must find the same identity in its own blob directory. A replica whose REID_BLOB_DIR is its
+        own folder rather than the shared one (or a volume that was replaced) is found here, at start, instead of
+        by a thumbnail or an activation failing on another replica later."""
+        if self.blob_dir is None:
+            return None
+        recorded, local = _s(self.r.get(self.k_blob_store())), read_identity(self.blob_dir)
+        if recorded is None:
+            if self.image_storage != "disk":
+                return None  # no bytes on disk anywhere yet
+            local = local or claim_identity(self.blob_dir, uuid.uuid4().hex)
+            if self.r.set(self.k_blob_store(), local, nx=True):
+                return None
+            recorded = _s(self.r.get(self.k_blob_store()))
+        if recorded == local:
+            return None
+        return (f"the blob directory {self.blob_dir} is not the one this Redis's kept image bytes are in (it has "
+                f"identity {local or 'none'}, Redis records {recorded}): every API replica must use the same folder "
+                "(REID_BLOB_DIR on a shared volume). If this folder really is the store now (the old one is lost), "
+                f"DEL {self.k_blob_store()} in Redis lets it claim the store")
+
     def count_images(self, gallery: str) -> int:
-        """Images of the gallery whose bytes are kept."""
-        return int(self.r.hlen(self.k_images(gallery)))
+        """Images of the gallery whose bytes are kept (on disk or, the older layout, in Redis)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hlen(self.k_blobs(gallery))
+        pipe.hlen(self.k_images(gallery))
+        return sum(int(n) for n in pipe.execute())
+
+    def image_bytes_in_redis(self) -> dict[str, int]:
+        """Gallery -> how many of its images keep their bytes inside Redis (the layout before the blob store), for
+        the galleries that have such images (:meth:`migrate_image_bytes` moves them)."""
+        names = self.list_galleries()
+        pipe = self.r.pipeline(transaction=False)
+        for g in names:
+            pipe.hlen(self.k_images(g))
+        return {g: int(n) for g, n in zip(names, pipe.execute()) if int(n)}
 
     def get_image_bytes(self, gallery: str, ids: Iterable[int]) -> list[bytes | None]:
-        ids = [str(int(i)) for i in ids]
-        return list(self.r.hmget(self.k_images(gallery), ids)) if ids else []
+        """The kept bytes of ``ids`` (None where none are kept or the image does not exist). Raises
+        :class:`BlobError` if an image's blob is missing or damaged."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        fields = [str(i) for i in ids]
+        pipe = self.r.pipeline(transaction=True)  # one moment: an image moving to disk is in exactly one place
+        pipe.hmget(self.k_blobs(gallery), fields)
+        pipe.hmget(self.k_images(gallery), fields)
+        refs, in_redis = pipe.execute()
+        return [self._read_blob(gallery, id_, ref.hex()) if ref is not None else data
+                for id_, ref, data in zip(ids, refs, in_redis)]
+
+    def _read_blob(self, gallery: str, id_: int, key: str) -> bytes | None:
+        try:
+            return self._blobs(gallery).get(key)
+        except BlobMissing:
+            # deleted since its reference was read (the delete removed the file)? Then it has no bytes now.
+            if self.r.hget(self.k_blobs(gallery), str(id_)) != bytes.fromhex(key):
+                return None
+            raise
 
     def iter_images(self, gallery: str, batch: int = 64) -> Iterator[list[tuple[int, bytes, str | None]]]:
-        """Yield batches of ``(id, image bytes, camera_id)`` of the images whose bytes are kept (HSCAN)."""
-        seen: set[int] = set()  # HSCAN may return an entry twice while Redis rehashes
-        chunk: list[tuple[int, bytes]] = []
-        for field, data in self.r.hscan_iter(self.k_images(gallery), count=batch):
-            id_ = int(field)
-            if id_ in seen:
-                continue
-            seen.add(id_)
-            chunk.append((id_, data))
-            if len(chunk) >= batch:
-                yield self._with_cameras(gallery, chunk)
-                chunk = []
-        if chunk:
-            yield self._with_cameras(gallery, chunk)
+        """Yield batches of ``(id, image bytes, camera_id)`` of the images whose bytes are kept (HSCAN of the
+        bytes still in Redis, then of the references to blobs on disk)."""
+        seen: set[int] = set()  # HSCAN may return an entry twice while Redis rehashes; a migration moves entries
+        for key, on_disk in ((self.k_images(gallery), False), (self.k_blobs(gallery), True)):
+            chunk: list[tuple[int, bytes]] = []
+            for field, value in self.r.hscan_iter(key, count=batch):
+                id_ = int(field)
+                if id_ in seen:
+                    continue
+                seen.add(id_)
+                chunk.append((id_, value))
+                if len(chunk) >= batch:
+                    yield self._kept_batch(gallery, chunk, on_disk)
+                    chunk = []
+            if chunk:
+                yield self._kept_batch(gallery, chunk, on_disk)
 
-    def _with_cameras(self, gallery: str, chunk: list[tuple[int, bytes]]) -> list[tuple[int, bytes, str | None]]:
+    def _kept_batch(self, gallery: str, chunk: list[tuple[int, bytes]], on_disk: bool
+                    ) -> list[tuple[int, bytes, str | None]]:
         pipe = self.r.pipeline(transaction=False)
         for id_, _ in chunk:
-            pipe.hmget(self.k_image(gallery, id_), "id", "camera_id")
-        # an image deleted since the scan has no metadata any more: leave it out
-        return [(id_, data, _s(camera)) for (id_, data), (present, camera) in zip(chunk, pipe.execute())
-                if present is not None]
+            pipe.exists(self.k_image(gallery, id_))
+            pipe.hget(self.k_image(gallery, id_), "camera_id")
+        res = pipe.execute()
+        out = []
+        # an image deleted since the scan has no record any more: leave it out
+        for (id_, value), present, camera in zip(chunk, res[::2], res[1::2]):
+            if not present:
+                continue
+            data = self._read_blob(gallery, id_, value.hex()) if on_disk else value
+            if data is not None:
+                out.append((id_, data, _s(camera)))
+        return out
+
+    def referenced_blobs(self, gallery: str, batch: int = 1000) -> set[str]:
+        """The keys of the blobs the gallery's records reference (a snapshot; HSCAN)."""
+        return {raw.hex() for _, raw in self.r.hscan_iter(self.k_blobs(gallery), count=batch)}
+
+    def is_blob_referenced(self, gallery: str, id_: int, key: str) -> bool:
+        """Whether image ``id_`` of the gallery (the only one that may: see the module docstring) references the
+        blob ``key``."""
+        return self.r.hget(self.k_blobs(gallery), str(int(id_))) == bytes.fromhex(key)
+
+    def remove_unreferenced_blob(self, gallery: str, id_: int, key: str) -> bool:
+        """Remove the blob ``key`` (whose bytes have the content id ``id_`` in this gallery) if no record references
+        it, by the removal rule of the module docstring. Returns whether it was removed (False: referenced, or
+        another remover holds it)."""
+        token = uuid.uuid4().hex
+        claimed = self._claim_unreferenced(
+            keys=[self.k_blobs(gallery), self.k_blob_mark(gallery, key)],
+            args=[str(int(id_)), bytes.fromhex(key), token, BLOB_MARK_TTL_MS])
+        if not claimed:
+            return False
+        self._remove_blobs(gallery, [key], token)
+        return not self._blobs(gallery).exists(key)
+
+    def migrate_image_bytes(self, gallery: str, batch: int = 64) -> MigrationResult:
+        """Move the gallery's kept bytes from Redis (the layout before the blob store) to its blob folder, a batch
+        of images per transaction: each blob is written and fsynced, then its reference set and the bytes dropped
+        from Redis in one MULTI/EXEC. Safe to run while the service serves, and again after a crash."""
+        moved = dropped = skipped = 0
+        chunk: list[tuple[int, bytes]] = []
+
+        def flush() -> None:
+            nonlocal moved, dropped, skipped
+            m, d, s = self._migrate_batch(gallery, chunk)
+            moved, dropped, skipped = moved + m, dropped + d, skipped + s
+
+        for field, data in self.r.hscan_iter(self.k_images(gallery), count=batch):
+            chunk.append((int(field), data))
+            if len(chunk) >= batch:
+                flush()
+                chunk = []
+        if chunk:
+            flush()
+        return MigrationResult(moved, dropped, skipped)
+
+    def _migrate_batch(self, gallery: str, chunk: list[tuple[int, bytes]]) -> tuple[int, int, int]:
+        # A blob is one image's only under its content id; bytes kept under another id stay in Redis.
+        eligible = {id_: data for id_, data in chunk if image_id(gallery, data) == id_}
+        if not eligible:
+            return 0, 0, len(chunk)
+        ids = sorted(eligible)
+        keys = {id_: blob_key(eligible[id_]) for id_ in ids}
+        marks = sorted({self.k_blob_mark(gallery, k) for k in keys.values()})
+        result = (0, 0, 0)
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            nonlocal result
+            existed, _, busy = self._write_state(gallery, ids, marks)
+            if busy:
+                raise _BlobBusy(busy)
+            present = [i for i, ex in zip(ids, existed) if ex]
+            blobs = self._blobs(gallery)
+            for i in present:
+                blobs.put(eligible[i])  # durable before its reference, as put_many does
+            pipe.multi()
+            if present:
+                pipe.hset(self.k_blobs(gallery), mapping={str(i): bytes.fromhex(keys[i]) for i in present})
+            pipe.hdel(self.k_images(gallery), *(str(i) for i in ids))
+            result = (len(present), len(ids) - len(present), len(chunk) - len(ids))
+
+        self._transaction_waiting_for_blobs(txn, *(self.k_image(gallery, i) for i in ids), *marks)
+        return result
 
     # ------------------------------------------------------------------ re-embedding (model activation)
     def active_bundle(self) -> str | None:
@@ -690,9 +1089,11 @@ class RedisStore:
         self.r.delete(self.k_staged(gallery))
 
     def stage_vectors(self, gallery: str, ids, vectors: np.ndarray) -> None:
-        vecs = np.ascontiguousarray(np.asarray(vectors, dtype="<f4"))
+        """Stage vectors in this store's dtype (``commit_staged`` records it as the gallery's: an activation is
+        how an existing gallery changes dtype)."""
         if len(ids):
-            self.r.hset(self.k_staged(gallery), mapping={str(int(i)): v.tobytes() for i, v in zip(ids, vecs)})
+            rows = self.codec.encode_rows(np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1))
+            self.r.hset(self.k_staged(gallery), mapping={str(int(i)): v for i, v in zip(ids, rows)})
 
     def unstage(self, gallery: str, ids) -> None:
         ids = [str(int(i)) for i in ids]
@@ -701,15 +1102,17 @@ class RedisStore:
 
     def commit_staged(self, galleries: Mapping[str, int], model: str, bundle_id: str,
                       watch: Sequence[str] = (), precondition: Callable[[Any], None] | None = None) -> None:
-        """Replace every gallery's vectors by its staged ones and record ``bundle_id`` as active, in ONE
-        transaction. ``galleries`` maps each gallery to its new vector dimension.
+        """Replace every gallery's vectors by its staged ones (and its vector_dtype by this store's, in which
+        :meth:`stage_vectors` wrote them) and record ``bundle_id`` as active, in ONE transaction. ``galleries`` maps
+        each gallery to its new vector dimension.
 
         Raises :class:`StagingStale` (nothing written) unless the galleries are exactly the store's and
         each one's staged ids are exactly its images. ``precondition(pipe)`` may read the ``watch`` keys
         and raise to abort; a change to any of them before EXEC makes the check run again.
         """
         names = sorted(galleries)
-        keys = [self.k_galleries(), *watch, *(self.k_vectors(g) for g in names), *(self.k_staged(g) for g in names)]
+        keys = [self.k_galleries(), *watch, *(self.k_vectors(g) for g in names), *(self.k_staged(g) for g in names),
+                *(self.k_gallery(g) for g in names)]
 
         def txn(pipe: redis.client.Pipeline) -> None:
             current = sorted(_s(x) for x in pipe.smembers(self.k_galleries()))
@@ -726,6 +1129,7 @@ class RedisStore:
             for g in names:
                 if ids[g]:
                     pipe.rename(self.k_staged(g), self.k_vectors(g))
+                pipe.hset(self.k_gallery(g), "vector_dtype", self.codec.name)
                 for i in ids[g]:
                     pipe.hset(self.k_image(g, int(i)), mapping={"model": model, "dim": str(galleries[g])})
             pipe.set(self.k_active_bundle(), bundle_id)
@@ -740,8 +1144,6 @@ def _gallery_info(gallery: str, count: Any, fields: Sequence[Any]) -> dict[str, 
             "retention_days": int(days) if days is not None else None}
 
 
-def _pack(ids: list[int], vecs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    d = len(vecs[0]) // 4
-    arr = np.frombuffer(b"".join(vecs), dtype="<f4").reshape(len(vecs), d).astype(np.float32)
-    return np.asarray(ids, dtype=np.int64), arr
+def _pack(codec: VectorCodec, ids: list[int], vecs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(ids, dtype=np.int64), codec.decode_many(vecs, codec.dim_of(vecs[0]))
 

@@ -194,7 +194,7 @@ def cmd_gracl_clusters(args) -> int:
     features = extract_features(model, samples, spec, desc="features")
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     true_ids = np.array([s.pid for s in samples])
-    rows = sweep(features, true_ids, args.eps, args.min_samples, args.k1, args.k2)
+    rows = sweep(features, true_ids, np.array([s.camid for s in samples]), args.eps, args.min_samples, args.k1, args.k2)
     table = sweep_markdown(rows, f"{args.title} ({len(samples)} images, {len(set(true_ids))} identities)")
     print(table)
     if args.markdown:
@@ -219,6 +219,8 @@ def cmd_adapt_walkthrough(args) -> int:
     test = smaller_protocol(load_dataset(args.data, args.split), args.test_identities)
     top_k = max(1000, len(test.gallery))  # every query ranks the whole test gallery
     env = {"REID_ADAPT_EXTRA_ARGS": json.dumps(args.adapt_args), "REID_MAX_TOP_K": str(top_k)}
+    if args.model_dir:
+        env["REID_MODEL_DIR"] = str(Path(args.model_dir).resolve())
     with local_service(Path(args.data_dir).resolve(), args.port, env) as (url, server), ReidClient(url) as client:
         client.wait_ready(timeout=180, process=server)
         print(f"service at {url}; adapting on {len(train)} {args.data} split-{args.split} training images, "
@@ -445,6 +447,50 @@ def cmd_jobs(args) -> int:
               f"{job.created_at}" + (f"  {job.message}" if job.message and job.status == "failed" else ""))
     if not page.jobs:
         print("no jobs (finished jobs are kept for a week)")
+    return 0
+
+
+def _maintenance_settings(args):
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("redis_url", args.redis_url),
+                                   ("blob_dir", args.blob_dir)) if v is not None}
+    return Settings(**overrides)
+
+
+def cmd_migrate_store(args) -> int:
+    from service.store_maintenance import migrate_bytes_to_disk, open_store
+
+    if not args.blobs:
+        print("nothing to do: say what to migrate (--blobs)")
+        return 1
+    settings = _maintenance_settings(args)
+    with open_store(settings) as store:
+        problem = store.check_blob_dir()
+        if problem:
+            print(f"reid migrate-store: {problem}", file=sys.stderr)
+            return 1
+        results = migrate_bytes_to_disk(store)
+    for gallery, r in results.items():
+        print(f"{gallery}: {r.moved} image(s) moved to {settings.blob_path / gallery}, {r.dropped} of deleted images "
+              f"dropped, {r.skipped} left in Redis (id not the content id of the bytes)")
+    if not results:
+        print("no image bytes left inside Redis")
+    return 0
+
+
+def cmd_gc_blobs(args) -> int:
+    from index.blob_gc import sweep_orphan_blobs
+    from service.store_maintenance import open_store
+
+    settings = _maintenance_settings(args)
+    with open_store(settings) as store:
+        problem = store.check_blob_dir()  # sweeping a folder the store does not reference would empty it
+        if problem:
+            print(f"reid gc-blobs: {problem}", file=sys.stderr)
+            return 1
+        report = sweep_orphan_blobs(store, grace_s=args.grace_s)
+    print(json.dumps({"blob_dir": str(settings.blob_path), **report.to_dict()}, indent=2))
     return 0
 
 
@@ -729,7 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the table here")
     p.set_defaults(func=cmd_train_speed)
 
-    p = sub.add_parser("adapt", help="fine-tune a bundle on unlabeled images of new cameras (GRACL) into a new bundle")
+    p = sub.add_parser("adapt", help="fine-tune a bundle on unlabeled images of new cameras (GRACL) into a new bundle",
+                       epilog="Adaptation's own defaults (models/adapt.py: adaptation_recipe) differ from training's: "
+                              "--k1 6 --k2 2 --eps 0.45 --min-samples 2 --p 32 --k 4 --lr 3.5e-5 --freeze-bn")
     p.add_argument("--bundle", default="service/default_bundle", help="parent bundle (must carry weights.pt)")
     p.add_argument("--images", required=True,
                    help="unlabeled images: a folder (one subfolder per camera, or <pid>_c<cam> names) or a shared set")
@@ -739,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="GRACL epochs (default: GRACLConfig's)")
     p.add_argument("--nformer-epochs", type=int, default=4, help="NFormer stage 2 on pseudo-labels (0: none)")
     p.add_argument("--nformer-steps", type=int, default=50, help="NFormer stage 2 steps per epoch")
-    for name, text in (("p", "identities per P x K batch (default 16)"), ("k", "images per identity (default 4)"),
+    for name, text in (("p", "identities per P x K batch (default 32)"), ("k", "images per identity (default 4)"),
                        ("seed", "random seed (default 0)"), ("threads", "torch threads (default 2)")):
         p.add_argument(f"--{name}", type=int, help=text)
     p.add_argument("--lr", type=float, help="default 3.5e-5 (models/adapt.py: adaptation_recipe)")
@@ -796,6 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="adaptation epochs (POST .../adapt's epochs; default reid adapt's)")
     p.add_argument("--adapt-args", nargs=argparse.REMAINDER, default=[],
                    help="the rest of the line: reid adapt options the service passes (REID_ADAPT_EXTRA_ARGS)")
+    p.add_argument("--model-dir", help="the bundle the service starts with (default: the bundled model)")
     p.add_argument("--port", type=int, default=8010, help="the embedded service's port (a free one if busy)")
     p.add_argument("--data-dir", default="runs/adapt-walkthrough/service", help="the embedded service's files")
     p.add_argument("--json", help="write the before/after figures here")
@@ -897,6 +946,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20, help="newest jobs shown (default 20)")
     p.add_argument("--json", action="store_true", help="print the jobs as JSON instead of a table")
     p.set_defaults(func=cmd_jobs)
+
+    def add_store_arguments(p) -> None:
+        p.add_argument("--data-dir", help="default: $REID_DATA_DIR (its embedded Redis: the running service's, "
+                                          "else one started for the command)")
+        p.add_argument("--redis-url", help="an external Redis (default: $REID_REDIS_URL)")
+        p.add_argument("--blob-dir", help="the blob store (default: $REID_BLOB_DIR, else DATA_DIR/blobs)")
+
+    p = sub.add_parser("migrate-store", help="move what an older store layout keeps to the current one (safe while "
+                                             "the service runs)")
+    add_store_arguments(p)
+    p.add_argument("--blobs", action="store_true", help="move kept image bytes from Redis to the blob store")
+    p.set_defaults(func=cmd_migrate_store)
+
+    p = sub.add_parser("gc-blobs", help="remove blobs no image references (orphans of crashes) and the leftovers "
+                                        "of interrupted writes (safe while the service runs)")
+    add_store_arguments(p)
+    p.add_argument("--grace-s", type=float, default=600.0, help="leave files younger than this alone (default 600)")
+    p.set_defaults(func=cmd_gc_blobs)
 
     p = sub.add_parser("make-synthetic", help="write a procedural Market-1501-layout dataset")
     p.add_argument("out", help="folder to write (bounding_box_train, query, bounding_box_test)")

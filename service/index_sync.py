@@ -124,19 +124,20 @@ class IndexSync:
         with self.lock:
             for start in range(0, len(ids), HMGET_CHUNK):
                 part = ids[start:start + HMGET_CHUNK]
-                raw = self.store.get_raw_vectors(gallery, part)
+                codec, raw = self.store.get_raw_vectors(gallery, part)  # stored as float32 or float16
                 idx = self.cache.get(gallery)
                 if idx is None:
                     if all(v is None for v in raw):
                         continue  # nothing to add to an index we do not have
                     idx = self.cache.index_for(gallery, create=True)  # built from the store if it exists there
-                keep = [(i, v) for i, v in zip(part, raw) if v is not None and len(v) == 4 * idx.dim]
-                gone = [i for i, v in zip(part, raw) if v is None or len(v) != 4 * idx.dim]
+                size = codec.nbytes(idx.dim)
+                keep = [(i, v) for i, v in zip(part, raw) if v is not None and len(v) == size]
+                gone = [i for i, v in zip(part, raw) if v is None or len(v) != size]
                 if gone:
                     idx.remove(gone)
                 if keep:
-                    vecs = np.frombuffer(b"".join(v for _, v in keep), dtype="<f4").reshape(len(keep), idx.dim)
-                    idx.add(np.array([i for i, _ in keep], np.int64), vecs.astype(np.float32))
+                    vecs = codec.decode_many([v for _, v in keep], idx.dim)  # float32: the index's own
+                    idx.add(np.array([i for i, _ in keep], np.int64), vecs)
                 self.dirty.add(gallery)
                 self._changes += len(part)
 

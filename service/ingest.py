@@ -4,8 +4,9 @@ The index is updated from what the store holds (:meth:`ServiceState.index_refres
 write: a crash in between loses nothing, the change log brings it to the index at the next start.
 
 Re-uploads (same bytes in the same gallery) are recognised by their content-hash id before
-decoding and are never re-embedded. With ``keep_images`` the original bytes are stored with the
-vector (to adapt a model to the gallery and to re-embed it with another model).
+decoding and are never re-embedded. With ``keep_images`` the original bytes are kept too (to adapt a model to
+the gallery, to re-embed it with another model, for thumbnails): in the same store write, on disk in the blob
+store by default (fsynced before the Redis transaction that references them; index/store.py).
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@
     REID_CORS_ORIGINS='["https://a"]'  CORS is off unless origins are listed here
     REID_REFINE_DEFAULT=auto           search-time refinement when a request names none
                                        (none/local/joint/kreciprocal/local_kreciprocal/auto)
-    REID_KEEP_IMAGES=true              keep each accepted image's bytes in Redis (needed to adapt and re-embed)
+    REID_KEEP_IMAGES=true              keep each accepted image's bytes (needed to adapt and re-embed)
+    REID_IMAGE_STORAGE=disk            kept bytes go to the blob store on disk (default) or, as before, into Redis
+    REID_BLOB_DIR=/shared/blobs        the blob store; default {data_dir}/blobs (replicas: a shared volume)
+    REID_STORE_DTYPE=float32           stored vectors in Redis: float32 or float16 (half the bytes; new galleries)
     REID_ADAPT_MIN_IMAGES=64           POST /v1/galleries/{g}/adapt needs at least this many kept images
     REID_ADAPT_EXTRA_ARGS='["--threads","4"]'  extra arguments for the `reid adapt` it runs
     REID_REDIS_APPENDFSYNC=always      acknowledged = fsynced (default); everysec: faster, may lose ~1 s on a crash
@@ -146,8 +149,22 @@ class Settings(BaseSettings):
     thumbnail_size: int = Field(128, ge=16, le=512, description="longest side of thumbnails (pixels)")
 
     # Model adaptation and activation (service/adapt.py, service/activation.py).
-    keep_images: bool = Field(True, description="keep each accepted image's original bytes in Redis; adapting a "
-                                                "model to a gallery and activating another model need them")
+    keep_images: bool = Field(True, description="keep each accepted image's original bytes (where: image_storage); "
+                                                "adapting a model to a gallery and activating another model need "
+                                                "them, and thumbnails show them")
+    image_storage: Literal["disk", "redis"] = Field(
+        "disk", description="disk: kept bytes go to the content-addressed blob store under blob_dir (fsynced before "
+                            "the image is acknowledged), referenced from Redis; redis: inside Redis as before the "
+                            "blob store (for replicas that cannot share a volume; every byte costs Redis RAM). "
+                            "Either way bytes are read from wherever they are (`reid migrate-store --blobs` moves "
+                            "the ones in Redis to disk)")
+    blob_dir: Path | None = Field(None, description="the blob store's folder (default {data_dir}/blobs); every API "
+                                                    "replica must see the same one (a shared volume)")
+    store_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="how vectors are stored in Redis (the FAISS indexes and search stay float32): float16 "
+                               "halves their bytes for a mAP change within ±0.1 point on the shipped model "
+                               "(README, Sizing). Applies to galleries created from now on and to every gallery "
+                               "at the next model activation; each gallery records its own")
     adapt_min_images: int = Field(64, ge=1, description="adapting refuses galleries with fewer kept images")
     adapt_extra_args: list[str] = Field(default_factory=list, description="extra arguments for `reid adapt` "
                                         "(JSON list, e.g. [\"--threads\", \"4\"]); see `reid adapt --help`")
@@ -216,6 +233,11 @@ class Settings(BaseSettings):
     @property
     def redis_data_dir(self) -> Path:
         return Path(self.data_dir) / "redis"
+
+    @property
+    def blob_path(self) -> Path:
+        """The blob store's folder: blob_dir, else {data_dir}/blobs."""
+        return Path(self.blob_dir) if self.blob_dir is not None else Path(self.data_dir) / "blobs"
 
     @property
     def snapshot_dir(self) -> Path:

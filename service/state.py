@@ -95,6 +95,8 @@ class ServiceState:
     follower: Follower | None = None
     #: set when another replica activated a model this process cannot load (/readyz reports it)
     model_problem: str | None = None
+    #: set when this process's blob directory is not the one the store's kept bytes are in (/readyz reports it)
+    storage_problem: str | None = None
     #: shared by every request that uses the model or the indexes; exclusive to switch the model
     model_lock: RWLock = field(default_factory=RWLock)
 
@@ -112,9 +114,14 @@ class ServiceState:
             url = self.redis_server.url
             log.info("embedded redis-server on %s (AOF in %s, appendfsync %s)", url, s.redis_data_dir,
                      s.redis_appendfsync)
-        self.store = RedisStore(url, events_maxlen=s.events_maxlen)
+        self.store = RedisStore(url, events_maxlen=s.events_maxlen, blob_dir=s.blob_path,
+                                image_storage=s.image_storage, vector_dtype=s.store_dtype)
         self._wait_for_store()  # the active bundle's id is kept in Redis
         self._check_durability()
+        self.storage_problem = self.store.check_blob_dir()
+        if self.storage_problem:
+            log.error("%s", self.storage_problem)
+        self._note_bytes_in_redis()
         self.bundle_id, self.bundle = resolve_active(self.store, s)
         recorded = self.store.active_bundle() or DEFAULT_BUNDLE_ID
         if recorded != self.bundle_id:  # resolve_active fell back: the stored vectors are of another model
@@ -148,6 +155,17 @@ class ServiceState:
         if p.warning:
             # an explicit REID_REDIS_APPENDFSYNC=everysec accepted the loss window: say it, do not warn
             (log.info if s.redis_appendfsync == "everysec" else log.warning)("durability: %s", p.warning)
+
+    def _note_bytes_in_redis(self) -> None:
+        """Say so when kept bytes still sit in Redis (written before the blob store) while new ones go to disk:
+        they are served from Redis until ``reid migrate-store --blobs`` moves them."""
+        if self.settings.image_storage != "disk":
+            return
+        in_redis = self.store.image_bytes_in_redis()
+        if in_redis:
+            log.info("%d image(s) in %d gallery(ies) keep their bytes inside Redis (the layout before the blob "
+                     "store); `reid migrate-store --blobs` moves them to %s", sum(in_redis.values()), len(in_redis),
+                     self.settings.blob_path)
 
     def load_model(self, bundle: Bundle) -> tuple[Embedder, Refiner, str]:
         """The bundle's encoder, refiner and the refine default it can honour (BundleError if unusable)."""
@@ -250,6 +268,8 @@ class ServiceState:
         problems: list[str] = []
         if self.model_problem:
             problems.append(self.model_problem)
+        if self.storage_problem:
+            problems.append(self.storage_problem)
         if self.follower is not None:
             if not self.follower.alive:
                 problems.append("the change-log follower thread has stopped")

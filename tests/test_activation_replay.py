@@ -58,7 +58,8 @@ def test_a_process_whose_snapshot_is_older_than_an_activation_starts(server_fact
     so the restart loads it and replays the ``activate`` entry written after it, instead of rebuilding."""
     g = gallery_name
     settings = make_settings()
-    other = make_settings(data_dir=tmp_path / "other")  # another replica, with its own snapshots
+    # another replica, with its own snapshots; the kept bytes (the blob store) are shared, as replicas must
+    other = make_settings(data_dir=tmp_path / "other", blob_dir=settings.blob_path)
     for s in (settings, other):
         shutil.copytree(s.model_dir, s.bundles_dir / "same")
     blobs = [image_bytes(n) for n in range(4)]
@@ -88,7 +89,7 @@ def test_a_follower_resynchronising_after_losing_redis_replays_an_activation(ser
     servers = []
     try:
         settings = make_settings(data_dir=tmp_path / "a", redis_url=srv.url)
-        other = make_settings(data_dir=tmp_path / "b", redis_url=srv.url)
+        other = make_settings(data_dir=tmp_path / "b", redis_url=srv.url, blob_dir=settings.blob_path)
         for s in (settings, other):
             write_tiny_bundle(s.bundles_dir / "alt", seed=7, name="tiny-alt", version="0.0.2")
         blobs = [image_bytes(n) for n in range(4)]

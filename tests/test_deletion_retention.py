@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
+from index.blob_store import BlobStore, blob_key
 from index.store import RedisStore
 from tests.http_checks import assert_error
 
@@ -40,10 +41,13 @@ def search_ids(base, gallery, data, top_k=50):
 
 
 def assert_gone(base, store, gallery, ids, image_bytes, seeds):
-    """Metadata, vectors, kept bytes and index entries of ``ids`` are gone; the change log says so."""
+    """Metadata, vectors, kept bytes (their blobs on disk too) and index entries of ``ids`` are gone; the change
+    log says so."""
     for i in ids:
         assert httpx.get(f"{base}/v1/galleries/{gallery}/images/{i}").status_code == 404
     assert store.get_image_bytes(gallery, ids) == [None] * len(ids)
+    blobs = BlobStore(store.blob_dir / gallery)
+    assert not any(blobs.exists(blob_key(image_bytes(s))) for s in seeds)
     assert store.get_vectors(gallery, ids) == [None] * len(ids)
     for s in seeds:  # the deleted images themselves as queries: never returned
         assert not search_ids(base, gallery, image_bytes(s)) & set(ids)
@@ -57,8 +61,8 @@ def error_message(r, status, code) -> str:
 
 
 @pytest.fixture
-def store(redis_url):
-    s = RedisStore(redis_url)
+def store(redis_url, make_settings):
+    s = RedisStore(redis_url, blob_dir=make_settings().blob_path)  # the servers' blob store
     yield s
     s.close()
 

@@ -247,6 +247,17 @@ def _hc_script(test: list[str]) -> str:
     return " ".join(test[1:])
 
 
+def assert_shares_the_blob_store(service: dict) -> None:
+    """Kept image bytes live in the blob store, which every API replica must see: REID_BLOB_DIR is the mount point
+    of one named volume (not the replica's own anonymous /data), and the image creates it owned by its user."""
+    blob_dir = service["environment"]["REID_BLOB_DIR"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"] if ":" in v}
+    assert mounts.get(blob_dir) == "reid-blobs", service["volumes"]
+    for dockerfile in (DOCKERFILE, DOCKERFILE_GPU):
+        runs = " ".join(instructions(parse_dockerfile(dockerfile), "RUN"))
+        assert re.search(rf"mkdir -p [^&]*{re.escape(blob_dir)}", runs) and "chown -R reid:reid /data" in runs
+
+
 def test_compose_api(compose):
     api = compose["services"]["api"]
     assert api["build"]["dockerfile"] == "docker/Dockerfile"
@@ -259,6 +270,7 @@ def test_compose_api(compose):
     assert api["restart"] == "unless-stopped"
     # each replica its own snapshots (an anonymous volume), one shared volume for adapted bundles
     assert "/data" in api["volumes"] and "reid-bundles:/data/bundles" in api["volumes"]
+    assert_shares_the_blob_store(api)
     script = _hc_script(api["healthcheck"]["test"])
     assert "/healthz" in script and "urllib" in script and "curl" not in script
     assert "profiles" not in api
@@ -304,6 +316,7 @@ def test_compose_gpu_profile(compose):
     assert gpu["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "/healthz" in _hc_script(gpu["healthcheck"]["test"])
     assert gpu["restart"] == "unless-stopped"
+    assert_shares_the_blob_store(gpu)
     # `docker compose --profile gpu up` starts both APIs: they must not fight over a host port
     host_ports = lambda s: {str(p).split(":")[0] for p in s.get("ports", [])}  # noqa: E731
     assert not host_ports(gpu) & host_ports(compose["services"]["api"])
@@ -311,6 +324,7 @@ def test_compose_gpu_profile(compose):
 
 def test_compose_named_volumes_declared(compose):
     declared = set(compose.get("volumes") or {})
+    assert "reid-blobs" in declared
     for name, svc in compose["services"].items():
         for v in svc.get("volumes", []):
             src = v.split(":")[0]

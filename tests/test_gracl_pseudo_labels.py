@@ -268,3 +268,12 @@ def test_cluster_stats_outliers_are_singletons():
     assert all_noise.clusters == 0 and all_noise.largest == 0 and all_noise.pairwise_precision is None
     assert cluster_stats(np.array([0, 1, 1])).as_dict() == ClusterStats(2, 0, 0.0, 2).as_dict()
     assert cluster_stats(np.array([0, 1, 1])).nmi is None
+
+
+def test_multi_camera_share_counts_clusters_spanning_cameras_outliers_excluded():
+    pseudo = np.array([0, 0, 1, 1, 2, 2, -1])
+    cameras = np.array([1, 2, 1, 1, 3, 1, 2])
+    assert cluster_stats(pseudo, cameras=cameras).multi_camera_share == 2 / 3
+    # an outlier from another camera does not make its neighbours' cluster multi-camera
+    assert cluster_stats(np.array([0, 0, -1]), cameras=np.array([1, 1, 2])).multi_camera_share == 0.0
+    assert cluster_stats(pseudo).multi_camera_share is None

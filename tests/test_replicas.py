@@ -30,8 +30,9 @@ def _within(seconds: float, check) -> float:
 @pytest.fixture
 def two_replicas(tmp_path, tiny_bundle):
     srv = EmbeddedRedis(tmp_path / "redis").start()
-    a = ApiProcess(tmp_path / "a", tiny_bundle, redis_url=srv.url)
-    b = ApiProcess(tmp_path / "b", tiny_bundle, redis_url=srv.url)
+    shared = {"REID_BLOB_DIR": str(tmp_path / "blobs")}  # replicas share the kept bytes (compose: a volume)
+    a = ApiProcess(tmp_path / "a", tiny_bundle, redis_url=srv.url, env=shared)
+    b = ApiProcess(tmp_path / "b", tiny_bundle, redis_url=srv.url, env=shared)
     try:
         yield srv, a, b
     finally:

@@ -205,9 +205,10 @@ def test_existence_and_raw_vectors(store, gallery_name):
     store.put_many(g, [(1, vec(1), None), (2, vec(2, d=4), None)])
     assert store.exists_many(g, [2, 5, 1]) == [True, False, True]
     assert store.exists_many(g, []) == []
-    raw = store.get_raw_vectors(g, [1, 5, 2])
+    codec, raw = store.get_raw_vectors(g, [1, 5, 2])
+    assert codec.name == "float32" and codec.nbytes(4) == 16
     assert raw[0] == vec(1).astype("<f4").tobytes() and raw[1] is None and len(raw[2]) == 4 * 4
-    assert store.get_raw_vectors(g, []) == []
+    assert store.get_raw_vectors(g, [])[1] == []
 
 
 def test_patch_metadata_changes_only_existing_images(store, gallery_name):

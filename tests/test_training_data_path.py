@@ -39,6 +39,20 @@ def test_decoded_images_are_what_the_test_transform_sees(synthetic):
     assert decoded.labels.tolist() == [s.pid for s in samples]
 
 
+def test_features_of_decoded_images_equal_the_files_features(synthetic):
+    """GRACL embeds its decoded training set every epoch instead of re-reading the files: same features."""
+    from models.features import extract_decoded_features, extract_features
+
+    samples = market1501(synthetic).train[:10]
+    torch.manual_seed(0)
+    model = ReIDModel("efficientnet_lite0", 4, pretrained=False, embedding_dim=16)
+    decoded = DecodedImages(samples, SPEC.height, SPEC.width, progress=False)
+    from_files = extract_features(model, samples, SPEC, batch_size=4)
+    from_memory = extract_decoded_features(model, decoded.images, SPEC, batch_size=3)
+    assert from_memory.shape == from_files.shape == (10, 16)
+    assert np.allclose(from_memory, from_files, atol=1e-4)
+
+
 def test_batch_augmentation_flips_pads_and_erases():
     gradient = torch.arange(32, dtype=torch.uint8).repeat(2, 3, 64, 1) * 8  # left dark, right bright
     normalised = BatchAugment(SPEC, Augmentation(flip_p=0, pad=0, erase_p=0))(gradient)

@@ -20,8 +20,8 @@ from .memory import inter_proxy_index, intra_proxy_index
 from .pseudo_labels import cluster_stats, dbscan, jaccard_neighbors
 
 
-def sweep(features: np.ndarray, true_ids: np.ndarray, eps: list[float], min_samples: list[int], k1: list[int],
-          k2: list[int]) -> list[dict]:
+def sweep(features: np.ndarray, true_ids: np.ndarray, cameras: np.ndarray, eps: list[float], min_samples: list[int],
+          k1: list[int], k2: list[int]) -> list[dict]:
     """One row per setting: the setting and `cluster_stats` against the true identities, plus the pair F1
     (harmonic mean of pair precision and recall). Settings are chosen by NMI (`best`), which counts every
     outlier as its own cluster: pair precision and recall see the clustered samples only, so they reward a
@@ -31,7 +31,7 @@ def sweep(features: np.ndarray, true_ids: np.ndarray, eps: list[float], min_samp
         graph = jaccard_neighbors(features, a, b, max_distance=max(eps))
         for e, m in itertools.product(eps, min_samples):
             labels = dbscan(*graph, eps=e, min_samples=m)
-            stats = cluster_stats(labels, true_ids).as_dict()
+            stats = cluster_stats(labels, true_ids, cameras).as_dict()
             p, r = stats["pairwise_precision"] or 0.0, stats["pairwise_recall"] or 0.0
             rows.append({"k1": a, "k2": b, "eps": e, "min_samples": m, **stats,
                          "pair_f1": 2 * p * r / (p + r) if p + r else 0.0})
@@ -45,12 +45,14 @@ def best(rows: list[dict]) -> dict:
 def sweep_markdown(rows: list[dict], title: str) -> str:
     chosen = best(rows)
     lines = [f"### {title}", "",
-             "| k1 | k2 | eps | min_samples | clusters | outliers | largest | pair precision | pair recall | pair F1 | NMI |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| k1 | k2 | eps | min_samples | clusters | outliers | largest | multi-camera | pair precision | pair recall "
+             "| pair F1 | NMI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " **(chosen)**" if r is chosen else ""
         lines.append(f"| {r['k1']} | {r['k2']} | {r['eps']} | {r['min_samples']}{mark} | {r['clusters']} | "
-                     f"{100 * r['outlier_share']:.0f}% | {r['largest']} | {100 * (r['pairwise_precision'] or 0):.1f}% | "
+                     f"{100 * r['outlier_share']:.0f}% | {r['largest']} | {100 * (r['multi_camera_share'] or 0):.0f}% | "
+                     f"{100 * (r['pairwise_precision'] or 0):.1f}% | "
                      f"{100 * (r['pairwise_recall'] or 0):.1f}% | {100 * r['pair_f1']:.1f}% | {r['nmi']:.3f} |")
     return "\n".join(lines) + "\n"
 

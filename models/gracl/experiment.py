@@ -104,14 +104,14 @@ def _share(value: float | None) -> str:
 def cluster_timeline_markdown(rows: list[dict], seed: int = 0) -> str:
     """Each variant's pseudo-labels epoch by epoch (one seed): how the clusters the losses train on evolve."""
     lines = [f"#### Pseudo-labels per epoch (seed {seed}; statistics against the true identities, never trained on)",
-             "", "| variant | epoch | clusters | outliers | largest | pair precision | pair recall | NMI |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| variant | epoch | clusters | outliers | largest | multi-camera | pair precision | pair recall | NMI |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["seed"] != seed or "cluster_epochs" not in r:
             continue
         for epoch, c in enumerate(r["cluster_epochs"], 1):
             nmi = "–" if c.get("nmi") is None else f"{c['nmi']:.3f}"
             lines.append(f"| {r['variant']} | {epoch} | {c['clusters']} | {100 * c['outlier_share']:.0f}% | "
-                         f"{c['largest']} | {_share(c.get('pairwise_precision'))} | "
+                         f"{c['largest']} | {_share(c.get('multi_camera_share'))} | {_share(c.get('pairwise_precision'))} | "
                          f"{_share(c.get('pairwise_recall'))} | {nmi} |")
     return "\n".join(lines) + "\n"

@@ -200,13 +200,17 @@ class ClusterStats:
     ari: float | None = None
     pairwise_precision: float | None = None
     pairwise_recall: float | None = None
+    # share of the clusters whose members come from more than one camera: only those teach view invariance
+    multi_camera_share: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def cluster_stats(pseudo: np.ndarray, true_ids: np.ndarray | None = None) -> ClusterStats:
-    """Cluster count, outlier count and share, largest cluster size; with true identities also:
+def cluster_stats(pseudo: np.ndarray, true_ids: np.ndarray | None = None,
+                  cameras: np.ndarray | None = None) -> ClusterStats:
+    """Cluster count, outlier count and share, largest cluster size; with `cameras` (label free) the share of
+    clusters spanning more than one camera; with true identities also:
 
     - NMI (arithmetic normalisation, sklearn's default) and ARI, over ALL samples, each outlier (-1)
       counted as its own singleton cluster. So dropping an image is scored like isolating it, and a
@@ -225,6 +229,11 @@ def cluster_stats(pseudo: np.ndarray, true_ids: np.ndarray | None = None) -> Clu
     stats = ClusterStats(clusters=len(sizes), outliers=int(is_out.sum()),
                          outlier_share=float(is_out.mean()) if n else 0.0,
                          largest=int(sizes.max()) if len(sizes) else 0)
+    if cameras is not None and stats.clusters:
+        kept = ~is_out
+        pairs = np.unique(np.stack([pseudo[kept], np.asarray(cameras).ravel()[kept]]), axis=1)
+        cameras_per_cluster = np.bincount(pairs[0])
+        stats.multi_camera_share = float((cameras_per_cluster[cameras_per_cluster > 0] > 1).mean())
     if true_ids is None:
         return stats
     true_ids = np.asarray(true_ids).ravel()

@@ -183,7 +183,7 @@ class GRACLTrainer(Trainer):
         features, labels = cluster_training_set(model, self.samples, self.spec, cfg,
                                                 f"features {epoch + 1}/{cfg.epochs}", self.images)
         record = {"epoch": epoch + 1, "epochs": cfg.epochs,
-                  "clusters": cluster_stats(labels, self.known_ids).as_dict()}
+                  "clusters": cluster_stats(labels, self.known_ids, np.array(self.cameras)).as_dict()}
         num_clusters = int(labels.max()) + 1
         if num_clusters < 2:  # a contrast needs at least two pseudo-identities
             record["skipped"] = f"{num_clusters} clusters: no training this epoch"

@@ -8,6 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from index.blob_store import BlobError
+
 from ..deps import GalleryDep, StateDep
 from ..errors import ApiError
 from ..etag import ANY, none_match_tags
@@ -63,15 +65,19 @@ async def patch_image(gallery: GalleryDep, image_id: int, body: ImagePatch, stat
 @router.get("/{gallery}/images/{image_id}/thumbnail", responses={**_ERRORS, 200: {"content": {"image/jpeg": {}}}},
             response_class=Response)
 async def get_thumbnail(gallery: GalleryDep, image_id: int, state: StateDep, request: Request) -> Response:
-    """A small JPEG of the kept image (``404 image_bytes_not_kept`` without REID_KEEP_IMAGES). Ids are content
-    hashes, so a thumbnail never changes: it is cacheable (ETag, long max-age)."""
+    """A small JPEG of the kept image (``404 image_bytes_not_kept`` without REID_KEEP_IMAGES; ``500
+    image_bytes_unreadable`` if its blob is missing or damaged on disk). Ids are content hashes, so a thumbnail
+    never changes: it is cacheable (ETag, long max-age)."""
     size = state.settings.thumbnail_size
     etag = '"' + hashlib.sha1(f"{gallery}/{image_id}/{size}".encode()).hexdigest()[:20] + '"'
     headers = {"Cache-Control": "private, max-age=86400, immutable", "ETag": etag}
     held = none_match_tags(", ".join(request.headers.getlist("if-none-match")) or None)
     if etag in held:  # the tag names gallery, id and size: no need to read the store
         return Response(status_code=304, headers=headers)
-    data = (await run_in_threadpool(state.store.get_image_bytes, gallery, [image_id]))[0]
+    try:
+        data = (await run_in_threadpool(state.store.get_image_bytes, gallery, [image_id]))[0]
+    except BlobError as e:  # referenced but missing or damaged on disk (REID_BLOB_DIR not shared? a bad disk?)
+        raise ApiError(500, "image_bytes_unreadable", f"image {image_id}'s kept bytes cannot be read: {e}") from None
     if data is None:
         if await run_in_threadpool(state.store.exists, gallery, image_id):
             raise ApiError(404, "image_bytes_not_kept", f"image {image_id}'s bytes are not kept (REID_KEEP_IMAGES)")

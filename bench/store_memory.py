@@ -1,0 +1,127 @@
+"""Redis memory per stored image, measured on a real redis-server: vectors float32 vs float16, kept bytes on
+disk (the blob store) vs inside Redis vs not kept.
+
+    python -m bench.store_memory                        # 10,000 images of 256-d, the redis-server found
+    REID_REDIS_SERVER=/path/to/redis-server python -m bench.store_memory --n 20000 --json out.json
+
+For each configuration it empties the server, writes N images through :meth:`RedisStore.put_many` (batches of
+100, as uploads arrive) with metadata like the service's (``realistic``: external id, camera, person, capture
+time, file name; ``minimal``: file name and camera), and reports the ``used_memory`` delta per image, split by
+``MEMORY USAGE`` into the gallery's vectors hash, its kept-bytes hash (references to blobs, or the bytes
+themselves), the image records and the change log. The change log (``reid:events``) is capped at
+REID_EVENTS_MAXLEN entries, so at large N its share per image fades: ``without log`` is what each further
+image costs once the cap is reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from index.redis_server import EmbeddedRedis, find_redis_server
+from index.store import RedisStore, image_id
+
+GALLERY = "cam-lobby"
+MODEL = "reid-default:20261203.173520"
+IMAGE_BYTES = 6_000  #: a person crop as uploaded (a 128x64 JPEG is 3-8 KB)
+
+
+def metadata(i: int, profile: str) -> dict[str, str]:
+    if profile == "minimal":
+        return {"camera_id": str(i % 8), "filename": f"{i:06d}.jpg"}
+    return {"external_id": f"site-7/cam-03/2024-05-01/{i:08d}", "camera_id": str(i % 8),
+            "person_id": f"p{i % 900:04d}", "captured_at": "2024-05-01T12:34:56.789Z",
+            "filename": f"{i:04d}_c3s1_{i * 7:06d}_00.jpg"}
+
+
+def image(i: int) -> bytes:
+    return np.random.default_rng(i).integers(0, 256, IMAGE_BYTES, dtype=np.uint8).tobytes()
+
+
+def measure(url: str, blob_dir: Path, n: int, dim: int, dtype: str, storage: str, profile: str) -> dict:
+    store = RedisStore(url, blob_dir=blob_dir if storage == "disk" else None,
+                       image_storage="redis" if storage == "redis" else None, vector_dtype=dtype)
+    r = store.r
+    # no append-only file while measuring: its buffers (and the rewrites that tens of MB of writes set off) would
+    # count in used_memory; what is measured is what the data holds
+    r.config_set("appendonly", "no")
+    r.flushall()
+    _purge(r)
+    before = int(r.info("memory")["used_memory"])
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 100):
+        idx = range(start, min(start + 100, n))
+        data = [image(i) for i in idx] if storage != "none" else [str(i).encode() for i in idx]
+        vecs = rng.standard_normal((len(idx), dim)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        store.put_many(GALLERY, [(image_id(GALLERY, d), v, metadata(i, profile)) for i, d, v in zip(idx, data, vecs)],
+                       model=MODEL, images=data if storage != "none" else None)
+    _purge(r)
+    after = int(r.info("memory")["used_memory"])
+    records = [k for _, k in zip(range(500), r.scan_iter(f"reid:gallery:{GALLERY}:image:*", count=1000))]
+    per_record = float(np.mean([r.memory_usage(k, samples=0) for k in records]))
+    parts = {
+        "vectors": r.memory_usage(store.k_vectors(GALLERY), samples=0) / n,
+        "kept_bytes_hash": ((r.memory_usage(store.k_blobs(GALLERY), samples=0) or 0)
+                            + (r.memory_usage(store.k_images(GALLERY), samples=0) or 0)) / n,
+        "record": per_record,
+        "change_log": r.memory_usage(store.k_events(), samples=0) / n,
+    }
+    total = (after - before) / n
+    store.close()
+    return {"dtype": dtype, "kept_bytes": storage, "metadata": profile, "n": n, "dim": dim,
+            "bytes_per_image": total, "without_log": total - parts["change_log"], "parts": parts}
+
+
+def _purge(r) -> None:
+    try:
+        r.execute_command("MEMORY", "PURGE")  # jemalloc: return freed pages first
+    except Exception:
+        pass
+
+
+def server_version(binary: str) -> str:
+    return subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| vectors | kept bytes | metadata | bytes / image | without log | vectors | bytes hash | record "
+             "| log |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        p = row["parts"]
+        lines.append(f"| {row['dtype']} | {row['kept_bytes']} | {row['metadata']} | {row['bytes_per_image']:,.0f} | "
+                     f"{row['without_log']:,.0f} | {p['vectors']:,.0f} | {p['kept_bytes_hash']:,.0f} | "
+                     f"{p['record']:,.0f} | {p['change_log']:,.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with EmbeddedRedis(Path(tmp) / "redis", appendfsync="everysec") as srv:
+            for profile in ("realistic", "minimal"):
+                for dtype in ("float32", "float16"):
+                    for storage in ("none", "disk") + (("redis",) if profile == "realistic" else ()):
+                        rows.append(measure(srv.url, Path(tmp) / f"blobs-{len(rows)}", args.n, args.dim, dtype,
+                                            storage, profile))
+                        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    version = server_version(find_redis_server())
+    print(f"\n{version}\n\n{markdown(rows)}")
+    if args.json:
+        args.json.write_text(json.dumps({"server": version, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

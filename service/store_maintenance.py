@@ -1,0 +1,49 @@
+"""Store maintenance that an operator runs from the command line (``reid migrate-store``, ``reid gc-blobs``).
+
+Both work on the store the service's settings name (REID_REDIS_URL, else the embedded server under
+REID_DATA_DIR: the running service's if it is up, else one started for the command) and on its blob directory
+(REID_BLOB_DIR). Both are safe while the service runs: they go through the store's transactions and removal
+marks like any write (index/store.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+from index.redis_server import EmbeddedRedis
+from index.store import MigrationResult, RedisStore
+
+from .settings import Settings
+
+log = logging.getLogger("reid.service")
+
+
+@contextmanager
+def open_store(settings: Settings) -> Iterator[RedisStore]:
+    """The settings' store, with kept bytes going to disk (the blob directory)."""
+    server, url = None, settings.redis_url
+    if not url:
+        embedded = EmbeddedRedis(settings.redis_data_dir, appendfsync=settings.redis_appendfsync)
+        url = embedded.running_url()  # never a second server on the running service's AOF
+        if url is None:
+            server = embedded.start()
+            url = server.url
+    store = RedisStore(url, events_maxlen=settings.events_maxlen, blob_dir=settings.blob_path, image_storage="disk",
+                       vector_dtype=settings.store_dtype)
+    try:
+        yield store
+    finally:
+        store.close()
+        if server is not None:
+            server.stop()
+
+
+def migrate_bytes_to_disk(store: RedisStore) -> dict[str, MigrationResult]:
+    """Move every gallery's kept bytes that are still inside Redis to the blob directory."""
+    results = {}
+    for gallery in sorted(store.image_bytes_in_redis()):
+        results[gallery] = store.migrate_image_bytes(gallery)
+        log.info("gallery %s: %s", gallery, results[gallery])
+    return results
