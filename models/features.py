@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from index.metrics import RetrievalMetrics, evaluate_features
 
+from .data.batch_augment import Augmentation, BatchAugment
 from .data.datasets import ReIDDataset, Sample
 from .data.transforms import InputSpec, TestTransform, load_rgb
 
@@ -34,12 +35,10 @@ def extract_decoded_features(model, images: torch.Tensor, spec: InputSpec, batch
     """Eval-mode features of images already decoded and resized to the input size (uint8 [N,3,H,W], as
     `DecodedImages` holds them): the test transform's normalisation only, no file read again."""
     model.eval()
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    normalize = BatchAugment(spec, Augmentation(flip_p=0.0, pad=0, erase_p=0.0))  # the training batches' scaling
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        batch = (images[start:start + batch_size].float() - mean) / std
-        chunks.append(model(batch.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
+        chunks.append(model(normalize(images[start:start + batch_size])).float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
