@@ -10,6 +10,8 @@ way, in one run. One module per section; each section's figures are measured sid
     refinement  NFormer local (K) and joint (N) vs k-reciprocal, reid-strong-baseline layout and scalable
     accuracy    CMC of every refine mode on PRID450S split 0
     restart     restart from snapshot vs rebuild from Redis
+    scale       IVF-PQ at 10M vectors of the real feature distribution (bench/scale.py; its saved result is
+                reported, a fresh run only when there is none or with cfg.scale_fresh: 30-60 min at 10M)
 
 Writes `<out>/<date>-<host>.json`, `.md` and PNGs; `goals` checks the issue's targets (met / missed, by
 how much); with `readme` the summary replaces the README's `## Benchmarks` block between markers.
@@ -25,10 +27,10 @@ from pathlib import Path
 
 from index.blas_threads import limit_blas_threads
 
-from . import accuracy, encoder, goals, ingest, machine, plots, quantize, refinement, report, restart, search
+from . import accuracy, encoder, goals, ingest, machine, plots, quantize, refinement, report, restart, scale, search
 from .config import FULL, QUICK, BenchConfig
 
-SECTIONS = ("encoder", "int8", "ingest", "search", "refinement", "accuracy", "restart")
+SECTIONS = ("encoder", "int8", "ingest", "search", "refinement", "accuracy", "restart", "scale")
 
 __all__ = ["run_bench", "BenchConfig", "FULL", "QUICK", "SECTIONS"]
 
@@ -58,7 +60,8 @@ def _as_served(section, *args):
         return section(*args)
 
 
-def _run_sections(bundle_dir: Path, cfg: BenchConfig, limits: dict, only, log) -> tuple[dict, dict]:
+def _run_sections(bundle_dir: Path, cfg: BenchConfig, limits: dict, only, log,
+                  out_dir: Path) -> tuple[dict, dict]:
     jobs = {
         "encoder": lambda: encoder.run(bundle_dir, limits, cfg),
         # at the largest batch (bulk ingest, where throughput counts): the fp32 best batch flips with noise
@@ -68,6 +71,7 @@ def _run_sections(bundle_dir: Path, cfg: BenchConfig, limits: dict, only, log) -
         "refinement": lambda: _as_served(refinement.run, bundle_dir, cfg),
         "accuracy": lambda: _as_served(accuracy.run, bundle_dir, cfg),
         "restart": lambda: restart.run(cfg.restart_n, bundle_dir, out=lambda s: None),
+        "scale": lambda: scale.section(bundle_dir, cfg, out_dir, log),
     }
     out, seconds = {}, {}
     for name in SECTIONS:
@@ -87,7 +91,8 @@ def _run_sections(bundle_dir: Path, cfg: BenchConfig, limits: dict, only, log) -
 def _plots(r: dict, out_dir: Path, stem: str) -> dict[str, str]:
     made = {}
     todo = (("throughput_vs_batch", "encoder", plots.throughput), ("latency_vs_gallery", "search", plots.search_latency),
-            ("refinement_cost", "refinement", plots.refinement_cost))
+            ("refinement_cost", "refinement", plots.refinement_cost),
+            ("scale_recall_vs_latency", "scale", plots.scale_curve))
     for name, key, fn in todo:
         body = r.get(key)
         if body and "error" not in body and "skipped" not in body:
@@ -109,7 +114,7 @@ def run_bench(bundle_dir: str | Path, out_dir: str | Path = "bench/results", qui
     desc = machine.describe()
     log("bench: machine limits ...")
     limits = _limits(cfg)
-    sections, seconds = _run_sections(bundle_dir, cfg, limits, only, log)
+    sections, seconds = _run_sections(bundle_dir, cfg, limits, only, log, out_dir)
     limits = _best_limits(limits, _limits(cfg))
     r = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "quick": cfg.quick,
          "machine": desc, "limits": limits, "bundle": str(bundle_dir), **sections, "section_seconds": seconds}

@@ -42,6 +42,10 @@ class BenchConfig:
     dense_sizes: tuple = (1_000, 2_000, 4_000, 8_000)  # beyond: extrapolated (20,000 would take ~60 s, 8 GB)
     refine_threads: int = field(default_factory=lambda: max(default_threads()))
     restart_n: int = 50_000
+    scale_n: int = 10_000_000  # bench/scale.py: its saved result is reported unless scale_fresh
+    scale_fresh: bool = False
+    scale_queries: int = 500  # tuning queries, and as many measured ones
+    scale_sweep_m: tuple = (16, 32, 64)  # PQ code bytes tried at the reduced size
 
     @property
     def local_goal_k(self) -> int:
@@ -54,4 +58,5 @@ QUICK = replace(FULL, quick=True, seconds=0.3, matmul_size=1024, bandwidth_mb=64
                 protocols=("prid450s",), candidates=(50,), kreciprocal_candidates=(50,), ingest_requests=1,
                 ingest_batch=8, search_sizes=(2_000,), search_queries=20, hnsw_max=2_000, http_size=2_000,
                 http_requests=10, local_k=(50,), refine_gallery=1_000, refine_queries=3, joint_sizes=(500,),
-                dense_sizes=(200, 400), restart_n=500)
+                dense_sizes=(200, 400), restart_n=500, scale_n=50_000,
+                scale_queries=100, scale_sweep_m=(32,))

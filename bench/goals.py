@@ -61,6 +61,7 @@ def check(report: dict) -> list[dict]:
         goals.append(_missing("ingest over HTTP vs encoder alone", ">= 90%", "ingest section missing"))
     goals += _search_goals(report.get("search", {}), report.get("quick", False))
     goals += _refine_goals(report.get("refinement", {}))
+    goals += _scale_goals(report.get("scale", {}))
     return goals
 
 
@@ -124,3 +125,21 @@ def _refine_goals(ref: dict) -> list[dict]:
         else:
             out.append(_missing("joint refinement at N=20,000", "<= 5 s, <= 2 GB", str(j.get("error"))))
     return out
+
+
+def _scale_goals(scale: dict) -> list[dict]:
+    if "final" not in scale:
+        why = scale.get("error") or scale.get("skipped") or "scale section missing"
+        return [_missing("10M IVF-PQ p99 at recall@10 >= 0.9, index <= 2 GB", "<= 10 ms, <= 2 GB", why)]
+    n, t = scale["n"], scale["targets"]
+    note = "" if n >= 10_000_000 else f"measured at {n:,} (goal is at 10,000,000)"
+    m = scale["final"]["with_rerank"]
+    p99, rec = m["p99_ms"], m["recall@10"]
+    where = f"nprobe {scale['final']['nprobe']}, re-rank {scale['final']['refine']} x k, recall@10 {rec:.3f}"
+    ok = p99 <= t["p99_ms"] and rec >= t["recall@10"]
+    margin = _ratio_margin(p99, t["p99_ms"], higher_better=False) if rec >= t["recall@10"] else "recall short"
+    mem = scale["index"]["index_bytes"] / 2 ** 20
+    return [_goal("IVF-PQ at 10M in process p99 at recall@10 >= 0.9", "<= 10 ms", f"{p99:.2f} ms ({where})", ok,
+                  margin, note),
+            _goal("IVF-PQ index memory at 10M", "<= 2 GB", f"{mem:,.0f} MB", mem <= 2048,
+                  _ratio_margin(mem, 2048, higher_better=False), note)]

@@ -104,3 +104,28 @@ def cmc(metrics: dict, path: Path) -> Path:
     from models.evaluate import plot_cmc
 
     return plot_cmc(metrics, path)
+
+
+def scale_curve(scale: dict, path: Path) -> Path:
+    """Recall@10 against p50 and p99 latency over nprobe at N, one line per re-ranking factor (p50 beside p99:
+    on a busy machine p99 is mostly other processes' time slices)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110, sharey=True)
+    t = scale["targets"]
+    for ax, key in zip(axes, ("p50_ms", "p99_ms")):
+        for r in sorted({p["refine"] for p in scale["grid"]}):
+            pts = [p for p in scale["grid"] if p["refine"] == r]
+            ax.plot([p[key] for p in pts], [p["recall@10"] for p in pts], marker="o",
+                    label=f"re-rank {r} x k" if r else "PQ scores only")
+            for p in pts:
+                ax.annotate(str(p["nprobe"]), (p[key], p["recall@10"]), fontsize=6, alpha=0.7)
+        ax.axhline(t["recall@10"], color="grey", ls="--", lw=1, label=f"recall@10 {t['recall@10']}")
+        if key == "p99_ms":
+            ax.axvline(t["p99_ms"], color="grey", ls=":", lw=1, label=f"p99 {t['p99_ms']:g} ms")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{key[:3]} ms per query (labels: nprobe)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("recall@10 vs exact")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"IVF-PQ at {scale['n']:,} (nlist {scale['index']['nlist']}, {scale['index']['pq_m']}-byte codes)")
+    return _save(fig, path)

@@ -200,10 +200,67 @@ def accuracy_lines(a: dict) -> list[str]:
     return lines
 
 
+def _gb(b: float) -> str:
+    return f"{b / 2 ** 30:.2f} GB" if b >= 2 ** 30 else f"{b / 2 ** 20:,.0f} MB"
+
+
+def scale_lines(s: dict) -> list[str]:
+    ix, fin, sw = s["index"], s["final"], s["sweep"]
+    mem = ix["memory"]
+    m = s.get("machine")
+    where = f", measured on {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GB)" if m else ""
+    cached = f" Saved result `{s['cached']}` of {s['date'][:10]}{where}, not re-run." if s.get("cached") else ""
+    look = s["resemblance"]
+    lines = [f"{s['n']:,} vectors of dim {s['dim']} in IVF-PQ, synthesised from {s['source']} "
+             f"({s['generator']}).{cached}", "",
+             f"Real features vs a synthetic set of as many persons ({look['synthetic_persons']}, 10 images each):", "",
+             "| statistic | real | synthetic |", "|---|---|---|"]
+    for key, name in (("same_person_cosine", "same-person cosine p5 / p50 / p95"),
+                      ("different_person_cosine", "different-person cosine p5 / p50 / p95"),
+                      ("nearest_neighbour_cosine", "nearest-neighbour cosine p5 / p50 / p95")):
+        cells = [" / ".join(f"{look[w][key][p]:.2f}" for p in ("p5", "p50", "p95")) for w in ("real", "synthetic")]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    for key, name in (("nearest_neighbour_same_person", "nearest neighbour is the same person"),
+                      ("variance_top10_directions", "variance in the top 10 principal directions"),
+                      ("variance_top64_directions", "variance in the top 64 principal directions")):
+        lines.append(f"| {name} | {look['real'][key]:.3f} | {look['synthetic'][key]:.3f} |")
+    lines += ["", f"Sweep at {sw['n']:,} vectors (lists as long as at N; {sw['queries']} queries; best = lowest p50 "
+                  f"reaching recall@10 {s['tune_recall']}):", "",
+              "| nlist (at N) | PQ bytes | bytes/vector | index at N (est.) | best refine x k | nprobe | p50 ms | "
+              "p99 ms | recall@10 |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in sw["configs"]:
+        b = c["best"]
+        tail = (f"{b['refine']} | {b['nprobe']} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | {b['recall@10']:.3f}" if b
+                else f"- | - | - | - | max {max(p['recall@10'] for p in c['curve']):.3f}")
+        lines.append(f"| {c['nlist']} ({c['nlist_at_n']}) | {c['pq_m']} | {c['bytes_per_vector']:.0f} | "
+                     f"{_gb(c['memory_at_n_bytes'])} | {tail} |")
+    lines += ["", f"Chosen: nlist {sw['chosen']['nlist_at_n']}, {sw['chosen']['pq_m']}-byte codes "
+                  f"({sw['chosen']['why']}).", "",
+              f"Build at N: vectors generated in {ix['generate_s']:.0f} s; training {ix['train_s']:.0f} s on "
+              f"{ix['train_vectors']:,} vectors; adding {ix['add_s']:.0f} s; exact top-10 of "
+              f"{2 * s['tune_queries']} queries by brute force {ix['exact_top10_s']:.0f} s. Index memory "
+              f"{_gb(ix['index_bytes'])} = {ix['index_bytes_per_million'] / 1e6:.0f} MB per million (the larger of "
+              f"FAISS's structures {_gb(mem['faiss_estimate_bytes'])}: codes and list ids "
+              f"{_gb(mem['codes_and_ids_bytes'])}, id hash map ~{_gb(mem['id_hash_map_bytes_estimate'])}; and the "
+              f"process's anonymous RSS growth {_gb(mem['rss_anon_growth_bytes'])}). Exact vectors for re-ranking: "
+              f"float16 on disk, {_gb(ix['exact_vectors_float16_disk_bytes'])} (page cache, not index memory).", "",
+              f"At N, {fin['queries']} held-out queries (new images of gallery persons), one per call, FAISS threads "
+              f"{fin['faiss_threads']}; nprobe and re-ranking chosen on {s['tune_queries']} other queries:", "",
+              "| re-ranking by exact vectors | nprobe | p50 ms | p99 ms | recall@10 |", "|---|---|---|---|---|"]
+    for key, r in (("with_rerank", f"{fin['refine']} x k candidates"), ("without_rerank", "off (PQ scores)")):
+        m = fin[key]
+        lines.append(f"| {r} | {fin['nprobe']} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['recall@10']:.3f} |")
+    d = s["density"]
+    lines += ["", f"Crowding at N: exact top-1 cosine p50 {d['top1_cosine']['p50']:.2f}, "
+                  f"10th {d['top10th_cosine']['p50']:.2f}; "
+                  f"{d['own_person_images_in_top10_mean']:.1f} of the query person's 10 images in its exact top-10."]
+    return lines
+
+
 SECTIONS = (("encoder", "Encoder throughput", encoder_lines), ("int8", "INT8 static quantisation", int8_lines),
             ("ingest", "Ingest end to end", ingest_lines), ("search", "Search", search_lines),
             ("refinement", "Refinement cost", refinement_lines), ("accuracy", "Refine modes (CMC)", accuracy_lines),
-            ("restart", "Restart", restart_lines))
+            ("restart", "Restart", restart_lines), ("scale", "Scale (IVF-PQ, the 10M goal)", scale_lines))
 
 
 def _section(r: dict, key: str, title: str, fn, level: str) -> list[str]:
@@ -232,9 +289,17 @@ def readme_summary(r: dict, report_path: str) -> str:
              f"{r['machine']['memory_gb']} GB, no GPU), {r['date'][:10]}; full report `{report_path}`. "
              "Every ratio below was measured side by side in that one run.", "", *machine_lines(r)[1:], "",
              *goals_table(r["goals"]), ""]
-    for key, title, fn in (("encoder", "Encoder", encoder_lines), ("search", "Search", search_lines)):
-        lines += _section(r, key, title, lambda b, fn=fn, n=14 if key == "encoder" else 40: _head(fn(b), n), "####")
+    for key, title, fn, n in (("encoder", "Encoder", encoder_lines, 14), ("search", "Search", search_lines, 40),
+                              ("scale", "Scale (IVF-PQ, the 10M goal)", _scale_summary, 40)):
+        lines += _section(r, key, title, lambda b, fn=fn, n=n: _head(fn(b), n), "####")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _scale_summary(s: dict) -> list[str]:
+    """The README's excerpt of the scale section: its first paragraph and the result at N."""
+    lines = scale_lines(s)
+    at_n = next(i for i, line in enumerate(lines) if line.startswith("Build at N"))
+    return lines[:1] + [""] + lines[at_n:]
 
 
 def _head(lines: list[str], n: int) -> list[str]:

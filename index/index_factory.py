@@ -25,7 +25,7 @@ import numpy as np
 
 from .id_indexes import FlatIds, HNSWIds, IVFIds
 
-__all__ = ["INDEX_TYPES", "TRAINED_TYPES", "IndexSpec", "build", "new_index"]
+__all__ = ["INDEX_TYPES", "TRAINED_TYPES", "IndexSpec", "build", "new_index", "trained_ivf"]
 
 log = logging.getLogger("reid.index")
 
@@ -108,7 +108,7 @@ def new_index(spec: IndexSpec, dim: int):
 def build(spec: IndexSpec, dim: int, ids: np.ndarray, vecs: np.ndarray, seed: int = 0):
     """The spec's final index over ``(ids, vecs)`` (normalised, unique ids): IVF types are trained on them."""
     if spec.trained and len(vecs) >= _min_train(spec):
-        idx = IVFIds(_train_ivf(spec, dim, vecs, seed), spec.nprobe)
+        idx = trained_ivf(spec, dim, vecs, seed)
     elif spec.trained:
         idx = FlatIds(dim)  # too few vectors to train on: stay exact
     else:
@@ -116,6 +116,12 @@ def build(spec: IndexSpec, dim: int, ids: np.ndarray, vecs: np.ndarray, seed: in
     for s in range(0, len(ids), ADD_CHUNK):
         idx.add(ids[s:s + ADD_CHUNK], vecs[s:s + ADD_CHUNK])
     return idx
+
+
+def trained_ivf(spec: IndexSpec, dim: int, sample: np.ndarray, seed: int = 0) -> IVFIds:
+    """An empty IVF index of the spec's type trained on ``sample`` (normalised), for a caller that adds its
+    vectors in chunks: a gallery too large to hold as float32 at once (the scale benchmark's 10M)."""
+    return IVFIds(_train_ivf(spec, dim, sample, seed), spec.nprobe)
 
 
 def _min_train(spec: IndexSpec) -> int:

@@ -50,6 +50,13 @@ class NFormerTrainConfig(TrainerConfig):
     # bank features (the FAISS candidates), rather than the paper's large random neighbourhood.
     served_share: float = 0.0
     served_candidates: int = 200
+    # Share of identities cut to one image in each sequence: single-shot galleries (PRID, VIPeR) hold one image per
+    # person and camera, so the NFormer must learn to leave a lone image near itself, not blur it into neighbours.
+    singleton_share: float = 0.0
+    # The bank's features of training-augmented views, drawn afresh each epoch (True), or of the plain test-time
+    # view (False): the encoder fits its training identities, so their plain features cluster more tightly than
+    # an unseen person's do; augmented views look more like the neighbourhoods served.
+    bank_augment: bool = True
     heads: int = 2
     layers: int = 4
     topk: int = 20
@@ -88,10 +95,36 @@ def draw_served_sequence(bank: np.ndarray, candidates: int, rng: np.random.Gener
     return np.concatenate([[anchor], nearest[np.argsort(-scores[nearest], kind="stable")]])
 
 
-def draw_step(bank: np.ndarray, cfg: "NFormerTrainConfig", rng: np.random.Generator) -> list[np.ndarray]:
-    """One step's sequences: each drawn as served with probability `served_share`, else as the paper does."""
-    return [draw_served_sequence(bank, cfg.served_candidates, rng) if cfg.served_share and rng.random() < cfg.served_share
-            else draw_sequence(bank, cfg.sequence_length, rng) for _ in range(cfg.sequences_per_step)]
+def keep_one_of_some(seq: np.ndarray, labels: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """The sequence with each identity, with probability `share`, cut to one of its images (chosen at random);
+    order kept. A served sequence keeps its anchor (position 0) whatever happens to the anchor's identity."""
+    if not share:
+        return seq
+    ids = np.unique(labels[seq])
+    cut = ids[rng.random(len(ids)) < share]
+    keep = ~np.isin(labels[seq], cut)
+    for pid in cut:
+        members = np.flatnonzero(labels[seq] == pid)
+        keep[rng.choice(members)] = True
+    return seq[keep]
+
+
+def draw_step(bank: np.ndarray, cfg: "NFormerTrainConfig", rng: np.random.Generator,
+              labels: np.ndarray | None = None) -> list[np.ndarray]:
+    """One step's sequences: each drawn as served with probability `served_share`, else as the paper does; then
+    `singleton_share` of each sequence's identities cut to one image (needs `labels`)."""
+    out = []
+    for _ in range(cfg.sequences_per_step):
+        served = cfg.served_share and rng.random() < cfg.served_share
+        seq = (draw_served_sequence(bank, cfg.served_candidates, rng) if served
+               else draw_sequence(bank, cfg.sequence_length, rng))
+        if cfg.singleton_share:
+            anchor = seq[0]
+            seq = keep_one_of_some(seq, labels, cfg.singleton_share, rng)
+            if served and seq[0] != anchor:  # the anchor's identity was cut to another image: the query stays
+                seq = np.concatenate([[anchor], seq[(seq != anchor) & (labels[seq] != labels[anchor])]])
+        out.append(seq)
+    return out
 
 
 def torch_refiner_function(nformer: NFormer):
@@ -129,6 +162,7 @@ class NFormerTrainer(Trainer):
         if samples is None:
             samples, _ = combine_for_training([load_dataset(n, stage1["split"]) for n in stage1["train_data"]])
         self.samples = samples
+        self.plain_bank: np.ndarray | None = None
         self.labels = torch.tensor([s.pid for s in samples])
         num_classes = int(self.labels.max()) + 1
         self.ncfg = ncfg = NFormerConfig(dim=self.encoder.embedding_dim, heads=cfg.heads, layers=cfg.layers,
@@ -163,15 +197,22 @@ class NFormerTrainer(Trainer):
         cfg, epoch = self.cfg, self.epoch
         started = time.time()
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)
-        bank = extract_features(self.encoder, self.samples, self.spec,
-                                transform=TrainTransform(self.spec, seed=cfg.seed * 1000 + epoch),
-                                desc=f"feature bank {epoch + 1}/{cfg.epochs}")
+        if cfg.bank_augment or self.plain_bank is None:
+            bank = extract_features(self.encoder, self.samples, self.spec,
+                                    transform=(TrainTransform(self.spec, seed=cfg.seed * 1000 + epoch)
+                                               if cfg.bank_augment else None),
+                                    desc=f"feature bank {epoch + 1}/{cfg.epochs}")
+            if not cfg.bank_augment:
+                self.plain_bank = bank.copy()  # the same every epoch: extracted once
+        else:
+            bank = self.plain_bank.copy()
         if cfg.input_norm == "l2":
             bank /= np.linalg.norm(bank, axis=1, keepdims=True)
         self.bank = torch.from_numpy(bank)
         steps = cfg.steps_per_epoch or max(1, len(bank) // 30 // cfg.sequences_per_step)
         self.nformer.train()
-        step_sequences = (draw_step(bank, cfg, rng) for _ in range(steps))
+        labels = self.labels.numpy()
+        step_sequences = (draw_step(bank, cfg, rng, labels) for _ in range(steps))
         means = self.run_steps(step_sequences, steps, f"nformer epoch {epoch + 1}/{cfg.epochs}")
         return {**means, "epoch": epoch + 1, "seconds": round(time.time() - started, 1)}
 

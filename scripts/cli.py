@@ -108,12 +108,14 @@ def train_stage2(args, encoder_checkpoint) -> int:
 
     cfg = NFormerTrainConfig()
     for key in ("nformer_epochs", "sequence_length", "steps_per_epoch", "nformer_lr", "input_norm", "seed",
-                "threads", "landmarks", "topk", "served_share", "served_candidates"):
+                "threads", "landmarks", "topk", "served_share", "served_candidates", "singleton_share"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key.removeprefix("nformer_") if key.startswith("nformer_") else key, value)
     if args.eval_data is not None:
         cfg.eval_data = args.eval_data
+    if getattr(args, "bank_augment", None) is not None:
+        cfg.bank_augment = args.bank_augment
     results = train_nformer(encoder_checkpoint, args.run_dir, cfg, resume=not args.no_resume)
     print(json.dumps(results, indent=2))
     return 0
@@ -503,10 +505,13 @@ def cmd_make_synthetic(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from bench import run_bench
+    from dataclasses import replace
+
+    from bench import FULL, QUICK, run_bench
 
     readme = None if args.no_readme else args.readme or (None if args.quick else "README.md")
-    report = run_bench(args.bundle, args.out, quick=args.quick, readme=readme, only=tuple(args.only or ()))
+    cfg = replace(QUICK if args.quick else FULL, scale_fresh=args.fresh_scale)
+    report = run_bench(args.bundle, args.out, quick=args.quick, readme=readme, only=tuple(args.only or ()), cfg=cfg)
     print(report)
     return 0
 
@@ -688,8 +693,13 @@ def add_nformer_arguments(p: argparse.ArgumentParser) -> None:
             ("topk", int, "neighbours each feature attends to (default 20)"),
             ("served-share", float, "share of sequences drawn as refine=local serves: one query and its "
                                     "nearest features (default 0)"),
-            ("served-candidates", int, "the nearest features of such a sequence (default 200)")):
+            ("served-candidates", int, "the nearest features of such a sequence (default 200)"),
+            ("singleton-share", float, "share of each sequence's identities cut to one image, as single-shot "
+                                       "galleries hold them (default 0)")):
         p.add_argument(f"--{name}", type=typ, help=f"NFormer stage 2: {text}")
+    p.add_argument("--bank-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="NFormer stage 2: the feature bank from augmented views drawn afresh each epoch (default) "
+                        "or, with --no-bank-augment, from the plain test-time view")
     p.add_argument("--input-norm", choices=["l2", "raw"],
                    help="NFormer stage 2: train on L2-normalised features as served (l2, default) or raw ones as "
                         "the official code does")
@@ -982,7 +992,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "full run, none for --quick)")
     p.add_argument("--no-readme", action="store_true", help="leave the README alone")
     p.add_argument("--only", nargs="+", choices=["encoder", "int8", "ingest", "search", "refinement", "accuracy",
-                                                 "restart"], help="run only these sections")
+                                                 "restart", "scale"], help="run only these sections")
+    p.add_argument("--fresh-scale", action="store_true",
+                   help="run the scale section (10M vectors, 30-60 min) even if its saved result exists")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("loadtest", help="sustained search + ingest against a real server on loopback")

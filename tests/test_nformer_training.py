@@ -14,6 +14,7 @@ import torch
 from index.bundle import load_bundle
 from index.refine import NeighborTransformer, NFormerSpec
 from models.nformer_train import (NFormerTrainConfig, draw_sequence, draw_served_sequence, draw_step,
+                                  keep_one_of_some,
                                   load_trained_nformer, torch_refiner_function)
 from models.synthetic import make_synthetic
 
@@ -45,6 +46,28 @@ def test_served_sequences_are_an_anchor_and_its_nearest_candidates():
     cfg = NFormerTrainConfig(sequence_length=100, served_candidates=40, sequences_per_step=400, served_share=0.25)
     lengths = [len(s) for s in draw_step(bank, cfg, rng)]
     assert set(lengths) == {41, 100} and 0.15 < lengths.count(41) / 400 < 0.35
+
+
+def test_singleton_share_cuts_identities_to_one_image_and_keeps_the_served_anchor():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(100), 5)  # 100 identities x 5 images
+    seq = rng.permutation(500)
+    assert (keep_one_of_some(seq, labels, 0.0, rng) == seq).all()
+    cut = keep_one_of_some(seq, labels, 0.5, rng)
+    per_id = np.bincount(labels[cut], minlength=100)
+    assert set(per_id) == {1, 5} and 30 < (per_id == 1).sum() < 70  # each identity whole or cut to one image
+    order = {v: i for i, v in enumerate(seq)}
+    assert all(order[a] < order[b] for a, b in zip(cut, cut[1:]))  # order kept
+    assert len(keep_one_of_some(seq, labels, 1.0, rng)) == 100
+
+    bank = rng.standard_normal((500, 8)).astype(np.float32)
+    cfg = NFormerTrainConfig(served_share=1.0, served_candidates=60, sequences_per_step=50, singleton_share=1.0)
+    for s in draw_step(bank, cfg, rng, labels):
+        assert np.bincount(labels[s]).max() == 1  # every identity lone, the anchor's too
+        scores = bank[s[1:]] @ bank[s[0]]
+        assert (np.diff(scores) <= 0).all()  # still the query first, then its candidates nearest first
+    cfg.singleton_share = 0.0
+    assert any(np.bincount(labels[s]).max() > 1 for s in draw_step(bank, cfg, rng, labels))
 
 
 def test_nformer_method_trains_both_stages_resumes_and_exports(tmp_path):
