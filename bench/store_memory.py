@@ -8,7 +8,7 @@ For each configuration it empties the server, writes N images through :meth:`Red
 100, as uploads arrive) with metadata like the service's (``realistic``: external id, camera, person, capture
 time, file name; ``minimal``: file name and camera), and reports the ``used_memory`` delta per image, split by
 ``MEMORY USAGE`` into the gallery's vectors hash, its kept-bytes hash (references to blobs, or the bytes
-themselves), the image records and the change log. The change log (``reid:events``) is capped at
+themselves), the image records and the gallery's change log. Each change log is capped at
 REID_EVENTS_MAXLEN entries, so at large N its share per image fades: ``without log`` is what each further
 image costs once the cap is reached.
 """
@@ -64,14 +64,14 @@ def measure(url: str, blob_dir: Path, n: int, dim: int, dtype: str, storage: str
                        model=MODEL, images=data if storage != "none" else None)
     _purge(r)
     after = int(r.info("memory")["used_memory"])
-    records = [k for _, k in zip(range(500), r.scan_iter(f"reid:gallery:{GALLERY}:image:*", count=1000))]
+    records = [store.k_image(GALLERY, i) for i in list(store.vector_ids(GALLERY))[:500]]
     per_record = float(np.mean([r.memory_usage(k, samples=0) for k in records]))
     parts = {
         "vectors": r.memory_usage(store.k_vectors(GALLERY), samples=0) / n,
         "kept_bytes_hash": ((r.memory_usage(store.k_blobs(GALLERY), samples=0) or 0)
                             + (r.memory_usage(store.k_images(GALLERY), samples=0) or 0)) / n,
         "record": per_record,
-        "change_log": r.memory_usage(store.k_events(), samples=0) / n,
+        "change_log": r.memory_usage(store.k_gallery_events(GALLERY), samples=0) / n,
     }
     total = (after - before) / n
     store.close()
