@@ -119,9 +119,11 @@ class EventReader:
     so there each stream is read without blocking, all of them in one pipeline (one round trip per node), every
     ``poll_ms`` until something comes or ``block_ms`` has passed."""
 
-    def __init__(self, r, key_of: Callable[[str], str], block_ms: int, cluster: bool = False, poll_ms: int = 50):
+    def __init__(self, r, key_of: Callable[[str], str], block_ms: int, cluster: bool = False, poll_ms: int = 50,
+                 owns_client: bool = True):
         self.r, self.key_of, self.block_ms = r, key_of, block_ms
         self.cluster, self.poll_ms = cluster, poll_ms
+        self.owns_client = owns_client  #: close() closes the client (not when it is the store's own)
 
     def read(self, positions: Mapping[str, str], count: int) -> list[Event]:
         if not positions:
@@ -152,4 +154,5 @@ class EventReader:
         return stream_info(self.r, self.key_of(stream))
 
     def close(self) -> None:
-        self.r.close()
+        if self.owns_client:
+            self.r.close()

@@ -342,7 +342,7 @@ class RedisStore:
         must not share the request pool, nor its socket timeout (shorter than ``block_ms`` may be). Redis Cluster
         reads without blocking (:class:`index.events.EventReader`), so there the store's client serves."""
         if self.cluster:
-            return EventReader(self.r, self.stream_key, block_ms, cluster=True)
+            return EventReader(self.r, self.stream_key, block_ms, cluster=True, owns_client=False)
         pool = self.r.connection_pool
         client = redis.Redis(connection_pool=redis.ConnectionPool(
             connection_class=pool.connection_class,
@@ -676,7 +676,9 @@ class RedisStore:
             existed, dtype, busy, listed = self._write_state(gallery, [id_ for id_, *_ in prepared], marks)
             if busy:
                 raise _BlobBusy(busy)
-            if not listed and not all(existed):
+            if listed is not True and not all(existed):
+                if listed == "leftovers":  # of a delete that crashed half-way: not this gallery's images
+                    self._delete_keys(gallery)  # (the WATCHed settings change: this round's EXEC aborts)
                 self._list_gallery(gallery)  # listed before anything of it is written (module docstring)
             codec = VectorCodec.named(dtype)
             written: dict[int, tuple[str, dict[str, str]]] = {}  # id -> (image key, metadata)
@@ -724,23 +726,24 @@ class RedisStore:
         return out
 
     def _write_state(self, gallery: str, ids: list[int], marks: list[str]
-                     ) -> tuple[list[bool], str, list[str], bool]:
-        """``(existed per id, the gallery's vector dtype, the removal marks that are set, whether it has settings)``
-        in one round trip (one slot). A gallery with settings is listed: it is listed before they are written."""
+                     ) -> tuple[list[bool], str, list[str], bool | str]:
+        """``(existed per id, the gallery's vector dtype, the removal marks that are set, listed)`` in one round trip
+        (one slot). ``listed``: True when the gallery has settings (it is listed before they are written), False
+        when it has none, "leftovers" when they are those of a delete that did not finish."""
         pipe = self.r.pipeline(transaction=False)
         for i in ids:
             pipe.exists(self.k_image(gallery, i))
-        pipe.hmget(self.k_gallery(gallery), "vector_dtype", "name")
+        pipe.hmget(self.k_gallery(gallery), "vector_dtype", "name", "deleting")
         pipe.exists(self.k_vectors(gallery))
         for m in marks:
             pipe.exists(m)
         res = pipe.execute()
         existed = [bool(x) for x in res[:len(ids)]]
-        (recorded, name), has_vectors = res[len(ids)], res[len(ids) + 1]
+        (recorded, name, deleting), has_vectors = res[len(ids)], res[len(ids) + 1]
         busy = [m for m, x in zip(marks, res[len(ids) + 2:]) if x]
         # a gallery with vectors but no record is of the layout before the record: float32
         dtype = _s(recorded) or (LEGACY_DTYPE if has_vectors else self.codec.name)
-        return existed, dtype, busy, name is not None
+        return existed, dtype, busy, "leftovers" if deleting is not None else name is not None
 
     def _transaction_waiting_for_blobs(self, func: Callable[[redis.client.Pipeline], None], *watches: str) -> list:
         """:meth:`_transaction`, again after a short wait while a blob it writes is being removed (the removal

@@ -294,3 +294,21 @@ def test_a_commit_guarded_by_a_job_aborts_once_it_is_cancelled(store, gallery_na
         else:
             store.commit_staged({g: 4}, "new:1", "copy-1", watch=watch, precondition=still_running)
             assert store.active_bundle() == "copy-1"
+
+
+def test_the_leftovers_of_a_gallery_delete_that_crashed_half_way_never_come_back(store):
+    """A delete marks the gallery, unlists it (with its drop entry), then deletes its keys: two slots, so two
+    steps. After a crash between them, neither a create nor an upload under the name brings the old images back."""
+    for first in ("create", "upload"):
+        g = f"half-{first}"
+        store.put_many(g, [(1, vec(1), {"camera_id": "1"}), (2, vec(2), None)])
+        store.r.hset(store.k_gallery(g), "deleting", "1")  # what delete_gallery does first ...
+        store.r.srem(store.k_galleries(), g)  # ... then second; then it crashed
+        assert not store.gallery_exists(g) and store.exists(g, 1)
+        if first == "create":
+            assert store.create_gallery(g) is True
+        else:
+            assert store.put_many(g, [(3, vec(3), None)]) == [False]
+        assert store.gallery_exists(g) and not store.exists(g, 1) and not store.exists(g, 2)
+        assert store.count(g) == (0 if first == "create" else 1)
+        assert store.get_gallery_field(g, "deleting") is None
