@@ -8,7 +8,7 @@ For each configuration it empties the server, writes N images through :meth:`Red
 100, as uploads arrive) with metadata like the service's (``realistic``: external id, camera, person, capture
 time, file name; ``minimal``: file name and camera), and reports the ``used_memory`` delta per image, split by
 ``MEMORY USAGE`` into the gallery's vectors hash, its kept-bytes hash (references to blobs, or the bytes
-themselves), the image records and the change log. The change log (``reid:events``) is capped at
+themselves), the image records and the gallery's change log. Each change log is capped at
 REID_EVENTS_MAXLEN entries, so at large N its share per image fades: ``without log`` is what each further
 image costs once the cap is reached.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from index.redis_cluster import LocalRedisCluster
 from index.redis_server import EmbeddedRedis, find_redis_server
 from index.store import RedisStore, image_id
 
@@ -44,16 +45,32 @@ def image(i: int) -> bytes:
     return np.random.default_rng(i).integers(0, 256, IMAGE_BYTES, dtype=np.uint8).tobytes()
 
 
-def measure(url: str, blob_dir: Path, n: int, dim: int, dtype: str, storage: str, profile: str) -> dict:
+def _servers(store: RedisStore, masters_only: bool = False) -> list:
+    """A client per server: the one server, or each node of the cluster (its masters: where the data is counted
+    once; a replica holds a copy of its master's)."""
+    if not store.cluster:
+        return [store.r]
+    nodes = store.r.get_primaries() if masters_only else store.r.get_nodes()
+    return [store.r.get_redis_connection(node) for node in nodes]
+
+
+def _used_memory(store: RedisStore) -> int:
+    return sum(int(r.info("memory")["used_memory"]) for r in _servers(store, masters_only=True))
+
+
+def measure(url: str, blob_dir: Path, n: int, dim: int, dtype: str, storage: str, profile: str,
+            cluster: bool = False) -> dict:
     store = RedisStore(url, blob_dir=blob_dir if storage == "disk" else None,
-                       image_storage="redis" if storage == "redis" else None, vector_dtype=dtype)
+                       image_storage="redis" if storage == "redis" else None, vector_dtype=dtype, cluster=cluster)
     r = store.r
-    # no append-only file while measuring: its buffers (and the rewrites that tens of MB of writes set off) would
-    # count in used_memory; what is measured is what the data holds
-    r.config_set("appendonly", "no")
-    r.flushall()
-    _purge(r)
-    before = int(r.info("memory")["used_memory"])
+    for server in _servers(store):
+        # no append-only file while measuring: its buffers (and the rewrites that tens of MB of writes set off)
+        # would count in used_memory; what is measured is what the data holds
+        server.config_set("appendonly", "no")
+        if server.info("replication")["role"] == "master":
+            server.flushall()
+        _purge(server)
+    before = _used_memory(store)
     rng = np.random.default_rng(0)
     for start in range(0, n, 100):
         idx = range(start, min(start + 100, n))
@@ -62,20 +79,22 @@ def measure(url: str, blob_dir: Path, n: int, dim: int, dtype: str, storage: str
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         store.put_many(GALLERY, [(image_id(GALLERY, d), v, metadata(i, profile)) for i, d, v in zip(idx, data, vecs)],
                        model=MODEL, images=data if storage != "none" else None)
-    _purge(r)
-    after = int(r.info("memory")["used_memory"])
-    records = [k for _, k in zip(range(500), r.scan_iter(f"reid:gallery:{GALLERY}:image:*", count=1000))]
+    for server in _servers(store):
+        _purge(server)
+    after = _used_memory(store)
+    records = [store.k_image(GALLERY, i) for i in list(store.vector_ids(GALLERY))[:500]]
     per_record = float(np.mean([r.memory_usage(k, samples=0) for k in records]))
     parts = {
         "vectors": r.memory_usage(store.k_vectors(GALLERY), samples=0) / n,
         "kept_bytes_hash": ((r.memory_usage(store.k_blobs(GALLERY), samples=0) or 0)
                             + (r.memory_usage(store.k_images(GALLERY), samples=0) or 0)) / n,
         "record": per_record,
-        "change_log": r.memory_usage(store.k_events(), samples=0) / n,
+        "change_log": r.memory_usage(store.k_gallery_events(GALLERY), samples=0) / n,
     }
     total = (after - before) / n
     store.close()
-    return {"dtype": dtype, "kept_bytes": storage, "metadata": profile, "n": n, "dim": dim,
+    return {"layout": "cluster" if cluster else "single", "dtype": dtype, "kept_bytes": storage,
+            "metadata": profile, "n": n, "dim": dim,
             "bytes_per_image": total, "without_log": total - parts["change_log"], "parts": parts}
 
 
@@ -91,11 +110,12 @@ def server_version(binary: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| vectors | kept bytes | metadata | bytes / image | without log | vectors | bytes hash | record "
-             "| log |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| store | vectors | kept bytes | metadata | bytes / image | without log | vectors | bytes hash | record "
+             "| log |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         p = row["parts"]
-        lines.append(f"| {row['dtype']} | {row['kept_bytes']} | {row['metadata']} | {row['bytes_per_image']:,.0f} | "
+        lines.append(f"| {row.get('layout', 'single')} | {row['dtype']} | {row['kept_bytes']} | {row['metadata']} | "
+                     f"{row['bytes_per_image']:,.0f} | "
                      f"{row['without_log']:,.0f} | {p['vectors']:,.0f} | {p['kept_bytes_hash']:,.0f} | "
                      f"{p['record']:,.0f} | {p['change_log']:,.0f} |")
     return "\n".join(lines)
@@ -106,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--json", type=Path)
+    p.add_argument("--cluster", action="store_true", help="also measure on a local Redis Cluster (3 masters + 3 "
+                   "replicas; memory summed over the masters)")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
                     for storage in ("none", "disk") + (("redis",) if profile == "realistic" else ()):
                         rows.append(measure(srv.url, Path(tmp) / f"blobs-{len(rows)}", args.n, args.dim, dtype,
                                             storage, profile))
+                        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+        if args.cluster:
+            with LocalRedisCluster(Path(tmp) / "cluster", appendfsync="everysec") as cluster:
+                for dtype in ("float32", "float16"):
+                    for storage in ("none", "disk"):
+                        rows.append(measure(cluster.url, Path(tmp) / f"blobs-{len(rows)}", args.n, args.dim, dtype,
+                                            storage, "realistic", cluster=True))
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     version = server_version(find_redis_server())
     print(f"\n{version}\n\n{markdown(rows)}")

@@ -4,7 +4,7 @@ The service answers 2xx for an image only after its MULTI/EXEC. Redis write()s i
 before it answers, so with AOF on, a crash of the redis-server *process* loses nothing; a crash of its
 *host* (power, kernel) loses what the OS had not yet written to disk, unless the server fsyncs before
 answering (``appendfsync always``) or the client waits for that fsync with ``WAITAOF 1 0 <ms>`` (Redis >=
-7.2), which is what :class:`WaitAofPipeline` does when the server runs ``appendfsync everysec`` or ``no``.
+7.2), which is what :class:`DurablePipeline` does when the server runs ``appendfsync everysec`` or ``no``.
 
 :func:`probe` reads ``CONFIG GET appendonly/appendfsync`` (tolerating a server where CONFIG is
 disabled, as on managed Redis) and says whether writes will be durable, whether to use WAITAOF, and
@@ -18,8 +18,10 @@ from typing import Any
 
 import redis
 from redis.client import Pipeline
+from redis.cluster import ClusterPipeline, RedisCluster, TransactionStrategy
 
-__all__ = ["NotDurable", "Persistence", "WaitAofPipeline", "probe"]
+__all__ = ["DurablePipeline", "NotDurable", "Persistence", "WriteWait", "durable_pipeline", "probe",
+           "wait_after_write"]
 
 #: the two durability levels the service can be asked for (REID_REDIS_APPENDFSYNC)
 LEVELS = ("always", "everysec")
@@ -111,24 +113,70 @@ def probe(r: redis.Redis, required: str = "always") -> Persistence:
                        use_waitaof=use_waitaof, durable=durable, required=required, warning=warning)
 
 
-class WaitAofPipeline(Pipeline):
-    """A MULTI/EXEC pipeline followed, on the same connection, by ``WAITAOF 1 0 <timeout_ms>``.
+@dataclass(frozen=True)
+class WriteWait:
+    """What a write transaction waits for before it returns (on its own connection, right after EXEC)."""
 
-    WAITAOF only covers the writes of the connection that sends it, so it cannot be a separate call
-    through the pool. Raises :class:`NotDurable` if the local fsync did not happen in time.
-    """
+    aof_ms: int | None = None  #: WAITAOF 1 0 <aof_ms>: the local AOF fsync (None: the server's policy is enough)
+    replicas: int = 0  #: WAIT <replicas> <replicas_ms>: that many replicas hold the write (0: none needed)
+    replicas_ms: int = 2000
 
-    def __init__(self, client: redis.Redis, timeout_ms: int):
-        super().__init__(client.connection_pool, client.response_callbacks, True, None)
-        self.timeout_ms = int(timeout_ms)
+    def __bool__(self) -> bool:
+        return self.aof_ms is not None or self.replicas > 0
 
-    def _execute_transaction(self, connection, commands, raise_on_error):
-        data = super()._execute_transaction(connection, commands, raise_on_error)
-        connection.send_command("WAITAOF", 1, 0, self.timeout_ms)
+
+def wait_after_write(connection, wait: WriteWait) -> None:
+    """Send the waits on ``connection`` (the one that ran the transaction: WAITAOF and WAIT cover only the writes of
+    the connection that sends them, so neither can be a separate call through a pool). Raises :class:`NotDurable`."""
+    if wait.aof_ms is not None:
+        connection.send_command("WAITAOF", 1, 0, wait.aof_ms)
         try:
             local, _ = connection.read_response()
         except redis.exceptions.ResponseError as e:
             raise NotDurable(f"WAITAOF failed after the write: {e}") from e
         if int(local) < 1:
-            raise NotDurable(f"Redis did not fsync the write to its AOF within {self.timeout_ms} ms")
+            raise NotDurable(f"Redis did not fsync the write to its AOF within {wait.aof_ms} ms")
+    if wait.replicas:
+        connection.send_command("WAIT", wait.replicas, wait.replicas_ms)
+        acked = int(connection.read_response())
+        if acked < wait.replicas:
+            raise NotDurable(f"only {acked} of {wait.replicas} replica(s) acknowledged the write within "
+                             f"{wait.replicas_ms} ms (a failover now could lose it)")
+
+
+class DurablePipeline(Pipeline):
+    """A MULTI/EXEC pipeline on one Redis server followed, on the same connection, by :func:`wait_after_write`."""
+
+    def __init__(self, client: redis.Redis, wait: WriteWait):
+        super().__init__(client.connection_pool, client.response_callbacks, True, None)
+        self.wait = wait
+
+    def _execute_transaction(self, connection, commands, raise_on_error):
+        data = super()._execute_transaction(connection, commands, raise_on_error)
+        wait_after_write(connection, self.wait)
         return data
+
+
+class _DurableTransactionStrategy(TransactionStrategy):
+    """Redis Cluster's MULTI/EXEC (on the node of the transaction's slot) followed by :func:`wait_after_write` on
+    the connection it ran on, which the strategy holds until the pipeline is reset."""
+
+    def __init__(self, pipe: ClusterPipeline, wait: WriteWait):
+        super().__init__(pipe)
+        self.wait = wait
+
+    def _execute_transaction(self, stack, raise_on_error):
+        data = super()._execute_transaction(stack, raise_on_error)
+        wait_after_write(self._transaction_connection, self.wait)
+        return data
+
+
+def durable_pipeline(client: redis.Redis | RedisCluster, wait: WriteWait):
+    """A transaction pipeline on ``client`` (one server or a cluster) that waits as ``wait`` says after EXEC."""
+    pipe = client.pipeline(transaction=True)
+    if not wait:
+        return pipe
+    if isinstance(client, RedisCluster):
+        pipe._execution_strategy = _DurableTransactionStrategy(pipe, wait)  # redis-py has no public hook for it
+        return pipe
+    return DurablePipeline(client, wait)

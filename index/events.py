@@ -1,20 +1,32 @@
-"""The change log ``reid:events``: a Redis stream written by the store in the same transaction as each change.
+"""The change logs: Redis streams written by the store in the same transaction as each change.
 
-Each entry is ``op`` (put | delete | drop | activate), ``gallery`` and ``id`` (the image id; for
-``activate`` the bundle id). Replicas follow it to keep their FAISS indexes current; a snapshot
-records the last entry it reflects. Stream ids are ``<ms>-<seq>`` and are compared as integer pairs.
+Layout 2 (Redis Cluster ready): every gallery has its own stream, ``reid:gallery:{g}:events``, in the gallery's
+hash slot, so a change and its entry commit together on whichever node holds the gallery; its entries are ``op``
+(put | delete | activate) and ``id`` (the image id; the bundle id for ``activate``). The global stream
+``reid:{global}:events`` holds what is not one gallery's: ``create`` and ``drop`` of a gallery, and ``activate`` of
+a model (``gallery`` names the gallery, ``id`` the bundle).
+
+A replica's position in the logs is a :data:`Positions` mapping: stream name ("" for the global one, else the
+gallery) -> the id of the last entry applied. Stream ids are ``<ms>-<seq>`` and are compared as integer pairs,
+within one stream only (different streams live on different nodes with their own clocks).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import redis
 
-__all__ = ["Event", "EventReader", "StreamInfo", "ZERO", "decode", "parse_id", "read_range", "stream_info"]
+__all__ = ["GLOBAL", "Event", "EventReader", "Positions", "StreamInfo", "ZERO", "decode", "parse_id", "read_range",
+           "stream_info"]
 
 ZERO = "0-0"
+#: the name of the global stream in a :data:`Positions` mapping
+GLOBAL = ""
+#: stream name -> last entry id applied
+Positions = dict[str, str]
 
 
 def parse_id(s: str | bytes | None) -> tuple[int, int]:
@@ -31,17 +43,19 @@ class Event:
     id: str
     op: str
     gallery: str
-    ref: str  #: image id (decimal) for put/delete, bundle id for activate, "" for drop
+    ref: str  #: image id (decimal) for put/delete, bundle id for activate, "" for create/drop
+    stream: str = GLOBAL  #: the stream it was read from: GLOBAL, or the gallery whose stream it is
 
 
-def decode(entries) -> list[Event]:
-    """Events from XREAD/XRANGE entries ``[(id, {field: value})]`` (bytes)."""
+def decode(entries, stream: str = GLOBAL) -> list[Event]:
+    """Events from XREAD/XRANGE entries ``[(id, {field: value})]`` (bytes) of one stream; a gallery's stream
+    names its gallery, so its entries do not."""
     out = []
     for eid, fields in entries:
         f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
              for k, v in fields.items()}
         out.append(Event(id=eid.decode() if isinstance(eid, bytes) else eid, op=f.get("op", ""),
-                         gallery=f.get("gallery", ""), ref=f.get("id", "")))
+                         gallery=f.get("gallery", stream), ref=f.get("id", ""), stream=stream))
     return out
 
 
@@ -85,31 +99,60 @@ def stream_info(r: redis.Redis, key: str) -> StreamInfo:
     return StreamInfo(exists=True, first=first_id, last=last, length=int(info.get("length", 0)))
 
 
-def read_range(r: redis.Redis, key: str, after: str, until: str, count: int = 1000) -> Iterator[list[Event]]:
-    """Batches of the events with ``after < id <= until``."""
+def read_range(r: redis.Redis, key: str, after: str, until: str, stream: str = GLOBAL,
+               count: int = 1000) -> Iterator[list[Event]]:
+    """Batches of the events of one stream with ``after < id <= until``."""
     start = after
     while parse_id(start) < parse_id(until):
         entries = r.xrange(key, min=f"({start}" if start != ZERO else "-", max=until, count=count)
         if not entries:
             return
-        batch = decode(entries)
+        batch = decode(entries, stream)
         yield batch
         start = batch[-1].id
 
 
 class EventReader:
-    """Follows the log: :meth:`read` waits up to ``block_ms`` for the entries after a position (a blocking XREAD,
-    on a client of its own: :meth:`index.store.RedisStore.event_reader`)."""
+    """Follows every log: :meth:`read` returns the entries after the given positions, waiting up to ``block_ms`` for
+    some. On one Redis server that is one blocking XREAD over all the streams (on a client of its own:
+    :meth:`index.store.RedisStore.event_reader`); Redis Cluster refuses an XREAD over streams in different slots,
+    so there each stream is read without blocking, all of them in one pipeline (one round trip per node), every
+    ``poll_ms`` until something comes or ``block_ms`` has passed."""
 
-    def __init__(self, r: redis.Redis, key: str, block_ms: int):
-        self.r, self.key, self.block_ms = r, key, block_ms
+    def __init__(self, r, key_of: Callable[[str], str], block_ms: int, cluster: bool = False, poll_ms: int = 50,
+                 owns_client: bool = True):
+        self.r, self.key_of, self.block_ms = r, key_of, block_ms
+        self.cluster, self.poll_ms = cluster, poll_ms
+        self.owns_client = owns_client  #: close() closes the client (not when it is the store's own)
 
-    def read(self, after: str, count: int) -> list[Event]:
-        got = self.r.xread({self.key: after}, count=count, block=self.block_ms)
-        return decode(got[0][1]) if got else []
+    def read(self, positions: Mapping[str, str], count: int) -> list[Event]:
+        if not positions:
+            return []
+        names = list(positions)
+        if not self.cluster:
+            got = self.r.xread({self.key_of(n): positions[n] for n in names}, count=count, block=self.block_ms)
+            return self._decode(got, names)
+        deadline = time.monotonic() + self.block_ms / 1000
+        while True:
+            pipe = self.r.pipeline(transaction=False)
+            for n in names:
+                pipe.xread({self.key_of(n): positions[n]}, count=count)
+            got = [entry for res in pipe.execute() if res for entry in res]
+            if got or time.monotonic() >= deadline:
+                return self._decode(got, names)
+            time.sleep(self.poll_ms / 1000)
 
-    def info(self) -> StreamInfo:
-        return stream_info(self.r, self.key)
+    def _decode(self, got, names: list[str]) -> list[Event]:
+        by_key = {self.key_of(n): n for n in names}
+        out: list[Event] = []
+        for key, entries in got or []:
+            key = key.decode() if isinstance(key, bytes) else key
+            out += decode(entries, by_key[key])
+        return out
+
+    def info(self, stream: str) -> StreamInfo:
+        return stream_info(self.r, self.key_of(stream))
 
     def close(self) -> None:
-        self.r.close()
+        if self.owns_client:
+            self.r.close()

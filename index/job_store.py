@@ -1,14 +1,15 @@
 """The records of background jobs and their per-kind locks, in Redis (:mod:`service.jobs` runs the jobs).
 
-Keys::
+Keys (all with the hash tag ``{global}``, so a job's record, lock and listings change together in one transaction
+on Redis Cluster too; ``{id}`` below is the job's id, not a tag)::
 
-    reid:job:{id}               HASH    kind, gallery, status, progress 0..1, stage, message, params and result
+    reid:{global}:job:{id}               HASH    kind, gallery, status, progress 0..1, stage, message, params and result
                                         (JSON), created_at/updated_at, heartbeat, owner (the process running it);
                                         expires a week after it finished
-    reid:jobs:lock:{kind}       STRING  the id of the job of that kind that runs, with a TTL its heartbeat renews
-    reid:jobs:active            SET     the ids of the jobs queued or running (a starting process finds there the
+    reid:{global}:jobs:lock:{kind}       STRING  the id of the job of that kind that runs, with a TTL its heartbeat renews
+    reid:{global}:jobs:active            SET     the ids of the jobs queued or running (a starting process finds there the
                                         ones its crashed predecessor left)
-    reid:jobs:created           ZSET    every job's id scored by its creation time (GET /v1/jobs lists from it;
+    reid:{global}:jobs:created           ZSET    every job's id scored by its creation time (GET /v1/jobs lists from it;
                                         ids whose record expired are dropped as a listing meets them)
 
 A record is updated only while its job is queued or running (in Lua), so a finished status is never
@@ -32,6 +33,8 @@ ACTIVE = ("queued", "running")
 LOCK_TTL_S = 30
 STALE_AFTER_S = 60.0
 FINISHED_TTL_S = 7 * 24 * 3600  # finished records expire after a week
+#: the global keys' prefix (index.store's GLOBAL_PREFIX; not imported: the store imports this module)
+PREFIX = "reid:{global}:"
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 # HSET the fields only while the job is still queued or running: 1 done, 0 finished already, -1 unknown.
@@ -73,14 +76,14 @@ class JobStore:
 
     @staticmethod
     def k_job(job_id: str) -> str:
-        return f"reid:job:{job_id}"
+        return f"{PREFIX}job:{job_id}"
 
     @staticmethod
     def k_lock(kind: str) -> str:
-        return f"reid:jobs:lock:{kind}"
+        return f"{PREFIX}jobs:lock:{kind}"
 
-    K_ACTIVE = "reid:jobs:active"
-    K_CREATED = "reid:jobs:created"
+    K_ACTIVE = PREFIX + "jobs:active"
+    K_CREATED = PREFIX + "jobs:created"
 
     def create(self, job_id: str, kind: str, gallery: str | None, params: dict[str, Any], owner: str = "") -> None:
         now = _now()

@@ -3,7 +3,7 @@
 The index is a cache of the Redis store; a snapshot only saves the time of rebuilding it. The manifest
 says what the index file holds: the model whose vectors it indexes (bundle id, model id, dimension), the
 index settings it was built with, the vector count, the size of the index file and ``stream_id``, the
-last ``reid:events`` entry the index reflected *before* it was written (the index may reflect more:
+last entry of the gallery's change log (``reid:gallery:{g}:events``) the index reflected *before* it was written (the index may reflect more:
 replaying from there is idempotent). Both files are written atomically (temp file, fsync, rename), the
 index file first, so a crash leaves the old pair or a new index with the old manifest, which the size
 check rejects.

@@ -2,10 +2,16 @@
 
 The FAISS index (:mod:`index.vector_index`) is only a cache of what is written here.
 
-Key layout (all keys prefixed ``reid:``; gallery names match :data:`GALLERY_NAME_RE`,
-so they never contain ``:``)::
+Key layout 2 (all keys prefixed ``reid:``; gallery names match :data:`GALLERY_NAME_RE`, so they never contain
+``:`` or braces). Every key of a gallery carries the gallery's name as its Redis Cluster hash tag (``{g}``), so
+all of them live in one hash slot, on one node, and each change to a gallery is one MULTI/EXEC there; every key
+that is no gallery's carries the tag ``{global}``. The same layout serves one Redis server and Redis Cluster
+(``cluster=True``); :func:`index.store_layout.migrate_layout` renames a store of layout 1 (the same names
+without the braces, one change log ``reid:events`` for everything).
 
-    reid:galleries                      SET    names of all galleries
+    reid:{global}:galleries             SET    names of all galleries
+    reid:{global}:events                STREAM the global change log: op=create|drop|activate, gallery, id
+    reid:{global}:layout                STRING "2"
     reid:gallery:{g}                    HASH   name, created_at (ISO 8601 UTC), retention_days (optional),
                                                vector_dtype (float32|float16: how :vectors holds this gallery's
                                                vectors; absent = float32, the layout before it was recorded)
@@ -25,15 +31,19 @@ so they never contain ``:``)::
                                                (expires after :data:`BLOB_MARK_TTL_MS`)
     reid:gallery:{g}:vectors:staged     HASH   like :vectors, written by a model activation before it
                                                replaces :vectors in one transaction
-    reid:blob_store                     STRING identity of the blob directory the kept bytes are in (the same
+    reid:gallery:{g}:events             STREAM the gallery's change log (op=put|delete, id), written in the same
+                                               transaction as each change, capped at ~``events_maxlen`` entries
+                                               (approximate trimming), for replicas to follow (index.events)
+    reid:{global}:blob_store            STRING identity of the blob directory the kept bytes are in (the same
                                                is written in it, :func:`index.blob_store.claim_identity`)
-    reid:active_bundle                  STRING id of the model bundle whose vectors the store holds
-    reid:events                         STREAM change log (op=put|delete|drop|activate, gallery, id),
-                                               capped at ~``events_maxlen`` entries (approximate
-                                               trimming), for replicas to follow (index.events)
-    reid:{name}:lock                    STRING a lease that one replica holds for a periodic chore
+    reid:{global}:active_bundle         STRING id of the model bundle whose vectors the store holds
+    reid:{global}:lock:{name}           STRING a lease that one replica holds for a periodic chore
                                                (:meth:`RedisStore.hold_lease`; ``retention`` sweeps)
-    reid:job:{id}, reid:jobs:lock:{kind}       background jobs' records and locks (index.job_store)
+    reid:{global}:job:{id}, …:jobs:…    background jobs' records and locks (index.job_store)
+
+A gallery is listed (the global set, and a ``create`` entry in the global log) before anything of it is written,
+and unlisted (with a ``drop`` entry) before its keys are deleted: these are two slots, so two steps. A crash between
+them leaves at worst a listed empty gallery, or keys of an unlisted one that the next delete or create replaces.
 
 Nothing outside this package reads or writes these keys itself: it calls the methods here.
 
@@ -41,7 +51,7 @@ Image ids are stable: the first 8 bytes of ``sha256(gallery + b"\\0" + image byt
 big-endian with the top bit cleared (a positive signed 63-bit integer). Re-uploading the
 same bytes to the same gallery gives the same id.
 
-Writes of images (vector + metadata + kept-bytes reference + gallery membership + change event) happen in one
+Writes of images (vector + metadata + kept-bytes reference + change event) happen in one
 MULTI/EXEC transaction guarded by WATCH on the image keys (:meth:`RedisStore.put_many`), so
 a reader never sees half an image and two concurrent uploads of the same bytes report
 exactly one ``created``.
@@ -64,7 +74,9 @@ hold two blobs, and removing one never touches the other. The rules:
 
 Durability: with ``wait_aof_ms`` set (a server running ``appendfsync everysec``/``no`` that has
 WAITAOF, see :mod:`index.durability`), every write transaction is followed by ``WAITAOF 1 0`` on its
-connection, so it returns only once the change is fsynced to the AOF.
+connection, so it returns only once the change is fsynced to the AOF; with ``wait_replicas`` set (Redis Cluster,
+or any primary with replicas), by ``WAIT n``, so it returns only once that many replicas hold the change and a
+failover to one of them loses nothing acknowledged.
 
 Metadata values are stored and returned as strings (``camera_id`` "1" stays "1"); fields
 that were not given are absent (returned as ``None``).
@@ -86,16 +98,18 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from .blob_store import BlobError, BlobMissing, BlobStore, blob_key, claim_identity, read_identity
-from .durability import Persistence, WaitAofPipeline, probe
-from .events import Event, EventReader, StreamInfo, read_range, stream_info
+from .durability import Persistence, WriteWait, durable_pipeline, probe
+from .events import GLOBAL, ZERO, EventReader, Positions, StreamInfo, read_range, stream_info
 from .job_store import JobStore
 from .vector_codec import VectorCodec
 
 __all__ = [
     "BLOB_MARK_TTL_MS",
+    "ClusterUnsupported",
     "GALLERY_NAME_RE",
     "IMAGE_STORAGES",
     "METADATA_FIELDS",
@@ -104,6 +118,7 @@ __all__ = [
     "RedisStore",
     "StagingStale",
     "StoredImage",
+    "connect",
     "image_id",
     "validate_gallery_name",
 ]
@@ -111,12 +126,16 @@ __all__ = [
 log = logging.getLogger("reid.index")
 
 PREFIX = "reid:"
+#: the keys that are no gallery's: one hash tag, so one slot, so they may change together in one transaction
+GLOBAL_PREFIX = PREFIX + "{global}:"
+#: the key layout this code reads and writes (:mod:`index.store_layout`)
+LAYOUT = "2"
 GALLERY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: user-supplied metadata fields (strings)
 METADATA_FIELDS = ("external_id", "camera_id", "person_id", "captured_at", "filename")
 EVENTS_MAXLEN = 100_000
 #: fields of a gallery's settings hash that the store manages itself (others: :meth:`RedisStore.set_gallery_field`)
-GALLERY_OWN_FIELDS = ("name", "created_at", "retention_days", "vector_dtype")
+GALLERY_OWN_FIELDS = ("name", "created_at", "retention_days", "vector_dtype", "deleting")
 #: where kept image bytes go: files in the blob directory, or (the layout before it) a hash inside Redis
 IMAGE_STORAGES = ("disk", "redis")
 #: a removal mark outlives any removal (a rename and an unlink); it expires so a crashed remover blocks nobody
@@ -158,6 +177,10 @@ class InvalidGalleryName(ValueError):
     pass
 
 
+class ClusterUnsupported(RuntimeError):
+    """An operation that needs one transaction over several galleries, which Redis Cluster cannot run."""
+
+
 class StagingStale(RuntimeError):
     """The staged vectors no longer cover exactly the gallery's images (a write happened meanwhile)."""
 
@@ -174,6 +197,16 @@ class MigrationResult:
     moved: int = 0
     dropped: int = 0
     skipped: int = 0
+
+
+def connect(url: str, cluster: bool = False, socket_timeout: float = 5.0) -> redis.Redis | RedisCluster:
+    """A client for ``url``: one server, or (``cluster``) the Redis Cluster that the node at ``url`` belongs to."""
+    options = dict(decode_responses=False, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                   # Fail fast (then 503 + Retry-After upstream) instead of redis-py's multi-second default.
+                   retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2))
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, health_check_interval=30, **options)
 
 
 def validate_gallery_name(name: str) -> str:
@@ -216,8 +249,9 @@ class StoredImage:
 class RedisStore:
     """Galleries, image metadata and vectors in Redis.
 
-    ``client`` may be a ``redis.Redis`` or a URL (``redis://host:port/db``,
-    ``unix:///path/to/sock``).
+    ``client`` may be a ``redis.Redis``, a ``redis.cluster.RedisCluster`` or a URL (``redis://host:port/db``,
+    ``unix:///path/to/sock``); with ``cluster=True`` the URL names any one node of a Redis Cluster and the client
+    finds the rest.
 
     ``blob_dir``: where kept image bytes live on disk (one folder per gallery); ``image_storage`` says where new
     ones go: "disk" (the default when there is a blob_dir) or "redis" (the hash ``…:images``, the layout before
@@ -226,24 +260,22 @@ class RedisStore:
     gallery keeps the dtype it was created with (``vector_dtype`` in its settings hash).
     """
 
-    def __init__(self, client: redis.Redis | str, socket_timeout: float = 5.0, events_maxlen: int = EVENTS_MAXLEN,
-                 wait_aof_ms: int | None = None, blob_dir: str | os.PathLike | None = None,
-                 image_storage: str | None = None, vector_dtype: str = "float32"):
+    def __init__(self, client: redis.Redis | RedisCluster | str, socket_timeout: float = 5.0,
+                 events_maxlen: int = EVENTS_MAXLEN, wait_aof_ms: int | None = None,
+                 blob_dir: str | os.PathLike | None = None, image_storage: str | None = None,
+                 vector_dtype: str = "float32", cluster: bool = False, wait_replicas: int = 0,
+                 wait_replicas_ms: int = 2000):
         if isinstance(client, str):
-            client = redis.Redis.from_url(
-                client,
-                decode_responses=False,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                health_check_interval=30,
-                # Fail fast (then 503 + Retry-After upstream) instead of redis-py's multi-second default.
-                retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2),
-            )
+            client = connect(client, cluster=cluster, socket_timeout=socket_timeout)
         self.r: redis.Redis = client
+        #: Redis Cluster: no transaction may span two hash slots, and blocking reads cover one stream at a time
+        self.cluster = isinstance(client, RedisCluster)
         self._novalues: bool | None = None  # whether HSCAN ... NOVALUES works (Redis >= 7.4); None: untried
         self.events_maxlen = int(events_maxlen)
         #: WAITAOF timeout after each write transaction; None: the server's own fsync policy is enough
         self.wait_aof_ms = wait_aof_ms
+        #: replicas that must hold each write before it is acknowledged (WAIT), and how long to wait for them
+        self.wait_replicas, self.wait_replicas_ms = int(wait_replicas), int(wait_replicas_ms)
         self._patch = client.register_script(_PATCH)
         self._claim_unreferenced = client.register_script(_CLAIM_UNREFERENCED)
         self._release_marks = client.register_script(_RELEASE_MARKS)
@@ -257,96 +289,124 @@ class RedisStore:
         self.codec = VectorCodec.named(vector_dtype)
 
     def _pipeline(self) -> redis.client.Pipeline:
-        """A MULTI/EXEC pipeline for a change: followed by WAITAOF when ``wait_aof_ms`` is set."""
-        if self.wait_aof_ms is not None:
-            return WaitAofPipeline(self.r, self.wait_aof_ms)
-        return self.r.pipeline(transaction=True)
+        """A MULTI/EXEC pipeline for a change: followed by WAITAOF when ``wait_aof_ms`` is set and by WAIT when
+        ``wait_replicas`` is."""
+        return durable_pipeline(self.r, WriteWait(self.wait_aof_ms, self.wait_replicas, self.wait_replicas_ms))
 
     def _transaction(self, func: Callable[[redis.client.Pipeline], None], *watches: str) -> list:
-        """``redis.Redis.transaction`` through :meth:`_pipeline` (WATCH, func, EXEC; again on WatchError)."""
+        """``redis.Redis.transaction`` through :meth:`_pipeline` (WATCH, func, EXEC; again on WatchError). ``func``
+        may queue nothing (returns []: nothing to do)."""
         with self._pipeline() as pipe:
             while True:
                 try:
                     if watches:
                         pipe.watch(*watches)
                     func(pipe)
+                    if not len(pipe):
+                        pipe.reset()
+                        return []
                     return pipe.execute()
                 except redis.WatchError:
                     continue
 
     def _event(self, pipe: redis.client.Pipeline, op: str, gallery: str, ref: str) -> None:
-        pipe.xadd(self.k_events(), {"op": op, "gallery": gallery, "id": ref},
-                  maxlen=self.events_maxlen, approximate=True)
+        """An entry of the gallery's own change log (in the gallery's slot, so in its transaction)."""
+        pipe.xadd(self.k_gallery_events(gallery), {"op": op, "id": ref}, maxlen=self.events_maxlen, approximate=True)
 
-    def last_event_id(self) -> str:
-        """Id of the newest change-log entry ("0-0" if none)."""
-        last = self.r.xrevrange(self.k_events(), count=1)
-        return last[0][0].decode() if last else "0-0"
+    def _global_event(self, pipe: redis.client.Pipeline, op: str, gallery: str, ref: str) -> None:
+        pipe.xadd(self.k_events(), {"op": op, "gallery": gallery, "id": ref}, maxlen=self.events_maxlen,
+                  approximate=True)
 
-    def change_log_info(self) -> StreamInfo:
-        return stream_info(self.r, self.k_events())
+    def stream_key(self, stream: str) -> str:
+        """The key of a change log: :data:`index.events.GLOBAL` or a gallery's."""
+        return self.k_events() if stream == GLOBAL else self.k_gallery_events(stream)
 
-    def read_events(self, after: str, until: str) -> Iterator[list[Event]]:
-        """Batches of the change-log entries with ``after < id <= until``."""
-        return read_range(self.r, self.k_events(), after, until)
+    def log_positions(self, galleries: Iterable[str] | None = None) -> Positions:
+        """The newest entry id of the global log and of each gallery's (default: every listed one), ZERO where a log
+        is empty; one round trip per node."""
+        names = [GLOBAL, *(self.list_galleries() if galleries is None else galleries)]
+        pipe = self.r.pipeline(transaction=False)
+        for n in names:
+            pipe.xrevrange(self.stream_key(n), count=1)
+        return {n: (last[0][0].decode() if last else ZERO) for n, last in zip(names, pipe.execute())}
+
+    def change_log_info(self, stream: str = GLOBAL) -> StreamInfo:
+        return stream_info(self.r, self.stream_key(stream))
+
+    def read_events(self, stream: str, after: str, until: str) -> Iterator[list]:
+        """Batches of one change log's entries with ``after < id <= until``."""
+        return read_range(self.r, self.stream_key(stream), after, until, stream)
 
     def event_reader(self, block_ms: int) -> EventReader:
         """A reader of new change-log entries on a connection of its own: a blocking XREAD holds its connection, so it
-        must not share the request pool, nor its socket timeout (shorter than ``block_ms`` may be)."""
+        must not share the request pool, nor its socket timeout (shorter than ``block_ms`` may be). Redis Cluster
+        reads without blocking (:class:`index.events.EventReader`), so there the store's client serves."""
+        if self.cluster:
+            return EventReader(self.r, self.stream_key, block_ms, cluster=True, owns_client=False)
         pool = self.r.connection_pool
         client = redis.Redis(connection_pool=redis.ConnectionPool(
             connection_class=pool.connection_class,
             **{**pool.connection_kwargs, "socket_timeout": block_ms / 1000 + 5.0}))
-        return EventReader(client, self.k_events(), block_ms)
+        return EventReader(client, self.stream_key, block_ms)
 
     # ------------------------------------------------------------------ keys
-    @staticmethod
-    def k_galleries() -> str:
-        return PREFIX + "galleries"
-
+    # A gallery's keys: "reid:gallery:{g}" and "reid:gallery:{g}:<part>", all in the slot of the hash tag {g}.
     @staticmethod
     def k_gallery(g: str) -> str:
-        return f"{PREFIX}gallery:{g}"
+        return f"{PREFIX}gallery:{{{g}}}"
 
-    @staticmethod
-    def k_vectors(g: str) -> str:
-        return f"{PREFIX}gallery:{g}:vectors"
+    @classmethod
+    def k_vectors(cls, g: str) -> str:
+        return cls.k_gallery(g) + ":vectors"
 
-    @staticmethod
-    def k_image(g: str, id_: int) -> str:
-        return f"{PREFIX}gallery:{g}:image:{int(id_)}"
+    @classmethod
+    def k_image(cls, g: str, id_: int) -> str:
+        return f"{cls.k_gallery(g)}:image:{int(id_)}"
 
-    @staticmethod
-    def k_images(g: str) -> str:
-        return f"{PREFIX}gallery:{g}:images"
+    @classmethod
+    def k_images(cls, g: str) -> str:
+        return cls.k_gallery(g) + ":images"
 
-    @staticmethod
-    def k_blobs(g: str) -> str:
-        return f"{PREFIX}gallery:{g}:blobs"
+    @classmethod
+    def k_blobs(cls, g: str) -> str:
+        return cls.k_gallery(g) + ":blobs"
 
-    @staticmethod
-    def k_blob_mark(g: str, key: str) -> str:
-        return f"{PREFIX}gallery:{g}:blob-removing:{key}"
+    @classmethod
+    def k_blob_mark(cls, g: str, key: str) -> str:
+        return f"{cls.k_gallery(g)}:blob-removing:{key}"
 
+    @classmethod
+    def k_staged(cls, g: str) -> str:
+        return cls.k_gallery(g) + ":vectors:staged"
+
+    @classmethod
+    def k_gallery_events(cls, g: str) -> str:
+        return cls.k_gallery(g) + ":events"
+
+    # The global keys, all in the slot of the hash tag {global}.
     @staticmethod
-    def k_staged(g: str) -> str:
-        return f"{PREFIX}gallery:{g}:vectors:staged"
+    def k_galleries() -> str:
+        return GLOBAL_PREFIX + "galleries"
 
     @staticmethod
     def k_events() -> str:
-        return PREFIX + "events"
+        return GLOBAL_PREFIX + "events"
+
+    @staticmethod
+    def k_layout() -> str:
+        return GLOBAL_PREFIX + "layout"
 
     @staticmethod
     def k_blob_store() -> str:
-        return PREFIX + "blob_store"
+        return GLOBAL_PREFIX + "blob_store"
 
     @staticmethod
     def k_active_bundle() -> str:
-        return PREFIX + "active_bundle"
+        return GLOBAL_PREFIX + "active_bundle"
 
     @staticmethod
     def k_lease(name: str) -> str:
-        return f"{PREFIX}{name}:lock"
+        return f"{GLOBAL_PREFIX}lock:{name}"
 
     # ------------------------------------------------------------------ basics
     def ping(self) -> bool:
@@ -378,22 +438,34 @@ class RedisStore:
     def create_gallery(self, gallery: str, retention_days: int | None = None) -> bool:
         """Create the gallery if missing. Returns True if it was created (``retention_days`` is set only then)."""
         validate_gallery_name(gallery)
-        created = False
+        created = self._list_gallery(gallery)
+        if created and self.r.hexists(self.k_gallery(gallery), "deleting"):
+            self._delete_keys(gallery)  # left by a delete that crashed half-way: they belong to no gallery
+        pipe = self._pipeline()
+        self._init_settings(pipe, gallery, _now(), self.codec.name if created else None)
+        if created and retention_days is not None:
+            pipe.hset(self.k_gallery(gallery), "retention_days", str(int(retention_days)))
+        pipe.execute()
+        return created
 
+    def _list_gallery(self, gallery: str) -> bool:
+        """Add the gallery to the listing, with a ``create`` entry in the global log if it was not listed (one
+        transaction in the global slot). Returns whether it was new."""
         def txn(pipe: redis.client.Pipeline) -> None:
-            nonlocal created
-            created = not pipe.sismember(self.k_galleries(), gallery)
+            if pipe.sismember(self.k_galleries(), gallery):
+                return
             pipe.multi()
             pipe.sadd(self.k_galleries(), gallery)
-            pipe.hsetnx(self.k_gallery(gallery), "name", gallery)
-            pipe.hsetnx(self.k_gallery(gallery), "created_at", _now())
-            if created:
-                pipe.hsetnx(self.k_gallery(gallery), "vector_dtype", self.codec.name)
-            if created and retention_days is not None:
-                pipe.hset(self.k_gallery(gallery), "retention_days", str(int(retention_days)))
+            self._global_event(pipe, "create", gallery, "")
 
-        self._transaction(txn, self.k_galleries())
-        return created
+        res = self._transaction(txn, self.k_galleries())
+        return bool(res) and bool(res[0])
+
+    def _init_settings(self, pipe: redis.client.Pipeline, gallery: str, now: str, dtype: str | None) -> None:
+        pipe.hsetnx(self.k_gallery(gallery), "name", gallery)
+        pipe.hsetnx(self.k_gallery(gallery), "created_at", now)
+        if dtype is not None:
+            pipe.hsetnx(self.k_gallery(gallery), "vector_dtype", dtype)
 
     def gallery_exists(self, gallery: str) -> bool:
         if not GALLERY_NAME_RE.match(gallery or ""):
@@ -415,19 +487,23 @@ class RedisStore:
             pipe.hlen(self.k_vectors(g))
         return {g: int(n) for g, n in zip(names, pipe.execute())}
 
-    def counts_at_log_position(self) -> tuple[dict[str, int], set[str], str | None]:
-        """``(counts, galleries, last)`` read in ONE MULTI/EXEC, so that the counts are exactly those that the change
-        log reflects up to its newest entry ``last`` (None while it is empty). ``counts`` covers the galleries listed
-        just before; ``galleries`` is the set inside the transaction."""
-        names = self.list_galleries()
+    def galleries_at_log_position(self) -> tuple[set[str], str]:
+        """``(galleries, last)``: the listing and the newest entry of the global log (ZERO while empty), read in ONE
+        MULTI/EXEC, so the listing is exactly what that log reflects up to ``last``."""
         pipe = self.r.pipeline(transaction=True)
-        for g in names:
-            pipe.hlen(self.k_vectors(g))
         pipe.smembers(self.k_galleries())
         pipe.xrevrange(self.k_events(), count=1)
-        *counts, members, last = pipe.execute()
-        return ({g: int(n) for g, n in zip(names, counts)}, {_s(m) for m in members},
-                last[0][0].decode() if last else None)
+        members, last = pipe.execute()
+        return {_s(m) for m in members}, (last[0][0].decode() if last else ZERO)
+
+    def count_at_log_position(self, gallery: str) -> tuple[int, str]:
+        """``(count, last)``: the gallery's number of images and the newest entry of its log (ZERO while empty), read
+        in ONE MULTI/EXEC (one slot), so the count is exactly what its log reflects up to ``last``."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hlen(self.k_vectors(gallery))
+        pipe.xrevrange(self.k_gallery_events(gallery), count=1)
+        n, last = pipe.execute()
+        return int(n), (last[0][0].decode() if last else ZERO)
 
     def images_without_bytes(self) -> dict[str, int]:
         """Gallery -> how many of its images have no kept bytes, for the galleries that have such images."""
@@ -475,11 +551,19 @@ class RedisStore:
         """Delete a gallery and all its images. Returns False if it did not exist."""
         if not self.gallery_exists(gallery):
             return False
-        # Drop it from the listing first so nobody finds a half-deleted gallery.
+        # Marked, so that a create after a crash half-way knows its leftovers; then dropped from the listing, so
+        # nobody finds a half-deleted gallery; then its keys go.
+        self.r.hset(self.k_gallery(gallery), "deleting", "1")
         pipe = self._pipeline()
         pipe.srem(self.k_galleries(), gallery)
-        self._event(pipe, "drop", gallery, "")
+        self._global_event(pipe, "drop", gallery, "")
         pipe.execute()
+        self._delete_keys(gallery, batch)
+        return True
+
+    def _delete_keys(self, gallery: str, batch: int = 500) -> None:
+        """Delete every key of an unlisted gallery (and its blobs); its settings last, so a crash half-way leaves them
+        for :meth:`create_gallery` to find."""
         keys: list[str] = []
         for field, _ in self.r.hscan_iter(self.k_vectors(gallery), count=batch):
             keys.append(self.k_image(gallery, int(field)))
@@ -490,10 +574,9 @@ class RedisStore:
             self.r.delete(*keys)
         self._drop_all_blobs(gallery, batch)
         self.r.delete(self.k_vectors(gallery), self.k_images(gallery), self.k_blobs(gallery), self.k_staged(gallery),
-                      self.k_gallery(gallery))
+                      self.k_gallery_events(gallery), self.k_gallery(gallery))
         if self.blob_dir is not None:
             self._blobs(gallery).prune_empty_dirs()
-        return True
 
     def _drop_all_blobs(self, gallery: str, batch: int) -> None:
         """Drop every kept-bytes reference of the gallery and remove the blobs, a batch at a time (each batch's
@@ -590,9 +673,13 @@ class RedisStore:
             nonlocal existed
             # The WATCHed keys' state, read in one round trip on another connection (any change after WATCH
             # still aborts EXEC).
-            existed, dtype, busy = self._write_state(gallery, [id_ for id_, *_ in prepared], marks)
+            existed, dtype, busy, listed = self._write_state(gallery, [id_ for id_, *_ in prepared], marks)
             if busy:
                 raise _BlobBusy(busy)
+            if listed is not True and not all(existed):
+                if listed == "leftovers":  # of a delete that crashed half-way: not this gallery's images
+                    self._delete_keys(gallery)  # (the WATCHed settings change: this round's EXEC aborts)
+                self._list_gallery(gallery)  # listed before anything of it is written (module docstring)
             codec = VectorCodec.named(dtype)
             written: dict[int, tuple[str, dict[str, str]]] = {}  # id -> (image key, metadata)
             vectors: dict[str, bytes] = {}  # one HSET each for the batch's vectors and kept bytes
@@ -625,10 +712,7 @@ class RedisStore:
             if on_disk_refs:
                 pipe.hset(self.k_blobs(gallery), mapping=on_disk_refs)
             if written:
-                pipe.sadd(self.k_galleries(), gallery)
-                pipe.hsetnx(self.k_gallery(gallery), "name", gallery)
-                pipe.hsetnx(self.k_gallery(gallery), "created_at", now)
-                pipe.hsetnx(self.k_gallery(gallery), "vector_dtype", codec.name)
+                self._init_settings(pipe, gallery, now, codec.name)
 
         # WATCH the gallery's settings too: its vector_dtype is decided by the first write, and a concurrent first
         # write (another replica, maybe another REID_STORE_DTYPE) must not mix two dtypes in one gallery.
@@ -641,22 +725,25 @@ class RedisStore:
             seen.add(id_)
         return out
 
-    def _write_state(self, gallery: str, ids: list[int], marks: list[str]) -> tuple[list[bool], str, list[str]]:
-        """``(existed per id, the gallery's vector dtype, the removal marks that are set)`` in one round trip."""
+    def _write_state(self, gallery: str, ids: list[int], marks: list[str]
+                     ) -> tuple[list[bool], str, list[str], bool | str]:
+        """``(existed per id, the gallery's vector dtype, the removal marks that are set, listed)`` in one round trip
+        (one slot). ``listed``: True when the gallery has settings (it is listed before they are written), False
+        when it has none, "leftovers" when they are those of a delete that did not finish."""
         pipe = self.r.pipeline(transaction=False)
         for i in ids:
             pipe.exists(self.k_image(gallery, i))
-        pipe.hget(self.k_gallery(gallery), "vector_dtype")
+        pipe.hmget(self.k_gallery(gallery), "vector_dtype", "name", "deleting")
         pipe.exists(self.k_vectors(gallery))
         for m in marks:
             pipe.exists(m)
         res = pipe.execute()
         existed = [bool(x) for x in res[:len(ids)]]
-        recorded, has_vectors = res[len(ids)], res[len(ids) + 1]
+        (recorded, name, deleting), has_vectors = res[len(ids)], res[len(ids) + 1]
         busy = [m for m, x in zip(marks, res[len(ids) + 2:]) if x]
         # a gallery with vectors but no record is of the layout before the record: float32
         dtype = _s(recorded) or (LEGACY_DTYPE if has_vectors else self.codec.name)
-        return existed, dtype, busy
+        return existed, dtype, busy, "leftovers" if deleting is not None else name is not None
 
     def _transaction_waiting_for_blobs(self, func: Callable[[redis.client.Pipeline], None], *watches: str) -> list:
         """:meth:`_transaction`, again after a short wait while a blob it writes is being removed (the removal
@@ -873,11 +960,14 @@ class RedisStore:
 
     def set_retention(self, gallery: str, days: int | None) -> bool:
         """Set (or clear, with None) the gallery's ``retention_days``. Returns False if it does not exist."""
+        if not self.gallery_exists(gallery):
+            return False
         missing = False
 
         def txn(pipe: redis.client.Pipeline) -> None:
             nonlocal missing
-            missing = not pipe.sismember(self.k_galleries(), gallery)
+            # its settings hash, in its own slot, says whether it still exists: a delete removes it
+            missing = not pipe.hexists(self.k_gallery(gallery), "name")
             if missing:
                 return
             pipe.multi()
@@ -886,8 +976,8 @@ class RedisStore:
             else:
                 pipe.hset(self.k_gallery(gallery), "retention_days", str(int(days)))
 
-        # WATCH both: a delete of the gallery in between aborts and re-checks (no orphan settings hash)
-        self._transaction(txn, self.k_galleries(), self.k_gallery(gallery))
+        # WATCH it: a delete of the gallery in between aborts and re-checks (no orphan settings hash)
+        self._transaction(txn, self.k_gallery(gallery))
         return not missing
 
     def galleries_with_retention(self) -> dict[str, int]:
@@ -1059,7 +1149,7 @@ class RedisStore:
 
         def txn(pipe: redis.client.Pipeline) -> None:
             nonlocal result
-            existed, _, busy = self._write_state(gallery, ids, marks)
+            existed, _, busy, _ = self._write_state(gallery, ids, marks)
             if busy:
                 raise _BlobBusy(busy)
             present = [i for i, ex in zip(ids, existed) if ex]
@@ -1109,7 +1199,12 @@ class RedisStore:
         Raises :class:`StagingStale` (nothing written) unless the galleries are exactly the store's and
         each one's staged ids are exactly its images. ``precondition(pipe)`` may read the ``watch`` keys
         and raise to abort; a change to any of them before EXEC makes the check run again.
+
+        One transaction over every gallery's slot: Redis Cluster cannot run it (:class:`ClusterUnsupported`).
         """
+        if self.cluster:
+            raise ClusterUnsupported("activating another model on Redis Cluster is not supported yet: its switch is "
+                                     "one transaction over every gallery, and a cluster spreads them over nodes")
         names = sorted(galleries)
         keys = [self.k_galleries(), *watch, *(self.k_vectors(g) for g in names), *(self.k_staged(g) for g in names),
                 *(self.k_gallery(g) for g in names)]
@@ -1133,7 +1228,7 @@ class RedisStore:
                 for i in ids[g]:
                     pipe.hset(self.k_image(g, int(i)), mapping={"model": model, "dim": str(galleries[g])})
             pipe.set(self.k_active_bundle(), bundle_id)
-            self._event(pipe, "activate", "", bundle_id)  # replicas switch models too (service.follower)
+            self._global_event(pipe, "activate", "", bundle_id)  # replicas switch models too (service.follower)
 
         self._transaction(txn, *keys)
 

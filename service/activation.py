@@ -7,7 +7,7 @@ added or deleted meanwhile, replaces every gallery's vectors by the staged ones 
 bundle as active in ONE Redis transaction, and swaps this process's encoder, refiner and indexes.
 A crash before that transaction changes nothing; after it, a restart serves the new model.
 
-The commit also logs an ``activate`` entry in ``reid:events``: every other replica's follower
+The commit also logs an ``activate`` entry in the global change log: every other replica's follower
 (:mod:`service.follower`) then loads the bundle from its own ``{data_dir}/bundles/<id>`` (or its
 REID_MODEL_DIR for ``default``), rebuilds its indexes from the new stored vectors and switches
 (:meth:`service.state.ServiceState.follow_activation`); a replica that lacks the bundle keeps its old model

@@ -130,10 +130,15 @@ def install_error_handlers(app: FastAPI) -> None:
                               headers={"Retry-After": str(RETRY_AFTER_S)})
 
     # ConnectionError covers BusyLoadingError (a restarted Redis replaying its AOF); NotDurable is a write that
-    # Redis did not fsync in time (WAITAOF): retrying it is safe, ids are content hashes.
+    # Redis did not fsync (WAITAOF) or replicate (WAIT) in time: retrying it is safe, ids are content hashes.
     app.add_exception_handler(redis.exceptions.ConnectionError, _store_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, _store_down)
     app.add_exception_handler(NotDurable, _store_down)
+    # Redis Cluster during a failover: the master of a slot is down and no replica took over yet (CLUSTERDOWN,
+    # TRYAGAIN, a slot nobody serves, a redirection that outlived the client's retries). Each passes in seconds.
+    for exc_class in (redis.exceptions.ClusterError, redis.exceptions.TryAgainError, redis.exceptions.AskError,
+                      redis.exceptions.RedisClusterException, redis.exceptions.ReadOnlyError):
+        app.add_exception_handler(exc_class, _store_down)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

@@ -1,6 +1,8 @@
-"""Follow the change log ``reid:events`` so that this process's indexes track every replica's writes.
+"""Follow the change logs (the global one and every gallery's) so that this process's indexes track every
+replica's writes.
 
-One background thread per process: a blocking ``XREAD`` from the last applied entry, each batch handed to
+One background thread per process: an ``XREAD`` of every log from its last applied entry (blocking on one Redis
+server; polled on Redis Cluster, :class:`index.events.EventReader`), each batch handed to
 :meth:`service.index_sync.IndexSync.apply`; an ``activate`` entry makes this process load the model that
 another replica activated. It also writes the periodic snapshots (between batches, so the manifest's
 position is exact).
@@ -71,9 +73,11 @@ class Follower:
                 if not self.connected:
                     log.warning("Redis store reachable again: indexes resynchronised at %s", sync.applied)
                     self.connected, self.error = True, None
-                events = self._events.read(sync.applied, count=BATCH)
+                positions = sync.applied
+                events = self._events.read(positions, count=BATCH)
                 if events:
-                    if self._events.info().gap_after(sync.applied, self.events_maxlen):
+                    if any(self._events.info(name).gap_after(positions[name], self.events_maxlen)
+                           for name in {e.stream for e in events}):
                         resync = True  # trimmed past us while we were behind: rebuild from Redis
                         continue
                     if sync.apply(events):

@@ -2,20 +2,24 @@
 
 The indexes themselves are in :class:`service.index_cache.IndexCache`; this class changes them.
 
+The change logs (:mod:`index.events`): one per gallery (its puts and deletes) and a global one (galleries created
+and dropped, models activated). This process's position is one entry id per log (:attr:`IndexSync.applied`).
+
 * Start (:meth:`IndexSync.load`): each gallery's snapshot (``{data_dir}/index/<gallery>.faiss`` + manifest)
-  is loaded when it was built for the active model and index settings and the change log ``reid:events``
+  is loaded when it was built for the active model and index settings and the gallery's change log
   still reaches back to its position; any other gallery is built from the vectors stored in Redis (never
-  re-embedded). Then :meth:`reconcile` replays the log from the oldest position up to one point and
-  compares every gallery's count with the store's at that point; a gallery that disagrees is rebuilt. An
-  ``activate`` entry replayed on the way makes the process serve the model activated (``follow_activation``).
+  re-embedded). Then :meth:`reconcile` replays each log up to one point and compares the gallery's count
+  with the store's at that point (read in one transaction in the gallery's slot); a gallery that disagrees is
+  rebuilt. An ``activate`` entry replayed on the way makes the process serve the model activated
+  (``follow_activation``).
 * Running: :class:`service.follower.Follower` feeds every log entry, this process's own writes included,
   to :meth:`apply`. An entry only names an image; applying it reads that image's *current* vector from
   Redis and puts it in the index (or removes it if gone), under :attr:`lock`. So applying is idempotent
   and order-proof: an index change happens only after Redis was read under the lock, and every Redis
   change is followed by an entry that applies it again, so the index ends equal to the store. The write
   path of this process applies its own changes at once (:meth:`refresh`) for read-your-writes.
-* Snapshots (:meth:`snapshot`): periodically and at clean shutdown, under :attr:`lock`, so the manifest's
-  stream id is exactly the last entry applied.
+* Snapshots (:meth:`snapshot`): periodically and at clean shutdown, under :attr:`lock`, so each manifest's
+  stream id is exactly the last entry of its gallery's log applied.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from index.events import ZERO, Event, parse_id
+from index.events import GLOBAL, ZERO, Event, Positions, parse_id
 from index.snapshot import (Manifest, load_snapshot, remove_snapshot, snapshot_galleries, touch_manifest,
                             write_snapshot)
 from index.store import RedisStore
@@ -51,7 +55,7 @@ class IndexSync:
         #: held for every change of an index (and of the set of indexes) and while writing snapshots
         self.lock = threading.RLock()
         self._cond = threading.Condition()
-        self._applied = ZERO
+        self._applied: Positions = {GLOBAL: ZERO}
         self.dirty: set[str] = set()  #: galleries changed since their last snapshot
         self._changes = 0
         self._last_snapshot = time.monotonic()
@@ -63,20 +67,32 @@ class IndexSync:
 
     # ------------------------------------------------------------------ position in the change log
     @property
-    def applied(self) -> str:
-        """Id of the last change-log entry applied to the indexes."""
-        return self._applied
-
-    def _set_position(self, pos: str) -> None:
+    def applied(self) -> Positions:
+        """Per change log followed (:data:`index.events.GLOBAL` and each gallery), the id of its last entry applied."""
         with self._cond:
-            self._applied = pos
+            return dict(self._applied)
+
+    def _set_positions(self, positions: Positions, replace: bool = False) -> None:
+        with self._cond:
+            if replace:
+                self._applied = {GLOBAL: ZERO}
+            self._applied.update(positions)
             self._cond.notify_all()
 
-    def wait_applied(self, target: str, timeout: float) -> bool:
-        want = parse_id(target)
-        deadline = time.monotonic() + timeout
+    def _forget(self, gallery: str) -> None:
         with self._cond:
-            while parse_id(self._applied) < want:
+            self._applied.pop(gallery, None)
+
+    def wait_applied(self, target: Positions, timeout: float) -> bool:
+        """Wait until every log in ``target`` is applied up to its id there (a gallery this process forgot, i.e.
+        dropped meanwhile, counts as applied)."""
+        deadline = time.monotonic() + timeout
+
+        def behind() -> bool:
+            return any(parse_id(self._applied[k]) < parse_id(v) for k, v in target.items() if k in self._applied)
+
+        with self._cond:
+            while behind():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -85,30 +101,38 @@ class IndexSync:
 
     def wait_caught_up(self, timeout: float = 1.0) -> bool:
         """Wait until every change logged so far is applied here (False on timeout)."""
-        return self.wait_applied(self.store.last_event_id(), timeout)
+        return self.wait_applied(self.store.log_positions(), timeout)
 
     # ------------------------------------------------------------------ applying changes
     def apply(self, events: list[Event]) -> str | None:
-        """Apply change-log entries in order. Returns the bundle id of the last ``activate`` among them, if any
-        (the caller switches models: that needs the model lock, which must not be taken under this one)."""
+        """Apply change-log entries, each log's in its order, the global log's first (a gallery's ``drop`` and
+        ``create`` come before any entry of its next life). Returns the bundle id of the last ``activate`` among
+        them, if any (the caller switches models: that needs the model lock, which must not be taken under this
+        one)."""
         activate = None
         touched: dict[str, set[int]] = {}
+        moved: Positions = {}
         with self.lock:
-            for ev in events:
+            for ev in sorted(events, key=lambda e: e.stream != GLOBAL):  # stable: each log keeps its order
+                if ev.stream != GLOBAL and ev.stream not in self._applied:
+                    continue  # a log of a gallery dropped in this very batch: its next life starts from ZERO
+                moved[ev.stream] = ev.id
                 if ev.op in ("put", "delete"):
                     try:
                         touched.setdefault(ev.gallery, set()).add(int(ev.ref))
                     except ValueError:
                         log.warning("ignoring change-log entry %s with a bad image id %r", ev.id, ev.ref)
                 elif ev.op == "drop":
-                    self._refresh_all(touched)
-                    touched = {}
                     self.drop(ev.gallery)
+                    touched.pop(ev.gallery, None)
+                    moved.pop(ev.gallery, None)
+                elif ev.op == "create":
+                    self._set_positions({ev.gallery: self._applied.get(ev.gallery, ZERO)})
                 elif ev.op == "activate":
                     activate = ev.ref
             self._refresh_all(touched)
             if events:
-                self._set_position(events[-1].id)
+                self._set_positions(moved)
                 self.stats["events_applied"] += len(events)
         return activate
 
@@ -142,10 +166,12 @@ class IndexSync:
                 self._changes += len(part)
 
     def drop(self, gallery: str) -> None:
-        """The gallery was deleted: forget its index and its snapshot."""
+        """The gallery was deleted: forget its index, its snapshot and its log (a gallery created again under the
+        name has a new log, followed from its start)."""
         with self.lock:
             self.cache.drop(gallery)
             self.dirty.discard(gallery)
+            self._forget(gallery)
             remove_snapshot(self.settings.snapshot_dir, gallery)
 
     # ------------------------------------------------------------------ start-up and resynchronisation
@@ -157,8 +183,8 @@ class IndexSync:
         """Build every gallery's index (from its snapshot, else from Redis), then :meth:`reconcile`."""
         t0 = time.perf_counter()
         s, cache, model = self.settings, self.cache, self.cache.model
-        info = self.store.change_log_info()  # read before any build: the builds reflect at least this
         galleries = self.store.list_galleries()
+        ends = self.store.log_positions(galleries)  # read before any build: the builds reflect at least these
         indexes, pos = {}, {}
         for g in galleries:
             idx, why = None, "snapshots disabled (REID_SNAPSHOTS=false)"
@@ -166,8 +192,9 @@ class IndexSync:
                 idx, m, why = load_snapshot(s.snapshot_dir, g, model=model.model_id, dim=model.dim,
                                             index_settings=self._index_settings(),
                                             load_kwargs=cache.load_kwargs(g))
+                info = self.store.change_log_info(g) if idx is not None else None
                 if idx is not None and info.gap_after(m.stream_id, s.events_maxlen):
-                    idx, why = None, (f"the change log no longer reaches back to the snapshot's position "
+                    idx, why = None, (f"its change log no longer reaches back to the snapshot's position "
                                       f"{m.stream_id} (oldest entry {info.first}, newest {info.last})")
             if idx is not None:
                 indexes[g], pos[g] = idx, m.stream_id
@@ -175,7 +202,7 @@ class IndexSync:
                 self.stats["snapshot_loads"] += 1
             else:
                 t1 = time.perf_counter()
-                indexes[g], pos[g] = cache.build(g), info.last
+                indexes[g], pos[g] = cache.build(g), ends[g]
                 self.loaded[g] = f"rebuilt from Redis: {why}"
                 self.stats["rebuilds"] += 1
                 self.dirty.add(g)
@@ -186,7 +213,8 @@ class IndexSync:
                 remove_snapshot(s.snapshot_dir, g)
         with self.lock:
             cache.replace(indexes)
-            self._set_position(min((pos[g] for g in pos), key=parse_id, default=info.last))
+            # the model active now was read before: follow the global log from here
+            self._set_positions({GLOBAL: ends[GLOBAL], **pos}, replace=True)
         before = self.stats["events_applied"]
         self.reconcile()
         self.stats["events_replayed_at_start"] = self.stats["events_applied"] - before
@@ -197,64 +225,79 @@ class IndexSync:
                  self.stats["events_replayed_at_start"])
 
     def reconcile(self) -> None:
-        """Catch up with the change log and check every gallery's count against the store at one log position.
+        """Catch up with every change log and check each gallery's count against the store at one position of its
+        log.
 
-        Rebuilds from Redis everything when the log no longer reaches back to this process's position (it was
-        trimmed, or Redis lost writes), and each gallery whose count disagrees. Replaying an ``activate`` entry
-        calls :attr:`follow_activation`."""
-        info = self.store.change_log_info()
-        if info.gap_after(self.applied, self.settings.events_maxlen):
-            self.rebuild_all(f"the change log no longer reaches back to this process's position {self.applied} "
-                             f"(oldest entry {info.first}, newest {info.last})", info.last)
+        The global log first (galleries created and dropped, activations: replaying an ``activate`` calls
+        :attr:`follow_activation`); everything is rebuilt from Redis when it no longer reaches back to this
+        process's position (it was trimmed, or Redis lost writes). Then each gallery: rebuilt when its own log no
+        longer reaches back, or when its count disagrees."""
+        info = self.store.change_log_info(GLOBAL)
+        at = self.applied.get(GLOBAL, ZERO)
+        if info.gap_after(at, self.settings.events_maxlen):
+            self.rebuild_all(f"the global change log no longer reaches back to this process's position {at} "
+                             f"(oldest entry {info.first}, newest {info.last})")
             return
-        for round_ in range(RECONCILE_ROUNDS):
-            counts, members, last = self.store.counts_at_log_position()
-            until = last or self.applied
-            for batch in self.store.read_events(self.applied, until):
-                if self.apply(batch):
-                    self.follow_activation()
-            bad = self._mismatches(counts, members)
-            if not bad:
-                return
-            if round_ + 1 < RECONCILE_ROUNDS:
-                time.sleep(0.05)  # writes racing with the check: look again before rebuilding
-        for g, why in bad.items():
-            self.rebuild_gallery(g, why)
-
-    def _mismatches(self, counts: dict[str, int], members: set[str]) -> dict[str, str]:
-        bad = {}
+        members, last = self.store.galleries_at_log_position()
+        self._replay(GLOBAL, last)
         with self.lock:
             for g in list(self.cache.all()):
                 if g not in members:
-                    self.drop(g)  # deleted from the store, and the drop entry is gone
-            sizes = self.cache.sizes()
-            for g, n in counts.items():
-                if g not in members:
-                    continue
-                have = sum(sizes.get(g, (0, 0)))
-                if have != n:
-                    bad[g] = f"index has {have} vectors, store has {n}"
-        return bad
+                    self.drop(g)  # deleted from the store, and its drop entry is gone
+            self._set_positions({g: ZERO for g in members if g not in self._applied})
+        for g in sorted(members):
+            self._reconcile_gallery(g)
+
+    def _replay(self, stream: str, until: str) -> None:
+        if stream != GLOBAL and stream not in self._applied:
+            return  # dropped meanwhile
+        for batch in self.store.read_events(stream, self.applied.get(stream, ZERO), until):
+            if self.apply(batch):
+                self.follow_activation()
+
+    def _reconcile_gallery(self, gallery: str) -> None:
+        info = self.store.change_log_info(gallery)
+        at = self.applied.get(gallery, ZERO)
+        if info.gap_after(at, self.settings.events_maxlen):
+            self.rebuild_gallery(gallery, f"its change log no longer reaches back to this process's position {at} "
+                                          f"(oldest entry {info.first}, newest {info.last})")
+            return
+        why = None
+        for round_ in range(RECONCILE_ROUNDS):
+            n, last = self.store.count_at_log_position(gallery)
+            self._replay(gallery, last)
+            with self.lock:
+                have = sum(self.cache.sizes().get(gallery, (0, 0)))
+            if have == n or gallery not in self._applied:
+                return
+            why = f"index has {have} vectors, store has {n}"
+            if round_ + 1 < RECONCILE_ROUNDS:
+                time.sleep(0.05)  # writes racing with the check: look again before rebuilding
+        self.rebuild_gallery(gallery, why)
 
     def rebuild_gallery(self, gallery: str, why: str) -> None:
         t0 = time.perf_counter()
+        last = self.store.log_positions([gallery])[gallery]  # before the build: it reflects at least this
         idx = self.cache.build(gallery)  # HSCAN; changes made meanwhile arrive as later log entries
         with self.lock:
             self.cache.put(gallery, idx)
             self.dirty.add(gallery)
             self.stats["rebuilds"] += 1
+            self._set_positions({gallery: last})  # may move back: Redis may have lost entries applied here
         log.warning("gallery %s: %s; rebuilt from Redis (%d vectors) in %.2fs", gallery, why, len(idx),
                     time.perf_counter() - t0)
 
-    def rebuild_all(self, why: str, position: str) -> None:
-        """Rebuild every index from Redis and continue the log from ``position`` (read before the builds)."""
+    def rebuild_all(self, why: str) -> None:
+        """Rebuild every index from Redis and continue every log from where it ends now (read before the builds)."""
         log.warning("%s: rebuilding every gallery index from Redis", why)
-        indexes = {g: self.cache.build(g) for g in self.store.list_galleries()}
+        galleries = self.store.list_galleries()
+        ends = self.store.log_positions(galleries)
+        indexes = {g: self.cache.build(g) for g in galleries}
         with self.lock:
             self.cache.replace(indexes)
             self.dirty.update(indexes)
             self.stats["rebuilds"] += len(indexes)
-            self._set_position(position)  # may move back: Redis may have lost entries this process applied
+            self._set_positions(ends, replace=True)  # may move back: Redis may have lost entries applied here
 
     # ------------------------------------------------------------------ snapshots
     def snapshot_due(self) -> bool:
@@ -273,8 +316,9 @@ class IndexSync:
         t0 = time.perf_counter()
         written = 0
         with self.lock:
-            pos, model = self.applied, self.cache.model
+            positions, model = self.applied, self.cache.model
             for g, idx in self.cache.all().items():
+                pos = positions.get(g, ZERO)  # its own log's
                 if g in self.dirty or not touch_manifest(s.snapshot_dir, g, pos):
                     write_snapshot(s.snapshot_dir, idx, Manifest(
                         gallery=g, bundle_id=model.bundle_id, model=model.model_id, dim=idx.dim, count=0,
@@ -285,8 +329,7 @@ class IndexSync:
             self._last_snapshot = time.monotonic()
             self.stats["snapshot_writes"] += written
         if written:
-            log.info("%s snapshot of %d gallery index(es) at %s in %.2fs", reason, written, pos,
-                     time.perf_counter() - t0)
+            log.info("%s snapshot of %d gallery index(es) in %.2fs", reason, written, time.perf_counter() - t0)
         return written
 
     def install(self, model: IndexedModel, indexes: dict) -> None:

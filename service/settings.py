@@ -2,6 +2,9 @@
 
     REID_DATA_DIR=./data/reid          where embedded Redis keeps its AOF and index snapshots live
     REID_REDIS_URL=redis://host:6379/0 external Redis; unset = start an embedded redis-server
+    REID_REDIS_CLUSTER=true            REID_REDIS_URL names one node of a Redis Cluster (the client finds the rest)
+    REID_REDIS_WAIT_REPLICAS=1         acknowledge a write only once this many replicas hold it (default: 1 on a
+                                       cluster, 0 otherwise)
     REID_MODEL_DIR=path/to/bundle      model bundle (model.json + encoder.onnx); default: bundled one
     REID_API_KEY=secret                optional: /v1/* then requires the X-API-Key header (a read-write key)
     REID_API_KEYS_READ='["k1"]'        keys that may only read (GET); REID_API_KEYS_WRITE: keys that may also write
@@ -17,7 +20,7 @@
     REID_ADAPT_EXTRA_ARGS='["--threads","4"]'  extra arguments for the `reid adapt` it runs
     REID_REDIS_APPENDFSYNC=always      acknowledged = fsynced (default); everysec: faster, may lose ~1 s on a crash
     REID_SNAPSHOT_INTERVAL_S=60        snapshot changed galleries' FAISS indexes this often (0: only at shutdown)
-    REID_EVENTS_MAXLEN=100000          approximate length cap of the reid:events change log
+    REID_EVENTS_MAXLEN=100000          approximate length cap of each change log (the global one, each gallery's)
     REID_INDEX_TYPE=flat               flat (exact) | ivf_flat | hnsw | ivf_pq, with REID_INDEX_* parameters
     REID_RETENTION_SWEEP_INTERVAL_S=3600  how often galleries' retention_days are enforced
 
@@ -74,6 +77,14 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./data/reid"), description="Data directory (embedded Redis AOF, snapshots)")
     redis_url: str | None = Field(None, description="External Redis URL; None starts an embedded redis-server "
                                                     "under data_dir/redis")
+    redis_cluster: bool = Field(False, description="redis_url names one node of a Redis Cluster: the store spreads "
+                                                   "galleries over its masters (each gallery's keys in one slot)")
+    redis_wait_replicas: int | None = Field(
+        None, ge=0, description="acknowledge a write only once this many replicas hold it (WAIT), so a failover "
+                                "loses no acknowledged image; default 1 on a cluster (every master has a replica), "
+                                "0 otherwise")
+    redis_wait_ms: int = Field(2000, gt=0, description="how long a write waits for its replicas; after that it is "
+                                                       "a 503 (it is applied, and a retry is idempotent)")
     model_dir: Path = Field(DEFAULT_BUNDLE_DIR, description="Model bundle directory")
 
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Max request body size (bytes)")
@@ -180,8 +191,9 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(60.0, ge=0, description="snapshot galleries that changed this often "
                                                                "(0: only at clean shutdown)")
     snapshot_changes: int = Field(50_000, gt=0, description="also snapshot once this many changes were applied")
-    events_maxlen: int = Field(100_000, ge=1000, description="approximate cap of the reid:events stream; a replica "
-                                                              "that falls further behind rebuilds from Redis")
+    events_maxlen: int = Field(100_000, ge=1000, description="approximate cap of each change-log stream (the "
+                                                              "global one and each gallery's); a replica that falls "
+                                                              "further behind in one rebuilds from Redis")
 
     # Index types (index/index_factory.py). index_* settings also key the snapshots' manifests.
     index_type: Literal["flat", "ivf_flat", "hnsw", "ivf_pq"] = Field(
@@ -238,6 +250,13 @@ class Settings(BaseSettings):
     def blob_path(self) -> Path:
         """The blob store's folder: blob_dir, else {data_dir}/blobs."""
         return Path(self.blob_dir) if self.blob_dir is not None else Path(self.data_dir) / "blobs"
+
+    def store_options(self) -> dict:
+        """The keyword arguments of :class:`index.store.RedisStore` these settings ask for."""
+        waits = self.redis_wait_replicas if self.redis_wait_replicas is not None else int(self.redis_cluster)
+        return dict(events_maxlen=self.events_maxlen, blob_dir=self.blob_path, image_storage=self.image_storage,
+                    vector_dtype=self.store_dtype, cluster=self.redis_cluster, wait_replicas=waits,
+                    wait_replicas_ms=self.redis_wait_ms)
 
     @property
     def snapshot_dir(self) -> Path:

@@ -25,6 +25,7 @@ from index.blas_threads import limit_blas_threads
 from index.bundle import NFORMER_FILE, Bundle, BundleError, NFormerSpec, load_bundle, nformer_file
 from index.refine import NeighborTransformer, Refiner
 from index.store import RedisStore
+from index.store_layout import migrate_layout
 from index.vector_index import VectorIndex
 
 from .embedder import Embedder
@@ -114,9 +115,9 @@ class ServiceState:
             url = self.redis_server.url
             log.info("embedded redis-server on %s (AOF in %s, appendfsync %s)", url, s.redis_data_dir,
                      s.redis_appendfsync)
-        self.store = RedisStore(url, events_maxlen=s.events_maxlen, blob_dir=s.blob_path,
-                                image_storage=s.image_storage, vector_dtype=s.store_dtype)
+        self.store = RedisStore(url, **s.store_options())
         self._wait_for_store()  # the active bundle's id is kept in Redis
+        migrate_layout(self.store)  # a store of the previous key layout is renamed once, here
         self._check_durability()
         self.storage_problem = self.store.check_blob_dir()
         if self.storage_problem:
@@ -152,6 +153,9 @@ class ServiceState:
             self.store.wait_aof_ms = s.waitaof_timeout_ms
             log.info("Redis %s runs appendfsync %s: every write waits for its AOF fsync (WAITAOF)", p.version,
                      p.appendfsync)
+        if self.store.wait_replicas:
+            log.info("every write waits until %d replica(s) hold it (WAIT, up to %d ms): a failover to one of "
+                     "them loses no acknowledged image", self.store.wait_replicas, self.store.wait_replicas_ms)
         if p.warning:
             # an explicit REID_REDIS_APPENDFSYNC=everysec accepted the loss window: say it, do not warn
             (log.info if s.redis_appendfsync == "everysec" else log.warning)("durability: %s", p.warning)

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from index.redis_server import EmbeddedRedis
 from index.store import MigrationResult, RedisStore
+from index.store_layout import migrate_layout
 
 from .settings import Settings
 
@@ -30,9 +31,9 @@ def open_store(settings: Settings) -> Iterator[RedisStore]:
         if url is None:
             server = embedded.start()
             url = server.url
-    store = RedisStore(url, events_maxlen=settings.events_maxlen, blob_dir=settings.blob_path, image_storage="disk",
-                       vector_dtype=settings.store_dtype)
+    store = RedisStore(url, **{**settings.store_options(), "image_storage": "disk"})
     try:
+        migrate_layout(store)  # as the service does at start: this code reads layout 2 only
         yield store
     finally:
         store.close()

@@ -278,25 +278,26 @@ def test_the_sweep_never_removes_a_blob_that_a_record_references(store, blob_dir
 # ---------------------------------------------------------------------------- the layout before the blob store
 
 
-def write_previous_layout(r, gallery: str, seeds, dim: int = 8, odd_id: int | None = None) -> list[int]:
-    """What the store wrote before the blob store: float32 vectors, records with id and gallery, bytes in
-    ``…:images``, no vector_dtype record."""
-    ids = []
+def write_previous_layout(store, gallery: str, seeds, dim: int = 8, odd_id: int | None = None) -> list[int]:
+    """What the store wrote before the blob store (under today's key names: the key layout has its own migration,
+    tests/test_store_layout.py): float32 vectors, records with id and gallery, bytes in ``…:images``, no
+    vector_dtype record."""
+    r, ids = store.r, []
     for n in seeds:
         i = image_id(gallery, photo(n))
         ids.append(i)
-        r.hset(f"reid:gallery:{gallery}:image:{i}", mapping={
+        r.hset(store.k_image(gallery, i), mapping={
             "id": str(i), "gallery": gallery, "camera_id": f"c{n}", "created_at": "2024-01-01T00:00:00.000Z",
             "dim": str(dim), "model": "old@1"})
-        r.hset(f"reid:gallery:{gallery}:vectors", str(i), vec(n, dim).astype("<f4").tobytes())
-        r.hset(f"reid:gallery:{gallery}:images", str(i), photo(n))
-        r.xadd("reid:events", {"op": "put", "gallery": gallery, "id": str(i)})
+        r.hset(store.k_vectors(gallery), str(i), vec(n, dim).astype("<f4").tobytes())
+        r.hset(store.k_images(gallery), str(i), photo(n))
+        r.xadd(store.k_gallery_events(gallery), {"op": "put", "id": str(i)})
     if odd_id is not None:  # bytes kept under an id that is not their content id (a hand-made record)
-        r.hset(f"reid:gallery:{gallery}:image:{odd_id}", mapping={"id": str(odd_id), "created_at": "x"})
-        r.hset(f"reid:gallery:{gallery}:vectors", str(odd_id), vec(99, dim).astype("<f4").tobytes())
-        r.hset(f"reid:gallery:{gallery}:images", str(odd_id), b"odd bytes")
-    r.sadd("reid:galleries", gallery)
-    r.hset(f"reid:gallery:{gallery}", mapping={"name": gallery, "created_at": "2024-01-01T00:00:00.000Z"})
+        r.hset(store.k_image(gallery, odd_id), mapping={"id": str(odd_id), "created_at": "x"})
+        r.hset(store.k_vectors(gallery), str(odd_id), vec(99, dim).astype("<f4").tobytes())
+        r.hset(store.k_images(gallery), str(odd_id), b"odd bytes")
+    r.sadd(store.k_galleries(), gallery)
+    r.hset(store.k_gallery(gallery), mapping={"name": gallery, "created_at": "2024-01-01T00:00:00.000Z"})
     return ids
 
 
@@ -304,7 +305,7 @@ def test_a_store_of_the_previous_layout_is_read_then_migrated(redis_url, blob_di
     g = gallery_name
     # this store stores float16 and keeps bytes on disk: neither may misread the old gallery
     store = RedisStore(redis_url, blob_dir=blob_dir, vector_dtype="float16")
-    ids = write_previous_layout(store.r, g, range(4), odd_id=42)
+    ids = write_previous_layout(store, g, range(4), odd_id=42)
     assert store.vector_dtype(g) == "float32"
     np.testing.assert_array_equal(store.get_vector(g, ids[1]), vec(1))
     assert store.get_image_bytes(g, ids[:2]) == [photo(0), photo(1)]
@@ -334,7 +335,7 @@ def test_a_store_of_the_previous_layout_is_read_then_migrated(redis_url, blob_di
 def test_migration_drops_bytes_of_images_deleted_meanwhile(redis_url, blob_dir, gallery_name):
     g = gallery_name
     store = RedisStore(redis_url, blob_dir=blob_dir)
-    ids = write_previous_layout(store.r, g, range(3))
+    ids = write_previous_layout(store, g, range(3))
     store.r.delete(store.k_image(g, ids[0]))  # a record gone but its bytes left behind
     result = store.migrate_image_bytes(g)
     assert (result.moved, result.dropped) == (2, 1)

@@ -51,7 +51,7 @@ def assert_gone(base, store, gallery, ids, image_bytes, seeds):
     assert store.get_vectors(gallery, ids) == [None] * len(ids)
     for s in seeds:  # the deleted images themselves as queries: never returned
         assert not search_ids(base, gallery, image_bytes(s)) & set(ids)
-    deletes = {int(f[b"id"]) for _, f in store.r.xrange(store.k_events()) if f[b"op"] == b"delete"}
+    deletes = {int(f[b"id"]) for _, f in store.r.xrange(store.k_gallery_events(gallery)) if f[b"op"] == b"delete"}
     assert set(ids) <= deletes
 
 

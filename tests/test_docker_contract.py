@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from index.redis_server import free_port
+from index.redis_cluster import find_redis_cli, free_cluster_port
+from index.redis_server import RedisBinaryNotFound, find_redis_server, free_port
+from tests.ci import missing
 
 yaml = pytest.importorskip("yaml", reason="PyYAML (dev extra) is needed to read docker-compose.yml")
 
@@ -247,12 +249,12 @@ def _hc_script(test: list[str]) -> str:
     return " ".join(test[1:])
 
 
-def assert_shares_the_blob_store(service: dict) -> None:
+def assert_shares_the_blob_store(service: dict, volume: str = "reid-blobs") -> None:
     """Kept image bytes live in the blob store, which every API replica must see: REID_BLOB_DIR is the mount point
     of one named volume (not the replica's own anonymous /data), and the image creates it owned by its user."""
     blob_dir = service["environment"]["REID_BLOB_DIR"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"] if ":" in v}
-    assert mounts.get(blob_dir) == "reid-blobs", service["volumes"]
+    assert mounts.get(blob_dir) == volume, service["volumes"]
     for dockerfile in (DOCKERFILE, DOCKERFILE_GPU):
         runs = " ".join(instructions(parse_dockerfile(dockerfile), "RUN"))
         assert re.search(rf"mkdir -p [^&]*{re.escape(blob_dir)}", runs) and "chown -R reid:reid /data" in runs
@@ -337,6 +339,201 @@ def test_compose_healthcheck_matches_image():
     img = healthcheck_cmd(parse_dockerfile(DOCKERFILE))
     api = yaml.safe_load(COMPOSE.read_text())["services"]["api"]
     assert api["healthcheck"]["test"][1:] == img
+
+
+# ------------------------------------------------------------------------- compose: the cluster profile
+
+CLUSTER_NODES = [f"redis-node-{i}" for i in range(1, 7)]
+CLUSTER_SERVICES = {*CLUSTER_NODES, "redis-cluster-init", "api-cluster", "proxy-cluster"}
+
+
+# Shims that let the init script run outside Docker (test_compose_cluster_init_script_runs), where the service
+# names do not resolve.
+GETENT_SHIM = """#!PYTHON
+import sys  # getent hosts redis-node-N: a made-up address for node N
+name = sys.argv[2]
+print("10.99.0." + name.rsplit("-", 1)[1] + "  " + name)
+"""
+REDIS_CLI_SHIM = """#!PYTHON
+import os, re, sys  # redis-node-N and 10.99.0.N:6379 become node N's local address, then the real redis-cli runs
+ports = os.environ["NODE_PORTS"].split(",")
+args = []
+for a in sys.argv[1:]:
+    if m := re.fullmatch(r"redis-node-(\\d)", a):
+        args += ["127.0.0.1", "-p", ports[int(m[1]) - 1]]
+    elif m := re.fullmatch(r"10\\.99\\.0\\.(\\d):6379", a):
+        args.append("127.0.0.1:" + ports[int(m[1]) - 1])
+    else:
+        args.append(a)
+os.execv(os.environ["REAL_REDIS_CLI"], [os.environ["REAL_REDIS_CLI"]] + args)
+"""
+
+
+def _cmd(service: dict) -> list[str]:
+    return service["command"] if isinstance(service["command"], list) else shlex.split(service["command"])
+
+
+def _init_script(compose: dict) -> str:
+    cmd = compose["services"]["redis-cluster-init"]["command"]
+    assert cmd[:2] == ["sh", "-c"] and len(cmd) == 3, cmd
+    return cmd[2]
+
+
+def test_compose_cluster_profile_services(compose):
+    profiled = {n for n, s in compose["services"].items() if "cluster" in s.get("profiles", [])}
+    assert profiled == CLUSTER_SERVICES
+    assert all(compose["services"][n]["profiles"] == ["cluster"] for n in CLUSTER_SERVICES)
+
+
+def test_compose_cluster_nodes(compose):
+    volumes = set()
+    for name in CLUSTER_NODES:
+        node = compose["services"][name]
+        assert node["image"] == compose["services"]["redis"]["image"]  # the same Redis as the default profile
+        joined = " ".join(_cmd(node))
+        assert _cmd(node)[0] == "redis-server"
+        for flag in ("--cluster-enabled yes", "--cluster-config-file nodes.conf", "--appendonly yes",
+                     "--appendfsync always", "--dir /data"):
+            assert flag in joined, (name, flag)
+        assert re.search(r"--cluster-node-timeout \d+", joined)
+        # nodes.conf and the AOF are in --dir, on the node's own named volume: a recreated container keeps its
+        # node id, its slots and its data
+        (vol,) = node["volumes"]
+        assert vol == f"{name}-data:/data"
+        volumes.add(vol.split(":")[0])
+        assert "redis-cli ping" in " ".join(node["healthcheck"]["test"])
+        assert node["restart"] == "unless-stopped"
+        assert "ports" not in node  # reached inside the compose network only
+    assert len(volumes) == 6
+
+
+def test_compose_cluster_init_creates_three_masters_with_one_replica_each(compose):
+    init = compose["services"]["redis-cluster-init"]
+    assert init["image"] == compose["services"]["redis"]["image"]  # its redis-cli matches the nodes
+    assert init["depends_on"] == {n: {"condition": "service_healthy"} for n in CLUSTER_NODES}
+    assert init["restart"] == "no"  # one-shot: the APIs wait for it to have completed successfully
+    script = _init_script(compose)
+    (create,) = [line for line in script.splitlines() if "--cluster create" in line]
+    assert "--cluster-replicas 1" in create and "--cluster-yes" in create
+    # the six nodes, resolved to addresses (CLUSTER MEET takes IPs only): 6 nodes / (1 master + 1 replica) = 3
+    (hosts,) = [line for line in script.splitlines() if line.strip().startswith("for host in")]
+    assert hosts.split(" in ", 1)[1].rstrip("; do").split() == CLUSTER_NODES
+    assert "getent hosts" in script and ":6379" in script
+    # idempotent: nodes that already know each other are not created again, only waited for
+    assert "cluster_known_nodes" in script and "cluster_state:ok" in script
+    # compose interpolates $NAME in the file: each $ meant for the shell must be written $$
+    assert "$" not in script.replace("$$", ""), script
+
+
+@pytest.mark.timeout(120)
+def test_compose_cluster_init_script_runs(compose, tmp_path):
+    """The init script, run for real by sh against six redis-server started with the nodes' own command: it forms
+    3 masters with 1 replica each, and a second run (the nodes' volumes already hold a cluster) changes nothing.
+    Outside Docker the service names do not resolve: a `getent` shim gives node N the made-up address 10.99.0.N
+    and a `redis-cli` shim sends redis-node-N / 10.99.0.N:6379 to node N's local port."""
+    try:
+        server = find_redis_server()
+        cli = find_redis_cli(server)
+    except RedisBinaryNotFound as e:
+        missing(str(e))
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for name, text in (("getent", GETENT_SHIM), ("redis-cli", REDIS_CLI_SHIM)):
+        (shims / name).write_text(text.replace("PYTHON", sys.executable))
+        (shims / name).chmod(0o755)
+    procs, ports = [], []
+    try:
+        for name in CLUSTER_NODES:
+            port = free_cluster_port("127.0.0.1", set(ports) | {p + 10000 for p in ports})
+            ports.append(port)
+            folder = tmp_path / name
+            folder.mkdir()
+            cmd = [server, *_cmd(compose["services"][name])[1:], "--bind", "127.0.0.1", "--port", str(port)]
+            cmd[cmd.index("--dir") + 1] = str(folder)
+            with open(folder / "redis-server.log", "wb") as log:
+                procs.append(subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT))
+        env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "NODE_PORTS": ",".join(map(str, ports)),
+               "REAL_REDIS_CLI": cli}
+        deadline = time.monotonic() + 15
+        for name in CLUSTER_NODES:  # through the shim: checks it too
+            while subprocess.run(["redis-cli", "-h", name, "ping"], env=env, capture_output=True,
+                                 text=True).stdout.strip() != "PONG":
+                assert time.monotonic() < deadline, f"{name} did not answer"
+                time.sleep(0.05)
+        script = _init_script(compose).replace("$$", "$")  # what compose hands to the container
+        first = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=90)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert "All 16384 slots covered" in first.stdout, first.stdout
+        second = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=90)
+        assert second.returncode == 0 and "not creating" in second.stdout, second.stdout + second.stderr
+        # each node's own word on its role (another node's view of it follows by gossip, a moment later)
+        roles = [subprocess.run([cli, "-p", str(port), "role"], capture_output=True, text=True).stdout.split()[0]
+                 for port in ports]
+        assert sorted(roles) == ["master"] * 3 + ["slave"] * 3, roles
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def test_compose_cluster_api(compose):
+    api, cl = compose["services"]["api"], compose["services"]["api-cluster"]
+    for key in ("build", "image", "expose", "healthcheck", "restart"):
+        assert cl[key] == api[key], key  # the same image and probe as the default API
+    assert cl["deploy"]["replicas"] >= 2 and "ports" not in cl
+    env = cl["environment"]
+    assert env["REID_REDIS_CLUSTER"] == "true"  # a string: compose refuses a YAML boolean in environment
+    url = re.fullmatch(r"redis://([\w-]+):6379/0", env["REID_REDIS_URL"])
+    assert url and url.group(1) in CLUSTER_NODES  # one node; the client discovers the others (db 0 only)
+    assert env["REID_DATA_DIR"] == "/data"
+    assert cl["depends_on"] == {"redis-cluster-init": {"condition": "service_completed_successfully"}}
+    # like api: each replica its own snapshots, named volumes shared by the replicas for bundles and blobs
+    assert "/data" in cl["volumes"] and "reid-cluster-bundles:/data/bundles" in cl["volumes"]
+    assert_shares_the_blob_store(cl, volume="reid-cluster-blobs")
+
+
+def test_compose_a_blob_store_belongs_to_one_redis(compose):
+    """A blob volume is referenced by one Redis's records only: `reid gc-blobs` against one store removes what
+    that store does not reference, which would include the other store's blobs."""
+    owners: dict[str, set[str]] = {}
+    for svc in compose["services"].values():
+        env = svc.get("environment") or {}
+        if "REID_BLOB_DIR" not in env:
+            continue
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"] if ":" in v}
+        owners.setdefault(mounts[env["REID_BLOB_DIR"]], set()).add(env["REID_REDIS_URL"])
+    assert owners == {"reid-blobs": {"redis://redis:6379/0"}, "reid-cluster-blobs": {"redis://redis-node-1:6379/0"}}
+
+
+def test_compose_cluster_proxy(compose):
+    proxy, cl = compose["services"]["proxy"], compose["services"]["proxy-cluster"]
+    assert cl["image"] == proxy["image"] and cl["healthcheck"] == proxy["healthcheck"]
+    assert cl["depends_on"] == {"api-cluster": {"condition": "service_healthy"}}
+    assert cl["volumes"] == ["./docker/nginx-cluster.conf:/etc/nginx/conf.d/default.conf:ro"]
+    # no two services publish the same host port (`--profile cluster --profile gpu up` starts them all)
+    published = [str(p).split(":")[0] for s in compose["services"].values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published)) and [str(p) for p in cl["ports"]] == ["8002:8000"]
+
+    def body(path: Path) -> list[str]:
+        return [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+    # the same proxy as the default one but for the upstream host
+    default, cluster = body(REPO / "docker" / "nginx.conf"), body(REPO / "docker" / "nginx-cluster.conf")
+    assert [ln.replace("server api-cluster:8000", "server api:8000") for ln in cluster] == default
+    assert sum("server api-cluster:8000" in ln for ln in cluster) == 1
+
+
+def test_compose_default_profile_needs_nothing_from_the_cluster(compose):
+    default = {n: s for n, s in compose["services"].items() if not s.get("profiles")}
+    assert set(default) == {"api", "proxy", "redis"}  # `docker compose up` starts what it started before
+    profiled = set(compose["services"]) - set(default)
+    cluster_volumes = {f"{n}-data" for n in CLUSTER_NODES} | {"reid-cluster-bundles", "reid-cluster-blobs"}
+    for name, svc in default.items():
+        assert not set(svc.get("depends_on") or {}) & profiled, name
+        assert "REID_REDIS_CLUSTER" not in (svc.get("environment") or {}), name
+        assert not {v.split(":")[0] for v in svc.get("volumes", [])} & cluster_volumes, name
+    assert cluster_volumes <= set(compose["volumes"])  # every named volume of the profile is declared
 
 
 # ------------------------------------------------------------------ the health probe, run for real

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import redis
 
-from index.durability import NotDurable, WaitAofPipeline, probe
+from index.durability import DurablePipeline, NotDurable, WriteWait, probe
 from index.redis_server import EmbeddedRedis, find_redis_server, free_port
 from index.store import RedisStore
 from service.api_process import ApiProcess, gallery_count, noise_images, pid_alive, top1, upload
@@ -330,7 +330,7 @@ def test_waitaof_pipeline_on_a_server_that_has_it(tmp_path):
         store = RedisStore(srv.url, wait_aof_ms=2000)
         store.put("g", 1, np.ones(4, np.float32))
         assert store.count("g") == 1
-        pipe = WaitAofPipeline(r, 1)
+        pipe = DurablePipeline(r, WriteWait(aof_ms=1))
         pipe.set("k", "v")
         try:
             pipe.execute()

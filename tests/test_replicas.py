@@ -1,4 +1,5 @@
-"""Several API processes on one Redis: each follows the change log ``reid:events`` to keep its own FAISS indexes.
+"""Several API processes on one Redis: each follows the change logs (the global one, each gallery's) to keep its own
+FAISS indexes.
 
 Real uvicorn processes (``reid serve``) on a real redis-server; the trim test runs the app in process so it
 can hold its follower back.
@@ -103,7 +104,7 @@ def test_follower_behind_a_trim_rebuilds_from_redis(server_factory, redis_url, g
         store.put_many(g, [(i, vecs[i], None) for i in range(start, start + 500)], model="x")
     for i in range(10):
         store.delete(g, i)
-    assert store.r.xlen(store.k_events()) < 2000  # trimmed past the follower's position
+    assert store.r.xlen(store.k_gallery_events(g)) < 2000  # trimmed past the follower's position
     rebuilds = state.sync.stats["rebuilds"]
 
     state.start_follower()

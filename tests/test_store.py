@@ -84,7 +84,7 @@ def test_delete_gallery_removes_all_keys(store, gallery_name):
         store.put(g, image_id(g, bytes([n])), vec(n), {"camera_id": "1"})
     assert store.delete_gallery(g, batch=7) is True
     assert not store.gallery_exists(g)
-    assert list(store.r.scan_iter(match=f"reid:gallery:{g}*")) == []
+    assert list(store.r.scan_iter(match=store.k_gallery(g) + "*")) == []
     assert store.delete_gallery(g) is False
 
 
@@ -120,8 +120,10 @@ def test_put_many_one_transaction_reports_existing(store, gallery_name):
     assert store.count(g) == 3
     assert store.get(g, 1).metadata["camera_id"] == "a"
     np.testing.assert_array_equal(store.get_vector(g, 2), vec(2))
-    events = store.r.xrange(store.k_events())
-    assert [e[1][b"id"] for e in events if e[1][b"gallery"] == g.encode()] == [b"1", b"2", b"3"]
+    events = store.r.xrange(store.k_gallery_events(g))  # the gallery's own log: one entry per image created
+    assert [(e[1][b"op"], e[1][b"id"]) for e in events] == [(b"put", b"1"), (b"put", b"2"), (b"put", b"3")]
+    listed = [(e[1][b"op"], e[1][b"gallery"]) for e in store.r.xrange(store.k_events())]
+    assert listed.count((b"create", g.encode())) == 1  # the global log: the gallery came into being once
 
 
 def test_image_bytes_kept_with_image_and_removed_with_it(store, gallery_name):
@@ -188,16 +190,21 @@ def test_counts_and_the_gallery_listing(store):
 
 
 def test_counts_at_log_position_are_those_of_the_newest_entry(store):
-    counts, galleries, last = store.counts_at_log_position()
-    assert counts == {} and galleries == set() and last is None  # nothing logged yet
+    assert store.galleries_at_log_position() == (set(), "0-0")  # nothing logged yet
+    assert store.count_at_log_position("a") == (0, "0-0")
     store.put_many("a", [(1, vec(1), None), (2, vec(2), None)])
     store.delete("a", 1)
     store.put("b", 3, vec(3))
-    counts, galleries, last = store.counts_at_log_position()
-    assert counts == {"a": 1, "b": 1} and galleries == {"a", "b"} and last == store.last_event_id()
-    assert [(e.op, e.gallery, e.ref) for batch in store.read_events("0-0", last) for e in batch] == [
-        ("put", "a", "1"), ("put", "a", "2"), ("delete", "a", "1"), ("put", "b", "3")]
-    assert store.change_log_info().last == last
+    galleries, last = store.galleries_at_log_position()
+    assert galleries == {"a", "b"} and last == store.log_positions()[""]
+    assert [(e.op, e.gallery) for batch in store.read_events("", "0-0", last) for e in batch] == [
+        ("create", "a"), ("create", "b")]
+    n, last_a = store.count_at_log_position("a")
+    assert n == 1 and last_a == store.log_positions(["a"])["a"] == store.change_log_info("a").last
+    assert [(e.op, e.gallery, e.ref, e.stream) for batch in store.read_events("a", "0-0", last_a) for e in batch] == [
+        ("put", "a", "1", "a"), ("put", "a", "2", "a"), ("delete", "a", "1", "a")]
+    assert store.count_at_log_position("b")[0] == 1
+    assert set(store.log_positions()) == {"", "a", "b"}
 
 
 def test_existence_and_raw_vectors(store, gallery_name):
@@ -252,13 +259,15 @@ def test_event_reader_waits_for_new_entries(store):
     reader = store.event_reader(block_ms=50)
     try:
         t0 = time.monotonic()
-        assert reader.read("0-0", count=10) == [] and time.monotonic() - t0 >= 0.04  # waited, then nothing
+        assert reader.read({"": "0-0"}, count=10) == [] and time.monotonic() - t0 >= 0.04  # waited, then nothing
         store.put("a", 1, vec(1))
         store.delete("a", 1)
-        events = reader.read("0-0", count=10)
-        assert [(e.op, e.ref) for e in events] == [("put", "1"), ("delete", "1")]
-        assert reader.read(events[-1].id, count=10) == []
-        assert reader.info().last == events[-1].id
+        events = reader.read({"": "0-0", "a": "0-0"}, count=10)
+        assert sorted((e.stream, e.op, e.ref) for e in events) == [("", "create", ""), ("a", "delete", "1"),
+                                                                   ("a", "put", "1")]
+        ends = {e.stream: e.id for e in events}  # each log's last
+        assert reader.read(ends, count=10) == []
+        assert reader.info("a").last == ends["a"] and reader.info("").last == ends[""]
     finally:
         reader.close()
 
@@ -285,3 +294,21 @@ def test_a_commit_guarded_by_a_job_aborts_once_it_is_cancelled(store, gallery_na
         else:
             store.commit_staged({g: 4}, "new:1", "copy-1", watch=watch, precondition=still_running)
             assert store.active_bundle() == "copy-1"
+
+
+def test_the_leftovers_of_a_gallery_delete_that_crashed_half_way_never_come_back(store):
+    """A delete marks the gallery, unlists it (with its drop entry), then deletes its keys: two slots, so two
+    steps. After a crash between them, neither a create nor an upload under the name brings the old images back."""
+    for first in ("create", "upload"):
+        g = f"half-{first}"
+        store.put_many(g, [(1, vec(1), {"camera_id": "1"}), (2, vec(2), None)])
+        store.r.hset(store.k_gallery(g), "deleting", "1")  # what delete_gallery does first ...
+        store.r.srem(store.k_galleries(), g)  # ... then second; then it crashed
+        assert not store.gallery_exists(g) and store.exists(g, 1)
+        if first == "create":
+            assert store.create_gallery(g) is True
+        else:
+            assert store.put_many(g, [(3, vec(3), None)]) == [False]
+        assert store.gallery_exists(g) and not store.exists(g, 1) and not store.exists(g, 2)
+        assert store.count(g) == (0 if first == "create" else 1)
+        assert store.get_gallery_field(g, "deleting") is None
