@@ -18,7 +18,9 @@ def test_quick_bench_writes_report(tmp_path):
     readme.write_text("# x\n\n## Benchmarks\n\nold table\n\n## Layout\n\nkept\n")
     markdown = run_bench(DEFAULT_BUNDLE_DIR, tmp_path / "out", quick=True, readme=readme, log=lambda s: None)
 
-    [report_file] = (tmp_path / "out").glob("*.json")
+    # the run's report; beside it the scale section keeps its own saved measurement (scale-<n>.json)
+    [report_file] = [p for p in (tmp_path / "out").glob("*.json") if not p.name.startswith("scale-")]
+    assert (tmp_path / "out" / "scale-50k.json").exists()
     report = json.loads(report_file.read_text())
     assert report["quick"] is True
     failed = {s: report[s]["error"] for s in SECTIONS if "error" in report.get(s, {})}

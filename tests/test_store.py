@@ -189,7 +189,7 @@ def test_counts_and_the_gallery_listing(store):
     assert listed[2]["retention_days"] == 7 and listed[0]["retention_days"] is None
 
 
-def test_counts_at_log_position_are_those_of_the_newest_entry(store):
+def test_counts_and_listings_are_read_at_a_position_of_their_log(store):
     assert store.galleries_at_log_position() == (set(), "0-0")  # nothing logged yet
     assert store.count_at_log_position("a") == (0, "0-0")
     store.put_many("a", [(1, vec(1), None), (2, vec(2), None)])
