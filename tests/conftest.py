@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import threading
 import time
 import uuid
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.redis_server import EmbeddedRedis, free_port
+from index.redis_cluster import find_redis_cli
+from index.redis_server import EmbeddedRedis, RedisBinaryNotFound, find_redis_server, free_port
+from tests.ci import missing
 
 # ---------------------------------------------------------------------------- Redis
 
@@ -247,3 +250,27 @@ def add_nformer(bundle_dir: Path, seed: int = 0, heads: int = 2, layers: int = 2
 def nformer_bundle(tmp_path_factory) -> Path:
     """The tiny encoder bundle plus a tiny random ``nformer.onnx`` (refine=local/joint available)."""
     return add_nformer(write_tiny_bundle(tmp_path_factory.mktemp("tiny-nformer-bundle"), name="tiny-nformer"))
+
+
+def within(seconds: float, check) -> float:
+    """Poll ``check()`` until it is true; returns how long that took (the test fails after ``seconds``)."""
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < seconds, f"not within {seconds}s"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def redis_cluster_binary() -> str:
+    """The redis-server binary, with a redis-cli beside it (or on PATH); else skip (fail under CI=true)."""
+    try:
+        server = find_redis_server()
+    except RedisBinaryNotFound as e:
+        missing(str(e))
+    if not (os.path.isfile(server) and os.access(server, os.X_OK)):
+        missing(f"redis-server {server} is not an executable file")
+    try:
+        find_redis_cli(server)
+    except RedisBinaryNotFound as e:
+        missing(str(e))
+    return server

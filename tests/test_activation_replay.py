@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 
 import httpx
 import pytest
 
-from conftest import write_tiny_bundle
+from conftest import within, write_tiny_bundle
 from index.redis_server import EmbeddedRedis
 from index.store import image_id
-
-
-def _within(seconds: float, check) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"not within {seconds}s"
-        time.sleep(0.02)
 
 
 def _upload(base: str, gallery: str, blobs: list[bytes]) -> None:
@@ -43,7 +35,7 @@ def _activate(base: str, bundle_id: str) -> None:
     r = httpx.post(f"{base}/v1/models/{bundle_id}/activate", timeout=60)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    _within(60, lambda: httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] not in ("queued", "running"))
+    within(60, lambda: httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] not in ("queued", "running"))
     job = httpx.get(f"{base}/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job
 
@@ -105,15 +97,15 @@ def test_a_follower_resynchronising_after_losing_redis_replays_an_activation(ser
         caplog.set_level(logging.INFO, logger="reid.service")
         srv.kill()
         state.start_follower()  # its first read fails: it resynchronises once Redis is back
-        _within(10, lambda: not state.follower.connected)
+        within(10, lambda: not state.follower.connected)
         srv.start()  # same port, the AOF replayed
-        _within(30, lambda: state.follower.connected and state.bundle_id == "alt")
+        within(30, lambda: state.follower.connected and state.bundle_id == "alt")
         assert "change-log follower failed" not in caplog.text
         assert "activated elsewhere" in caplog.text
         res = _search(a.url, g, blobs[1])
         assert res["model"] == "tiny-alt:0.0.2" and res["results"][0]["id"] == image_id(g, blobs[1])
         assert res["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-        _within(10, lambda: httpx.get(f"{a.url}/readyz").status_code == 200)
+        within(10, lambda: httpx.get(f"{a.url}/readyz").status_code == 200)
     finally:
         for s in servers:  # before their Redis goes
             s.stop()

@@ -22,9 +22,8 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import CrossSlotTransactionError, RedisClusterException, WatchError
 
-from index.redis_cluster import LocalRedisCluster, find_redis_cli
-from index.redis_server import RedisBinaryNotFound, find_redis_server
-from tests.ci import missing
+from conftest import redis_cluster_binary
+from index.redis_cluster import LocalRedisCluster
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,19 +33,6 @@ KEY_A = "reid:gallery:{a}:x"  # slot 15495
 KEY_B = "reid:gallery:{b}:x"  # slot 3300
 
 
-def _binary_or_skip() -> str:
-    """The redis-server binary, with a redis-cli beside it (or on PATH); else skip (fail under CI=true)."""
-    try:
-        server = find_redis_server()
-    except RedisBinaryNotFound as e:
-        missing(str(e))
-    if not (os.path.isfile(server) and os.access(server, os.X_OK)):
-        missing(f"redis-server {server} is not an executable file")
-    try:
-        find_redis_cli(server)
-    except RedisBinaryNotFound as e:
-        missing(str(e))
-    return server
 
 
 def processes_under(folder: Path) -> list[int]:
@@ -88,7 +74,7 @@ def replace_if_equal(client: redis.Redis, key: str, expect: bytes | None, new: b
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    binary = _binary_or_skip()
+    binary = redis_cluster_binary()
     t0 = time.monotonic()
     with LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"), binary=binary) as c:
         print(f"\ncluster of 6 started in {time.monotonic() - t0:.2f}s")
@@ -199,7 +185,7 @@ def test_wait_on_the_connection_that_wrote(cluster, rc):
 
 
 def test_sigkill_master_failover_keeps_the_acknowledged_write(tmp_path):
-    binary = _binary_or_skip()
+    binary = redis_cluster_binary()
     t0 = time.monotonic()
     with LocalRedisCluster(tmp_path / "cluster", binary=binary, node_timeout_ms=1000) as cluster:
         started = time.monotonic() - t0
@@ -241,7 +227,7 @@ def test_sigkill_master_failover_keeps_the_acknowledged_write(tmp_path):
 
 
 def test_failed_start_leaves_no_process(tmp_path):
-    binary = _binary_or_skip()
+    binary = redis_cluster_binary()
     # redis-cli --cluster create needs about a second (it polls the join once a second): far more than this
     cluster = LocalRedisCluster(tmp_path / "cluster", binary=binary, start_timeout=0.001)
     with pytest.raises(subprocess.TimeoutExpired):

@@ -15,6 +15,7 @@ from collections import Counter
 import httpx
 import pytest
 
+from conftest import redis_cluster_binary, within
 from index.redis_cluster import LocalRedisCluster
 from index.store import RedisStore
 from service.api_process import ApiProcess, noise_images, top1, upload
@@ -38,7 +39,7 @@ def galleries_on_distinct_masters(cluster: LocalRedisCluster, n: int) -> list[st
 
 @pytest.fixture
 def cluster(tmp_path):
-    with LocalRedisCluster(tmp_path / "cluster") as c:
+    with LocalRedisCluster(tmp_path / "cluster", binary=redis_cluster_binary()) as c:
         yield c
 
 
@@ -51,14 +52,6 @@ def replicas(tmp_path, tiny_bundle, cluster):
     finally:
         for p in procs:
             p.stop()
-
-
-def _within(seconds: float, check) -> float:
-    t0 = time.monotonic()
-    while not check():
-        assert time.monotonic() - t0 < seconds, f"not within {seconds}s"
-        time.sleep(0.02)
-    return time.monotonic() - t0
 
 
 def test_galleries_on_different_masters_are_ingested_searched_and_followed_across_replicas(cluster, replicas):
@@ -75,16 +68,16 @@ def test_galleries_on_different_masters_are_ingested_searched_and_followed_acros
     for k, g in enumerate(galleries):
         assert top1(a.url, g, [imgs[3 * k + 1]]) == [ids[g][1]]
         # the other replica follows every gallery's own change log, on whichever master it lives
-        took = _within(5.0, lambda: top1(b.url, g, [imgs[3 * k + 1]]) == [ids[g][1]])
+        took = within(5.0, lambda: top1(b.url, g, [imgs[3 * k + 1]]) == [ids[g][1]])
         print(f"\n{g} (master :{cluster.master_for_key(RedisStore.k_gallery(g)).port}) searchable through B after "
               f"{took * 1000:.0f} ms")
     listed = httpx.get(f"{b.url}/v1/galleries").json()
     assert {it["name"]: it["count"] for it in listed["galleries"]} == {g: 3 for g in galleries}
     g = galleries[0]
     assert httpx.delete(f"{b.url}/v1/galleries/{g}/images/{ids[g][0]}").status_code == 200
-    _within(5.0, lambda: ids[g][0] not in top1(a.url, g, [imgs[0]]))
+    within(5.0, lambda: ids[g][0] not in top1(a.url, g, [imgs[0]]))
     assert httpx.delete(f"{a.url}/v1/galleries/{galleries[1]}").status_code == 200
-    _within(5.0, lambda: httpx.get(f"{b.url}/v1/galleries/{galleries[1]}").status_code == 404)
+    within(5.0, lambda: httpx.get(f"{b.url}/v1/galleries/{galleries[1]}").status_code == 404)
     r = httpx.post(f"{a.url}/v1/models/default/activate")
     assert r.status_code == 409 and r.json()["error"]["code"] in ("already_active", "unsupported_on_cluster")
 
@@ -128,14 +121,14 @@ def test_a_master_killed_during_ingest_loses_no_acknowledged_image(cluster, repl
     for t in threads:
         t.start()
     try:
-        _within(60, lambda: sum(len(s) for s in acked.values()) >= 40)  # before
+        within(60, lambda: sum(len(s) for s in acked.values()) >= 40)  # before
         before = {g: len(s) for g, s in acked.items()}
         t0 = time.monotonic()
         cluster.kill(victim)
         promoted = cluster.wait_failover(victim, timeout=30)
         failover_s = time.monotonic() - t0
         cluster.restart(victim)  # back as the new master's replica: WAIT 1 can be met again
-        _within(60, lambda: len(acked[victim_gallery]) >= before[victim_gallery] + 10)  # after
+        within(60, lambda: len(acked[victim_gallery]) >= before[victim_gallery] + 10)  # after
     finally:
         stop.set()
         for t in threads:

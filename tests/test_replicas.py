@@ -7,25 +7,15 @@ can hold its follower back.
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import write_tiny_bundle
+from conftest import within, write_tiny_bundle
 from index.redis_server import EmbeddedRedis
 from index.store import RedisStore, image_id
 from service.api_process import ApiProcess, noise_images, top1, upload
-
-
-def _within(seconds: float, check) -> float:
-    """Poll ``check()`` until true; returns how long it took (fails after ``seconds``)."""
-    t0 = time.monotonic()
-    while not check():
-        assert time.monotonic() - t0 < seconds, f"not within {seconds}s"
-        time.sleep(0.01)
-    return time.monotonic() - t0
 
 
 @pytest.fixture
@@ -54,19 +44,19 @@ def test_write_through_one_replica_is_searchable_through_the_other(two_replicas)
     r = upload(a.url, "cams", [("0.png", imgs[0]), ("1.png", imgs[1])])
     assert r.status_code == 201, r.text
     ids = [it["id"] for it in r.json()["items"]]
-    took = _within(1.0, lambda: top1(b.url, "cams", [imgs[1]]) == [ids[1]])
+    took = within(1.0, lambda: top1(b.url, "cams", [imgs[1]]) == [ids[1]])
     print(f"\nput through A searchable through B after {took * 1000:.0f} ms")
 
     assert httpx.delete(f"{b.url}/v1/galleries/cams/images/{ids[1]}").status_code == 200
-    took = _within(1.0, lambda: top1(a.url, "cams", [imgs[1]]) == [ids[0]])
+    took = within(1.0, lambda: top1(a.url, "cams", [imgs[1]]) == [ids[0]])
     print(f"delete through B gone from A after {took * 1000:.0f} ms")
 
     # a gallery created through B shows up on A; deleting it through A removes it from B
     assert upload(b.url, "lobby", [("2.png", imgs[2])]).status_code == 201
-    _within(1.0, lambda: httpx.get(f"{a.url}/v1/galleries/lobby").status_code == 200 and
+    within(1.0, lambda: httpx.get(f"{a.url}/v1/galleries/lobby").status_code == 200 and
             top1(a.url, "lobby", [imgs[2]]) == [image_id("lobby", imgs[2])])
     assert httpx.delete(f"{a.url}/v1/galleries/lobby").status_code == 200
-    _within(1.0, lambda: "lobby" not in b.metric_labels("reid_index_vectors"))
+    within(1.0, lambda: "lobby" not in b.metric_labels("reid_index_vectors"))
 
     # both stay in sync with the store; each applied its own writes too, once (idempotent)
     for api in (a, b):
@@ -78,9 +68,9 @@ def test_write_through_one_replica_is_searchable_through_the_other(two_replicas)
     r = httpx.post(f"{a.url}/v1/models/alt/activate", timeout=60)
     assert r.status_code == 202, r.text
     job = r.json()
-    _within(60, lambda: httpx.get(f"{a.url}/v1/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"))
+    within(60, lambda: httpx.get(f"{a.url}/v1/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"))
     assert httpx.get(f"{a.url}/v1/jobs/{job['id']}").json()["status"] == "succeeded"
-    _within(10, lambda: httpx.get(f"{b.url}/v1/models").json()["active"]["bundle_id"] == "alt")
+    within(10, lambda: httpx.get(f"{b.url}/v1/models").json()["active"]["bundle_id"] == "alt")
     res = httpx.post(f"{b.url}/v1/galleries/cams/search", files={"file": ("q.png", imgs[3], "image/png")},
                      data={"top_k": "2"}).json()
     assert res["model"] == "tiny-alt:0.0.2"
@@ -108,7 +98,7 @@ def test_follower_behind_a_trim_rebuilds_from_redis(server_factory, redis_url, g
     rebuilds = state.sync.stats["rebuilds"]
 
     state.start_follower()
-    _within(10, lambda: state.sync.applied != behind and len(state.indexes.get(g, ())) == 2990)
+    within(10, lambda: state.sync.applied != behind and len(state.indexes.get(g, ())) == 2990)
     assert state.sync.stats["rebuilds"] > rebuilds  # not a replay: the entries were gone
     assert set(state.indexes[g].ids().tolist()) == set(range(10, 3000))
     assert httpx.get(f"{srv.url}/readyz").status_code == 200
