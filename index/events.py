@@ -1,6 +1,6 @@
 """The change logs: Redis streams written by the store in the same transaction as each change.
 
-Layout 2 (Redis Cluster ready): every gallery has its own stream, ``reid:gallery:{g}:events``, in the gallery's
+Since key layout 2 (Redis Cluster ready) every gallery has its own stream, ``reid:gallery:{g}:events``, in the gallery's
 hash slot, so a change and its entry commit together on whichever node holds the gallery; its entries are ``op``
 (put | delete | activate) and ``id`` (the image id; the bundle id for ``activate``). The global stream
 ``reid:{global}:events`` holds what is not one gallery's: ``create`` and ``drop`` of a gallery, and ``activate`` of

@@ -2,24 +2,23 @@
 
 The FAISS index (:mod:`index.vector_index`) is only a cache of what is written here.
 
-Key layout 2 (all keys prefixed ``reid:``; gallery names match :data:`GALLERY_NAME_RE`, so they never contain
+Key layout 3 (all keys prefixed ``reid:``; gallery names match :data:`GALLERY_NAME_RE`, so they never contain
 ``:`` or braces). Every key of a gallery carries the gallery's name as its Redis Cluster hash tag (``{g}``), so
-all of them live in one hash slot, on one node, and each change to a gallery is one MULTI/EXEC there; every key
-that is no gallery's carries the tag ``{global}``. The same layout serves one Redis server and Redis Cluster
-(``cluster=True``); :func:`index.store_layout.migrate_layout` renames a store of layout 1 (the same names
-without the braces, one change log ``reid:events`` for everything).
+all of them live in one hash slot, on one node, and each change to a gallery is one atomic step there (a Lua script
+or a MULTI/EXEC); every key that is no gallery's carries the tag ``{global}``. The same layout serves one Redis server
+and Redis Cluster (``cluster=True``); :func:`index.store_layout.migrate_layout` brings a store of layout 1 or 2 to it.
 
     reid:{global}:galleries             SET    names of all galleries
     reid:{global}:events                STREAM the global change log: op=create|drop|activate, gallery, id
-    reid:{global}:layout                STRING "2"
+    reid:{global}:layout                STRING "3"
     reid:gallery:{g}                    HASH   name, created_at (ISO 8601 UTC), retention_days (optional),
-                                               vector_dtype (float32|float16: how :vectors holds this gallery's
-                                               vectors; absent = float32, the layout before it was recorded)
-    reid:gallery:{g}:vectors            HASH   {image id (decimal)} -> vector bytes, little endian, of the
-                                               gallery's vector_dtype (:mod:`index.vector_codec`)
-    reid:gallery:{g}:image:{id}         HASH   external_id, camera_id, person_id, captured_at, filename,
-                                               created_at, model, dim (records written before the blob
-                                               store also hold id and gallery, which the key already names)
+                                               vector_dtype (float32|float16: how the entries hold this gallery's
+                                               vectors; absent = float32, the layout before it was recorded),
+                                               model (the model bundle that embedded its vectors)
+    reid:gallery:{g}:entries            HASH   {image id (decimal)} -> the image's entry: its record (created_at,
+                                               external_id, camera_id, person_id, captured_at, filename) and its
+                                               vector, little endian, in the gallery's vector_dtype, in ONE value
+                                               (:mod:`index.image_record`: a field costs less than a key)
     reid:gallery:{g}:blobs              HASH   {image id} -> sha256 (32 raw bytes) of the image's kept bytes,
                                                a blob in ``{blob_dir}/{g}/`` (:mod:`index.blob_store`)
     reid:gallery:{g}:images             HASH   {image id} -> the original image bytes inside Redis: the layout
@@ -29,14 +28,18 @@ without the braces, one change log ``reid:events`` for everything).
     reid:gallery:{g}:blob-removing:{sha256 hex}
                                         STRING the token of a remover while it removes that blob's file
                                                (expires after :data:`BLOB_MARK_TTL_MS`)
-    reid:gallery:{g}:vectors:staged     HASH   like :vectors, written by a model activation before it
-                                               replaces :vectors in one transaction
+    reid:gallery:{g}:blob-removals      STRING how many times a removal mark was set in the gallery (a writer
+                                               of blobs compares it before and after writing them)
+    reid:gallery:{g}:vectors:staged     HASH   {image id} -> a vector alone, written by a model activation before
+                                               it replaces the entries' vectors in one step
     reid:gallery:{g}:events             STREAM the gallery's change log (op=put|delete, id), written in the same
-                                               transaction as each change, capped at ~``events_maxlen`` entries
+                                               step as each change, capped at ~``events_maxlen`` entries
                                                (approximate trimming), for replicas to follow (index.events)
     reid:{global}:blob_store            STRING identity of the blob directory the kept bytes are in (the same
                                                is written in it, :func:`index.blob_store.claim_identity`)
     reid:{global}:active_bundle         STRING id of the model bundle whose vectors the store holds
+    reid:{global}:activation            STRING the bundle an activation on Redis Cluster is switching galleries to
+                                               (gallery by gallery there); gone when it is active
     reid:{global}:lock:{name}           STRING a lease that one replica holds for a periodic chore
                                                (:meth:`RedisStore.hold_lease`; ``retention`` sweeps)
     reid:{global}:job:{id}, …:jobs:…    background jobs' records and locks (index.job_store)
@@ -51,26 +54,28 @@ Image ids are stable: the first 8 bytes of ``sha256(gallery + b"\\0" + image byt
 big-endian with the top bit cleared (a positive signed 63-bit integer). Re-uploading the
 same bytes to the same gallery gives the same id.
 
-Writes of images (vector + metadata + kept-bytes reference + change event) happen in one
-MULTI/EXEC transaction guarded by WATCH on the image keys (:meth:`RedisStore.put_many`), so
-a reader never sees half an image and two concurrent uploads of the same bytes report
-exactly one ``created``.
+Writes of images (entry + kept-bytes reference + change event) happen in one Lua script per batch
+(:meth:`RedisStore.put_many`), which writes an image only if its entry is absent (HSETNX), so a reader never sees
+half an image and two concurrent uploads of the same bytes report exactly one ``created``; deletes likewise
+(:meth:`RedisStore.delete_many`). No WATCH: writers of different images of one gallery never make each other retry.
 
 Kept image bytes on disk (``image_storage="disk"``). Each gallery has its own content-addressed blob folder
 ``{blob_dir}/{g}/``, so a blob is referenced by at most one record: the image of that gallery whose id is
 ``image_id(g, bytes)`` (put_many refuses kept bytes under any other id). Two galleries holding the same bytes
 hold two blobs, and removing one never touches the other. The rules:
 
-* Write: the blob is written and fsynced (:meth:`BlobStore.put`) *inside* the WATCH of the transaction that
-  then records its reference, before EXEC. A crash or a failed EXEC in between leaves at worst an orphan
-  blob, never a record pointing to a missing one; :func:`index.blob_gc.sweep_orphan_blobs` removes orphans.
+* Write: the blob is written and fsynced (:meth:`BlobStore.put`) before the script that records its reference
+  runs. A crash or a refused script in between leaves at worst an orphan blob, never a record pointing to a
+  missing one; :func:`index.blob_gc.sweep_orphan_blobs` removes orphans.
 * Remove (delete, retention, gallery deletion, the sweep): the reference is dropped and a removal mark
   ``…:blob-removing:{sha256}`` set in ONE transaction; then the file is renamed to a trash name, the mark read
   back, and the trash unlinked only if the mark is still this remover's (else put back: the mark ran out and a
   writer may have referenced the blob again); then the mark is released.
-* A writer WATCHes the marks of the blobs it writes and waits while one is set; a mark set after its WATCH
-  aborts its EXEC (it retries and rewrites the blob). So a writer never records a reference to a blob that a
-  remover is about to unlink, even when the same image is deleted and uploaded again at the same moment.
+* Every step that sets removal marks also counts them (``…:blob-removals``). A writer reads the count (and that
+  none of its blobs' marks is set) before it writes its blobs; its script refuses the whole batch if a mark is set
+  or the count moved since (the writer waits for marks to go, then writes the blobs again and retries). A remover
+  unlinks only while its mark is set, so a writer never records a reference to a blob that a remover took, even
+  when the same image is uploaded, deleted and uploaded again at the same moment.
 
 Durability: with ``wait_aof_ms`` set (a server running ``appendfsync everysec``/``no`` that has
 WAITAOF, see :mod:`index.durability`), every write transaction is followed by ``WAITAOF 1 0`` on its
@@ -104,12 +109,12 @@ from redis.retry import Retry
 from .blob_store import BlobError, BlobMissing, BlobStore, blob_key, claim_identity, read_identity
 from .durability import Persistence, WriteWait, durable_pipeline, probe
 from .events import GLOBAL, ZERO, EventReader, Positions, StreamInfo, read_range, stream_info
+from .image_record import METADATA_FIELDS, entry_metadata, entry_vector, field_position, iso_from_ms, pack_entry
 from .job_store import JobStore
 from .vector_codec import VectorCodec
 
 __all__ = [
     "BLOB_MARK_TTL_MS",
-    "ClusterUnsupported",
     "GALLERY_NAME_RE",
     "IMAGE_STORAGES",
     "METADATA_FIELDS",
@@ -129,13 +134,11 @@ PREFIX = "reid:"
 #: the keys that are no gallery's: one hash tag, so one slot, so they may change together in one transaction
 GLOBAL_PREFIX = PREFIX + "{global}:"
 #: the key layout this code reads and writes (:mod:`index.store_layout`)
-LAYOUT = "2"
+LAYOUT = "3"
 GALLERY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-#: user-supplied metadata fields (strings)
-METADATA_FIELDS = ("external_id", "camera_id", "person_id", "captured_at", "filename")
 EVENTS_MAXLEN = 100_000
 #: fields of a gallery's settings hash that the store manages itself (others: :meth:`RedisStore.set_gallery_field`)
-GALLERY_OWN_FIELDS = ("name", "created_at", "retention_days", "vector_dtype", "deleting")
+GALLERY_OWN_FIELDS = ("name", "created_at", "retention_days", "vector_dtype", "model", "deleting")
 #: where kept image bytes go: files in the blob directory, or (the layout before it) a hash inside Redis
 IMAGE_STORAGES = ("disk", "redis")
 #: a removal mark outlives any removal (a rename and an unlink); it expires so a crashed remover blocks nobody
@@ -143,23 +146,111 @@ BLOB_MARK_TTL_MS = 60_000
 #: a gallery's vectors without a vector_dtype record were written as float32 (the only layout before it)
 LEGACY_DTYPE = "float32"
 
-# Set and remove fields of an image's record only if it exists (no record resurrected by a late PATCH).
-_PATCH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local n = tonumber(ARGV[1])
-for i = 0, n - 1 do
-  local k, v = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
-  if v == '' then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, v) end
+# Write a batch of images of one gallery, each only if its entry is absent, with its kept-bytes reference (or bytes)
+# and its change-log entry. Refused as a whole (nothing written) while the gallery is not set up for writes, its
+# vector dtype is not the one the entries were encoded in, or a blob it references is being removed or may have
+# been since the caller read the gallery's count of blob removals (before it wrote the blobs).
+# KEYS: settings, entries, blobs, images, events, blob removals, removal marks...
+# ARGV: dtype, events maxlen, model ('' none), blob removals as read ('' no blobs), then per image: id, entry,
+# blob reference ('' none), bytes ('' none)
+_PUT = """
+local s = KEYS[1]
+if redis.call('HEXISTS', s, 'deleting') == 1 then return {'leftovers'} end
+if redis.call('HEXISTS', s, 'name') == 0 then return {'unlisted'} end
+local dtype = redis.call('HGET', s, 'vector_dtype')
+if not dtype then
+  if redis.call('HLEN', KEYS[2]) == 0 then dtype = ARGV[1]; redis.call('HSET', s, 'vector_dtype', dtype)
+  else dtype = 'float32' end
 end
+if dtype ~= ARGV[1] then return {'dtype', dtype} end
+if ARGV[4] ~= '' and (redis.call('GET', KEYS[6]) or '0') ~= ARGV[4] then return {'busy', KEYS[6]} end
+for i = 7, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return {'busy', KEYS[i]} end
+end
+local existed, wrote = {}, false
+for i = 5, #ARGV, 4 do
+  local id = ARGV[i]
+  if redis.call('HSETNX', KEYS[2], id, ARGV[i + 1]) == 1 then
+    if ARGV[i + 2] ~= '' then redis.call('HSET', KEYS[3], id, ARGV[i + 2])
+    elseif ARGV[i + 3] ~= '' then redis.call('HSET', KEYS[4], id, ARGV[i + 3]) end
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[2], '*', 'op', 'put', 'id', id)
+    existed[#existed + 1] = 0
+    wrote = true
+  else
+    existed[#existed + 1] = 1
+  end
+end
+if wrote and ARGV[3] ~= '' then redis.call('HSET', s, 'model', ARGV[3]) end
+return {'ok', existed}
+"""
+
+# Delete a batch of images of one gallery (entry, kept bytes or reference) with the removal marks of their blobs
+# and their change-log entries. Returns how many existed, or -1 (nothing done) if a reference is not the one the
+# caller read (it reads again).
+# KEYS: entries, images, blobs, events, blob removals, removal marks...   ARGV: token, mark ttl ms, events maxlen,
+# then per image: id, its blob reference as read ('' none)
+_DELETE = """
+for i = 4, #ARGV, 2 do
+  if (redis.call('HGET', KEYS[3], ARGV[i]) or '') ~= ARGV[i + 1] then return -1 end
+end
+if #KEYS > 5 then redis.call('INCR', KEYS[5]) end
+for i = 6, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2]) end
+local n = 0
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
+  if redis.call('HDEL', KEYS[1], id) == 1 then
+    n = n + 1
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'op', 'delete', 'id', id)
+  end
+end
+return n
+"""
+
+# Set and clear metadata fields inside an image's entry if it exists (no entry resurrected by a late PATCH).
+# KEYS: entries.   ARGV: id, the record's width, then pairs: position in the record, value ('' clears it)
+_PATCH = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local n = struct.unpack('<H', v)
+local rec = cmsgpack.unpack(string.sub(v, 3, 2 + n))
+for j = #rec + 1, tonumber(ARGV[2]) do rec[j] = '' end
+for i = 3, #ARGV, 2 do rec[tonumber(ARGV[i])] = ARGV[i + 1] end
+local packed = cmsgpack.pack(rec)
+redis.call('HSET', KEYS[1], ARGV[1], struct.pack('<H', #packed) .. packed .. string.sub(v, 3 + n))
 return 1
+"""
+
+# Put each staged vector into its image's entry, in place of the vector there, and drop the staged hash.
+# KEYS: entries, staged.   Returns how many entries changed.
+_SWAP_STAGED = """
+local n, cursor = 0, '0'
+repeat  -- a scan rather than HGETALL: a million staged vectors would be a gigabyte inside Lua
+  local page = redis.call('HSCAN', KEYS[2], cursor, 'COUNT', 1000)
+  cursor = page[1]
+  local kv = page[2]
+  for i = 1, #kv, 2 do
+    local v = redis.call('HGET', KEYS[1], kv[i])
+    if v then
+      local len = struct.unpack('<H', v)
+      redis.call('HSET', KEYS[1], kv[i], string.sub(v, 1, 2 + len) .. kv[i + 1])
+      n = n + 1
+    end
+  end
+until cursor == '0'
+redis.call('DEL', KEYS[2])
+return n
 """
 
 # The sweep's claim on a blob nobody references: set the removal mark only if the gallery's image that could
 # reference it (KEYS[1] field ARGV[1]) does not, and no other remover holds it. Atomic, unlike a read then a SET.
+# KEYS: blobs, the removal mark, blob removals
 _CLAIM_UNREFERENCED = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+redis.call('INCR', KEYS[3])
 return 1
 """
 
@@ -177,16 +268,23 @@ class InvalidGalleryName(ValueError):
     pass
 
 
-class ClusterUnsupported(RuntimeError):
-    """An operation that needs one transaction over several galleries, which Redis Cluster cannot run."""
-
-
 class StagingStale(RuntimeError):
     """The staged vectors no longer cover exactly the gallery's images (a write happened meanwhile)."""
 
 
 class _BlobBusy(Exception):
     """A blob a write needs is being removed right now: wait for its removal mark to go, then write again."""
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An image :meth:`RedisStore.put_many` is about to write: its vector, metadata and kept bytes (``blob``: their
+    key in the blob store when they go to disk)."""
+
+    vector: np.ndarray
+    meta: dict[str, str]
+    data: bytes | None
+    blob: str | None
 
 
 @dataclass(frozen=True)
@@ -276,7 +374,6 @@ class RedisStore:
         self.wait_aof_ms = wait_aof_ms
         #: replicas that must hold each write before it is acknowledged (WAIT), and how long to wait for them
         self.wait_replicas, self.wait_replicas_ms = int(wait_replicas), int(wait_replicas_ms)
-        self._patch = client.register_script(_PATCH)
         self._claim_unreferenced = client.register_script(_CLAIM_UNREFERENCED)
         self._release_marks = client.register_script(_RELEASE_MARKS)
         self.blob_dir = Path(blob_dir) if blob_dir is not None else None
@@ -309,9 +406,13 @@ class RedisStore:
                 except redis.WatchError:
                     continue
 
-    def _event(self, pipe: redis.client.Pipeline, op: str, gallery: str, ref: str) -> None:
-        """An entry of the gallery's own change log (in the gallery's slot, so in its transaction)."""
-        pipe.xadd(self.k_gallery_events(gallery), {"op": op, "id": ref}, maxlen=self.events_maxlen, approximate=True)
+    def _script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a Lua script (its keys all in one slot) as a change: inside MULTI/EXEC on :meth:`_pipeline`, so it
+        waits for the AOF fsync or the replicas as every write does. EVAL rather than EVALSHA: no NOSCRIPT to
+        recover from inside a transaction, and the source is small beside a batch's vectors."""
+        with self._pipeline() as pipe:
+            pipe.execute_command("EVAL", source, len(keys), *keys, *args)  # (a cluster pipeline has no eval())
+            return pipe.execute()[0]
 
     def _global_event(self, pipe: redis.client.Pipeline, op: str, gallery: str, ref: str) -> None:
         pipe.xadd(self.k_events(), {"op": op, "gallery": gallery, "id": ref}, maxlen=self.events_maxlen,
@@ -356,12 +457,8 @@ class RedisStore:
         return f"{PREFIX}gallery:{{{g}}}"
 
     @classmethod
-    def k_vectors(cls, g: str) -> str:
-        return cls.k_gallery(g) + ":vectors"
-
-    @classmethod
-    def k_image(cls, g: str, id_: int) -> str:
-        return f"{cls.k_gallery(g)}:image:{int(id_)}"
+    def k_entries(cls, g: str) -> str:
+        return cls.k_gallery(g) + ":entries"
 
     @classmethod
     def k_images(cls, g: str) -> str:
@@ -374,6 +471,10 @@ class RedisStore:
     @classmethod
     def k_blob_mark(cls, g: str, key: str) -> str:
         return f"{cls.k_gallery(g)}:blob-removing:{key}"
+
+    @classmethod
+    def k_blob_removals(cls, g: str) -> str:
+        return cls.k_gallery(g) + ":blob-removals"
 
     @classmethod
     def k_staged(cls, g: str) -> str:
@@ -403,6 +504,10 @@ class RedisStore:
     @staticmethod
     def k_active_bundle() -> str:
         return GLOBAL_PREFIX + "active_bundle"
+
+    @staticmethod
+    def k_activation() -> str:
+        return GLOBAL_PREFIX + "activation"
 
     @staticmethod
     def k_lease(name: str) -> str:
@@ -476,7 +581,7 @@ class RedisStore:
         return sorted(_s(x) for x in self.r.smembers(self.k_galleries()))
 
     def count(self, gallery: str) -> int:
-        return int(self.r.hlen(self.k_vectors(gallery)))
+        return int(self.r.hlen(self.k_entries(gallery)))
 
     def counts(self, galleries: Iterable[str] | None = None) -> dict[str, int]:
         """Gallery -> its number of images (stored vectors), for ``galleries`` (default: every one), in one round
@@ -484,7 +589,7 @@ class RedisStore:
         names = self.list_galleries() if galleries is None else list(galleries)
         pipe = self.r.pipeline(transaction=False)
         for g in names:
-            pipe.hlen(self.k_vectors(g))
+            pipe.hlen(self.k_entries(g))
         return {g: int(n) for g, n in zip(names, pipe.execute())}
 
     def galleries_at_log_position(self) -> tuple[set[str], str]:
@@ -500,7 +605,7 @@ class RedisStore:
         """``(count, last)``: the gallery's number of images and the newest entry of its log (ZERO while empty), read
         in ONE MULTI/EXEC (one slot), so the count is exactly what its log reflects up to ``last``."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.hlen(self.k_vectors(gallery))
+        pipe.hlen(self.k_entries(gallery))
         pipe.xrevrange(self.k_gallery_events(gallery), count=1)
         n, last = pipe.execute()
         return int(n), (last[0][0].decode() if last else ZERO)
@@ -510,7 +615,7 @@ class RedisStore:
         names = self.list_galleries()
         pipe = self.r.pipeline(transaction=False)
         for g in names:
-            pipe.hlen(self.k_vectors(g))
+            pipe.hlen(self.k_entries(g))
             pipe.hlen(self.k_images(g))
             pipe.hlen(self.k_blobs(g))
         res = pipe.execute()
@@ -523,7 +628,7 @@ class RedisStore:
         if not self.gallery_exists(gallery):
             return None
         pipe = self.r.pipeline(transaction=True)
-        pipe.hlen(self.k_vectors(gallery))
+        pipe.hlen(self.k_entries(gallery))
         pipe.hmget(self.k_gallery(gallery), "created_at", "retention_days")
         return _gallery_info(gallery, *pipe.execute())
 
@@ -532,7 +637,7 @@ class RedisStore:
         names = self.list_galleries()
         pipe = self.r.pipeline(transaction=False)
         for g in names:
-            pipe.hlen(self.k_vectors(g))
+            pipe.hlen(self.k_entries(g))
             pipe.hmget(self.k_gallery(g), "created_at", "retention_days")
         res = pipe.execute()
         return [_gallery_info(g, n, fields) for g, n, fields in zip(names, res[::2], res[1::2])]
@@ -564,17 +669,10 @@ class RedisStore:
     def _delete_keys(self, gallery: str, batch: int = 500) -> None:
         """Delete every key of an unlisted gallery (and its blobs); its settings last, so a crash half-way leaves them
         for :meth:`create_gallery` to find."""
-        keys: list[str] = []
-        for field, _ in self.r.hscan_iter(self.k_vectors(gallery), count=batch):
-            keys.append(self.k_image(gallery, int(field)))
-            if len(keys) >= batch:
-                self.r.delete(*keys)
-                keys.clear()
-        if keys:
-            self.r.delete(*keys)
         self._drop_all_blobs(gallery, batch)
-        self.r.delete(self.k_vectors(gallery), self.k_images(gallery), self.k_blobs(gallery), self.k_staged(gallery),
-                      self.k_gallery_events(gallery), self.k_gallery(gallery))
+        # UNLINK: a hash of millions of entries is freed in the background, not while Redis serves nobody
+        self.r.unlink(self.k_entries(gallery), self.k_images(gallery), self.k_blobs(gallery), self.k_staged(gallery),
+                      self.k_blob_removals(gallery), self.k_gallery_events(gallery), self.k_gallery(gallery))
         if self.blob_dir is not None:
             self._blobs(gallery).prune_empty_dirs()
 
@@ -595,6 +693,7 @@ class RedisStore:
         keys = {raw.hex() for raw in refs.values()}
         pipe = self._pipeline()
         pipe.hdel(self.k_blobs(gallery), *refs)
+        pipe.incr(self.k_blob_removals(gallery))
         for key in keys:
             pipe.set(self.k_blob_mark(gallery, key), token, px=BLOB_MARK_TTL_MS)
         pipe.execute()
@@ -602,13 +701,13 @@ class RedisStore:
 
     # ------------------------------------------------------------------ images
     def exists(self, gallery: str, id_: int) -> bool:
-        return bool(self.r.exists(self.k_image(gallery, id_)))
+        return bool(self.r.hexists(self.k_entries(gallery), str(int(id_))))
 
     def exists_many(self, gallery: str, ids: Iterable[int]) -> list[bool]:
         """Whether each image exists, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         for i in ids:
-            pipe.exists(self.k_image(gallery, i))
+            pipe.hexists(self.k_entries(gallery), str(int(i)))
         return [bool(x) for x in pipe.execute()]
 
     def put(
@@ -632,15 +731,15 @@ class RedisStore:
         model: str | None = None,
         images: Sequence[bytes | None] | None = None,
     ) -> list[bool]:
-        """Store several images ``(id, vector, metadata)`` in ONE MULTI/EXEC transaction.
+        """Store several images ``(id, vector, metadata)`` in ONE atomic step (the script :data:`_PUT`).
 
         ``images``, aligned with ``records``, are the original bytes to keep (None: keep none); on disk (the
-        blob store, fsynced before EXEC) or in Redis, by ``image_storage``. On disk an image's id must be its
+        blob store, fsynced before the script) or in Redis, by ``image_storage``. On disk an image's id must be its
         content id, ``image_id(gallery, bytes)`` (what makes a blob one image's: see the module docstring).
-        Returns, per record, whether it already existed (existing images are left untouched).
-        WATCH on the image keys makes a concurrent writer of the same id abort and retry this
-        transaction, so each id is reported ``created`` exactly once. One transaction means one
-        AOF fsync for the whole batch.
+        ``model``: the bundle that embedded the vectors (recorded as the gallery's).
+        Returns, per record, whether it already existed (existing images are left untouched). The script writes
+        an entry only where there is none, so of concurrent writers of the same id exactly one reports it
+        ``created``. One step means one AOF fsync for the whole batch.
         """
         validate_gallery_name(gallery)
         if not records:
@@ -649,141 +748,102 @@ class RedisStore:
             raise ValueError(f"got {len(images)} images for {len(records)} records")
         kept = [None if b is None else bytes(b) for b in images] if images is not None else [None] * len(records)
         on_disk = self.image_storage == "disk"
-        now = _now()
-        prepared = []
+        created_ms = int(time.time() * 1000)
+        pending: dict[int, _Pending] = {}  # the first occurrence of each id: a later one "exists"
         for (id_, vector, metadata), data in zip(records, kept):
-            vec = np.asarray(vector, dtype=np.float32).reshape(-1)
+            id_ = int(id_)
             meta = {k: _s(v) for k, v in (metadata or {}).items() if k in METADATA_FIELDS and v is not None}
-            # id and gallery are not stored: the key names both
-            meta.update({"created_at": now, "dim": str(vec.shape[0])})
-            if model:
-                meta["model"] = model
             key = None
             if data is not None and on_disk:
-                if image_id(gallery, data) != int(id_):
-                    raise ValueError(f"image {int(id_)}: kept bytes on disk need their content id, "
+                if image_id(gallery, data) != id_:
+                    raise ValueError(f"image {id_}: kept bytes on disk need their content id, "
                                      f"image_id(gallery, bytes) = {image_id(gallery, data)}")
                 key = blob_key(data)
-            prepared.append((int(id_), self.k_image(gallery, id_), vec, meta, data, key))
-        image_keys = [k for _, k, _, _, _, _ in prepared]
-        marks = sorted({self.k_blob_mark(gallery, key) for *_, key in prepared if key is not None})
-        existed: list[bool] = []
-
-        def txn(pipe: redis.client.Pipeline) -> None:
-            nonlocal existed
-            # The WATCHed keys' state, read in one round trip on another connection (any change after WATCH
-            # still aborts EXEC).
-            existed, dtype, busy, listed = self._write_state(gallery, [id_ for id_, *_ in prepared], marks)
-            if busy:
-                raise _BlobBusy(busy)
-            if listed is not True and not all(existed):
-                if listed == "leftovers":  # of a delete that crashed half-way: not this gallery's images
-                    self._delete_keys(gallery)  # (the WATCHed settings change: this round's EXEC aborts)
-                self._list_gallery(gallery)  # listed before anything of it is written (module docstring)
-            codec = VectorCodec.named(dtype)
-            written: dict[int, tuple[str, dict[str, str]]] = {}  # id -> (image key, metadata)
-            vectors: dict[str, bytes] = {}  # one HSET each for the batch's vectors and kept bytes
-            in_redis: dict[str, bytes] = {}
-            on_disk_refs: dict[str, bytes] = {}
-            to_disk: list[bytes] = []
-            for (id_, image_key, vec, meta, data, key), ex in zip(prepared, existed):
-                if ex or id_ in written:
-                    continue
-                written[id_] = (image_key, meta)
-                vectors[str(id_)] = codec.encode(vec)
-                if key is not None:
-                    to_disk.append(data)
-                    on_disk_refs[str(id_)] = bytes.fromhex(key)
-                elif data is not None:
-                    in_redis[str(id_)] = data
-            # Durable before the references to them are: a crash leaves orphans at worst. One at a time: concurrent
-            # writers already overlap their fsyncs (a pool per batch measured no faster with 4 writers).
-            blobs = self._blobs(gallery) if to_disk else None
-            for data in to_disk:
-                blobs.put(data)
-            pipe.multi()
-            for id_, (image_key, meta) in written.items():
-                pipe.hset(image_key, mapping=meta)
-                self._event(pipe, "put", gallery, str(id_))
-            if vectors:
-                pipe.hset(self.k_vectors(gallery), mapping=vectors)
-            if in_redis:
-                pipe.hset(self.k_images(gallery), mapping=in_redis)
-            if on_disk_refs:
-                pipe.hset(self.k_blobs(gallery), mapping=on_disk_refs)
-            if written:
-                self._init_settings(pipe, gallery, now, codec.name)
-
-        # WATCH the gallery's settings too: its vector_dtype is decided by the first write, and a concurrent first
-        # write (another replica, maybe another REID_STORE_DTYPE) must not mix two dtypes in one gallery.
-        self._transaction_waiting_for_blobs(txn, *image_keys, self.k_gallery(gallery), *marks)
-        # a duplicate id inside the batch: the second occurrence "exists"
+            pending.setdefault(id_, _Pending(np.asarray(vector, dtype=np.float32).reshape(-1), meta, data, key))
+        # Images that exist already are left untouched and write nothing (their blobs neither); one that appears
+        # meanwhile is found by the script itself.
+        existed = dict(zip(pending, self.exists_many(gallery, pending)))
+        todo = {i: p for i, p in pending.items() if not existed[i]}
+        if todo:
+            existed.update(self._put_new(gallery, todo, created_ms, model))
         seen: set[int] = set()
         out = []
-        for (id_, *_), ex in zip(prepared, existed):
-            out.append(ex or id_ in seen)
-            seen.add(id_)
+        for id_, _, _ in records:
+            out.append(existed[int(id_)] or int(id_) in seen)
+            seen.add(int(id_))
         return out
 
-    def _write_state(self, gallery: str, ids: list[int], marks: list[str]
-                     ) -> tuple[list[bool], str, list[str], bool | str]:
-        """``(existed per id, the gallery's vector dtype, the removal marks that are set, listed)`` in one round trip
-        (one slot). ``listed``: True when the gallery has settings (it is listed before they are written), False
-        when it has none, "leftovers" when they are those of a delete that did not finish."""
-        pipe = self.r.pipeline(transaction=False)
-        for i in ids:
-            pipe.exists(self.k_image(gallery, i))
-        pipe.hmget(self.k_gallery(gallery), "vector_dtype", "name", "deleting")
-        pipe.exists(self.k_vectors(gallery))
-        for m in marks:
-            pipe.exists(m)
-        res = pipe.execute()
-        existed = [bool(x) for x in res[:len(ids)]]
-        (recorded, name, deleting), has_vectors = res[len(ids)], res[len(ids) + 1]
-        busy = [m for m, x in zip(marks, res[len(ids) + 2:]) if x]
-        # a gallery with vectors but no record is of the layout before the record: float32
-        dtype = _s(recorded) or (LEGACY_DTYPE if has_vectors else self.codec.name)
-        return existed, dtype, busy, "leftovers" if deleting is not None else name is not None
-
-    def _transaction_waiting_for_blobs(self, func: Callable[[redis.client.Pipeline], None], *watches: str) -> list:
-        """:meth:`_transaction`, again after a short wait while a blob it writes is being removed (the removal
-        mark expires by itself, so the wait is bounded)."""
+    def _put_new(self, gallery: str, todo: dict[int, "_Pending"], created_ms: int, model: str | None
+                 ) -> dict[int, bool]:
+        """Write images that did not exist a moment ago, by :data:`_PUT`; per id, whether it existed after all.
+        What the script refuses is set right (the gallery listed, its leftovers cleared, the vectors encoded in its
+        dtype, a blob's removal waited for) and the batch written again."""
+        ids = list(todo)
+        marks = sorted({self.k_blob_mark(gallery, p.blob) for p in todo.values() if p.blob is not None})
+        keys = [self.k_gallery(gallery), self.k_entries(gallery), self.k_blobs(gallery), self.k_images(gallery),
+                self.k_gallery_events(gallery), self.k_blob_removals(gallery), *marks]
+        codec = self.vector_codec(gallery) if self.gallery_exists(gallery) else self.codec
         deadline = time.monotonic() + BLOB_MARK_TTL_MS / 1000 + 5.0
         while True:
-            try:
-                return self._transaction(func, *watches)
-            except _BlobBusy as e:
-                if time.monotonic() > deadline:
-                    raise BlobError(f"blobs still being removed after {BLOB_MARK_TTL_MS} ms: {e}") from None
-                time.sleep(0.02)
+            removals = ""
+            if marks:
+                # A remover unlinks a blob only while its mark is set, and it sets the mark in the same step as it
+                # counts a removal: no mark now and the same count when the script runs mean no remover took the
+                # blobs written in between. (One set now: wait for it first.)
+                check = self.r.pipeline(transaction=False)
+                check.get(self.k_blob_removals(gallery))
+                for m in marks:
+                    check.exists(m)
+                count, *busy = check.execute()
+                if any(busy):
+                    deadline = self._wait_for_marks(deadline, marks)
+                    continue
+                removals = _s(count) or "0"
+            # Durable before the references to them are: a crash leaves orphans at worst. One at a time: concurrent
+            # writers already overlap their fsyncs (a pool per batch measured no faster with 4 writers).
+            blobs = self._blobs(gallery) if marks else None
+            args: list[Any] = [codec.name, self.events_maxlen, model or "", removals]
+            for id_, p in todo.items():
+                if p.blob is not None:
+                    blobs.put(p.data)
+                args += [str(id_), pack_entry(created_ms, p.meta, codec.encode(p.vector)),
+                         bytes.fromhex(p.blob) if p.blob is not None else b"",
+                         p.data if p.blob is None and p.data is not None else b""]
+            verdict, *rest = self._script(_PUT, keys, args)
+            verdict = _s(verdict)
+            if verdict == "ok":
+                return {id_: bool(x) for id_, x in zip(ids, rest[0])}
+            if verdict in ("unlisted", "leftovers"):
+                if verdict == "leftovers":  # of a delete that crashed half-way: not this gallery's images
+                    self._delete_keys(gallery)
+                self.create_gallery(gallery)  # listed before anything of it is written (module docstring)
+                codec = self.vector_codec(gallery)
+            elif verdict == "dtype":  # another replica's first write chose the gallery's dtype
+                codec = VectorCodec.named(_s(rest[0]))
+            elif verdict == "busy":  # a blob is or was being removed: wait for its mark to go, then write it again
+                deadline = self._wait_for_marks(deadline, [_s(rest[0])])
+            else:  # pragma: no cover - the script answers nothing else
+                raise RuntimeError(f"unexpected answer from the write script: {verdict!r}")
 
     def get(self, gallery: str, id_: int) -> StoredImage | None:
-        raw = self.r.hgetall(self.k_image(gallery, id_))
-        if not raw:
-            return None
-        d = {_s(k): _s(v) for k, v in raw.items()}
-        meta: dict[str, str | None] = {f: d.get(f) for f in METADATA_FIELDS}
-        meta["created_at"] = d.get("created_at")
-        meta["model"] = d.get("model")
-        return StoredImage(id=int(id_), gallery=gallery, metadata=meta)
+        return self.get_many(gallery, [id_])[0]
 
     def get_many(self, gallery: str, ids) -> list[StoredImage | None]:
         ids = [int(i) for i in ids]
         if not ids:
             return []
-        pipe = self.r.pipeline(transaction=False)
-        for i in ids:
-            pipe.hgetall(self.k_image(gallery, i))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hmget(self.k_entries(gallery), [str(i) for i in ids])
+        pipe.hget(self.k_gallery(gallery), "model")
+        entries, model = pipe.execute()
         out: list[StoredImage | None] = []
-        for i, raw in zip(ids, pipe.execute()):
-            if not raw:
+        for i, raw in zip(ids, entries):
+            if raw is None:
                 out.append(None)
                 continue
-            d = {_s(k): _s(v) for k, v in raw.items()}
-            meta = {f: d.get(f) for f in METADATA_FIELDS}
-            meta["created_at"] = d.get("created_at")
-            meta["model"] = d.get("model")
-            out.append(StoredImage(id=i, gallery=gallery, metadata=meta))
+            created, meta = entry_metadata(raw)
+            out.append(StoredImage(id=i, gallery=gallery,
+                                   metadata={**meta, "created_at": iso_from_ms(created), "model": _s(model)}))
         return out
 
     def get_vector(self, gallery: str, id_: int) -> np.ndarray | None:
@@ -801,14 +861,14 @@ class RedisStore:
     def patch_metadata(self, gallery: str, id_: int, changes: Mapping[str, str | None]) -> bool:
         """Set the metadata fields in ``changes`` (None removes one) if the image exists. Returns False if it does not:
         a late change must not resurrect the record of a deleted image. Only :data:`METADATA_FIELDS`."""
-        args: list[str] = []
+        args: list[Any] = [str(int(id_)), len(METADATA_FIELDS) + 1]
         for k, v in changes.items():
             if k not in METADATA_FIELDS:
                 raise ValueError(f"{k!r} is not a metadata field ({', '.join(METADATA_FIELDS)})")
             if v == "":
                 raise ValueError(f"{k}: empty value (None removes the field)")
-            args += [k, "" if v is None else str(v)]
-        return bool(self._patch(keys=[self.k_image(gallery, id_)], args=[len(args) // 2, *args]))
+            args += [field_position(k), "" if v is None else str(v)]
+        return bool(self._script(_PATCH, [self.k_entries(gallery)], args))
 
     def delete(self, gallery: str, id_: int) -> bool:
         """Delete one image (vector, metadata, kept bytes). Returns False if it did not exist."""
@@ -822,7 +882,8 @@ class RedisStore:
         codec = self.vector_codec(gallery)  # fixed while the gallery exists
         ids: list[int] = []
         vecs: list[bytes] = []
-        for field, value in self.r.hscan_iter(self.k_vectors(gallery), count=batch):
+        for field, value in self.r.hscan_iter(self.k_entries(gallery), count=batch):
+            value = entry_vector(value)
             if vecs and len(value) != len(vecs[0]):
                 yield _pack(codec, ids, vecs)
                 ids, vecs = [], []
@@ -848,16 +909,16 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.hget(self.k_gallery(gallery), "vector_dtype")
         if ids:
-            pipe.hmget(self.k_vectors(gallery), ids)
+            pipe.hmget(self.k_entries(gallery), ids)
         res = pipe.execute()
         codec = VectorCodec.named(_s(res[0]) or LEGACY_DTYPE)
-        return codec, (list(res[1]) if ids else [])
+        return codec, ([None if raw is None else entry_vector(raw) for raw in res[1]] if ids else [])
 
     def iter_image_ids(self, gallery: str, batch: int = 1000) -> Iterator[list[int]]:
-        """Batches of the gallery's image ids (HSCAN of its vectors; NOVALUES where Redis >= 7.4 has it)."""
+        """Batches of the gallery's image ids (HSCAN of its entries; NOVALUES where Redis >= 7.4 has it)."""
         seen: set[int] = set()  # HSCAN may return a field twice while Redis rehashes
         chunk: list[int] = []
-        for item in self._hscan_fields(self.k_vectors(gallery), batch):
+        for item in self._hscan_fields(self.k_entries(gallery), batch):
             id_ = int(item)
             if id_ not in seen:
                 seen.add(id_)
@@ -884,45 +945,48 @@ class RedisStore:
 
     def iter_image_meta(self, gallery: str, fields: Sequence[str], batch: int = 1000
                         ) -> Iterator[list[tuple[int, dict[str, str | None]]]]:
-        """Batches of ``(id, {field: value})`` for every image of the gallery (absent fields are None)."""
-        for ids in self.iter_image_ids(gallery, batch):
-            pipe = self.r.pipeline(transaction=False)
-            for i in ids:
-                pipe.hmget(self.k_image(gallery, i), *fields)
-            yield [(i, dict(zip(fields, map(_s, vals)))) for i, vals in zip(ids, pipe.execute())]
+        """Batches of ``(id, {field: value})`` for every image of the gallery (absent fields are None); ``fields``
+        from :data:`METADATA_FIELDS` and ``created_at``."""
+        seen: set[int] = set()  # HSCAN may return a field twice while Redis rehashes
+        chunk: list[tuple[int, dict[str, str | None]]] = []
+        for field, raw in self.r.hscan_iter(self.k_entries(gallery), count=batch):
+            id_ = int(field)
+            if id_ in seen:
+                continue
+            seen.add(id_)
+            created, meta = entry_metadata(raw)
+            meta["created_at"] = iso_from_ms(created)
+            chunk.append((id_, {f: meta.get(f) for f in fields}))
+            if len(chunk) >= batch:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     def delete_many(self, gallery: str, ids: Sequence[int]) -> int:
-        """Delete these images (vector, metadata, kept bytes) with their ``delete`` change-log entries in ONE
-        MULTI/EXEC; the caller batches. Returns how many existed. Their blobs are removed after the transaction
-        (the removal rule of the module docstring)."""
+        """Delete these images (entry, kept bytes) with their ``delete`` change-log entries in ONE atomic step (the
+        script :data:`_DELETE`); the caller batches. Returns how many existed. Their blobs are removed after it (the
+        removal rule of the module docstring)."""
         ids = [int(i) for i in dict.fromkeys(int(i) for i in ids)]
         if not ids:
             return 0
         fields = [str(i) for i in ids]
         token = uuid.uuid4().hex
-        removing: set[str] = set()
-
-        def txn(pipe: redis.client.Pipeline) -> None:
-            nonlocal removing
-            # the blobs these images reference, read under the WATCH of their records (a reference changes only
-            # with its record)
-            removing = {raw.hex() for raw in self.r.hmget(self.k_blobs(gallery), fields) if raw is not None}
-            pipe.multi()
-            for f in fields:
-                pipe.hdel(self.k_vectors(gallery), f)
-            for i in ids:
-                pipe.delete(self.k_image(gallery, i))
-            pipe.hdel(self.k_images(gallery), *fields)
-            pipe.hdel(self.k_blobs(gallery), *fields)
-            for key in removing:
-                pipe.set(self.k_blob_mark(gallery, key), token, px=BLOB_MARK_TTL_MS)
-            for f in fields:
-                self._event(pipe, "delete", gallery, f)
-
-        res = self._transaction(txn, *(self.k_image(gallery, i) for i in ids))
+        while True:
+            # the blobs these images reference; the script deletes only if they are still these
+            refs = self.r.hmget(self.k_blobs(gallery), fields)
+            removing = sorted({raw.hex() for raw in refs if raw is not None})
+            keys = [self.k_entries(gallery), self.k_images(gallery), self.k_blobs(gallery),
+                    self.k_gallery_events(gallery), self.k_blob_removals(gallery),
+                    *(self.k_blob_mark(gallery, k) for k in removing)]
+            args: list[Any] = [token, BLOB_MARK_TTL_MS, self.events_maxlen]
+            for f, raw in zip(fields, refs):
+                args += [f, raw if raw is not None else b""]
+            n = int(self._script(_DELETE, keys, args))
+            if n >= 0:
+                break
         self._remove_blobs(gallery, removing, token)
-        n = len(ids)
-        return sum(1 for vec, meta in zip(res[:n], res[n:2 * n]) if vec or meta)
+        return n
 
     def _remove_blobs(self, gallery: str, keys: Iterable[str], token: str) -> None:
         """Remove blobs whose references are gone and whose removal marks ``token`` set (in the same transaction).
@@ -1079,19 +1143,15 @@ class RedisStore:
 
     def _kept_batch(self, gallery: str, chunk: list[tuple[int, bytes]], on_disk: bool
                     ) -> list[tuple[int, bytes, str | None]]:
-        pipe = self.r.pipeline(transaction=False)
-        for id_, _ in chunk:
-            pipe.exists(self.k_image(gallery, id_))
-            pipe.hget(self.k_image(gallery, id_), "camera_id")
-        res = pipe.execute()
+        entries = self.r.hmget(self.k_entries(gallery), [str(id_) for id_, _ in chunk])
         out = []
-        # an image deleted since the scan has no record any more: leave it out
-        for (id_, value), present, camera in zip(chunk, res[::2], res[1::2]):
-            if not present:
+        # an image deleted since the scan has no entry any more: leave it out
+        for (id_, value), entry in zip(chunk, entries):
+            if entry is None:
                 continue
             data = self._read_blob(gallery, id_, value.hex()) if on_disk else value
             if data is not None:
-                out.append((id_, data, _s(camera)))
+                out.append((id_, data, entry_metadata(entry)[1]["camera_id"]))
         return out
 
     def referenced_blobs(self, gallery: str, batch: int = 1000) -> set[str]:
@@ -1109,7 +1169,7 @@ class RedisStore:
         another remover holds it)."""
         token = uuid.uuid4().hex
         claimed = self._claim_unreferenced(
-            keys=[self.k_blobs(gallery), self.k_blob_mark(gallery, key)],
+            keys=[self.k_blobs(gallery), self.k_blob_mark(gallery, key), self.k_blob_removals(gallery)],
             args=[str(int(id_)), bytes.fromhex(key), token, BLOB_MARK_TTL_MS])
         if not claimed:
             return False
@@ -1137,6 +1197,27 @@ class RedisStore:
             flush()
         return MigrationResult(moved, dropped, skipped)
 
+    @staticmethod
+    def _wait_for_marks(deadline: float, what: Sequence[str]) -> float:
+        """A short pause before a write tries again while blobs are being removed; raises past ``deadline`` (a removal
+        mark expires by itself, so the wait is bounded)."""
+        if time.monotonic() > deadline:
+            raise BlobError(f"blobs still being removed after {BLOB_MARK_TTL_MS} ms: {', '.join(what)}")
+        time.sleep(0.02)
+        return deadline
+
+    def _transaction_waiting_for_blobs(self, func: Callable[[redis.client.Pipeline], None], *watches: str) -> list:
+        """:meth:`_transaction`, again after a short wait while a blob it writes is being removed (the removal
+        mark expires by itself, so the wait is bounded)."""
+        deadline = time.monotonic() + BLOB_MARK_TTL_MS / 1000 + 5.0
+        while True:
+            try:
+                return self._transaction(func, *watches)
+            except _BlobBusy as e:
+                if time.monotonic() > deadline:
+                    raise BlobError(f"blobs still being removed after {BLOB_MARK_TTL_MS} ms: {e}") from None
+                time.sleep(0.02)
+
     def _migrate_batch(self, gallery: str, chunk: list[tuple[int, bytes]]) -> tuple[int, int, int]:
         # A blob is one image's only under its content id; bytes kept under another id stay in Redis.
         eligible = {id_: data for id_, data in chunk if image_id(gallery, data) == id_}
@@ -1149,10 +1230,18 @@ class RedisStore:
 
         def txn(pipe: redis.client.Pipeline) -> None:
             nonlocal result
-            existed, _, busy, _ = self._write_state(gallery, ids, marks)
+            # Read on another connection; WATCH still aborts EXEC on any change after it (a delete of one of these
+            # images HDELs its bytes from the WATCHed hash; a new removal mark is WATCHed itself).
+            check = self.r.pipeline(transaction=False)
+            for i in ids:
+                check.hexists(self.k_entries(gallery), str(i))
+            for m in marks:
+                check.exists(m)
+            res = check.execute()
+            busy = [m for m, x in zip(marks, res[len(ids):]) if x]
             if busy:
                 raise _BlobBusy(busy)
-            present = [i for i, ex in zip(ids, existed) if ex]
+            present = [i for i, ex in zip(ids, res[:len(ids)]) if ex]
             blobs = self._blobs(gallery)
             for i in present:
                 blobs.put(eligible[i])  # durable before its reference, as put_many does
@@ -1162,7 +1251,8 @@ class RedisStore:
             pipe.hdel(self.k_images(gallery), *(str(i) for i in ids))
             result = (len(present), len(ids) - len(present), len(chunk) - len(ids))
 
-        self._transaction_waiting_for_blobs(txn, *(self.k_image(gallery, i) for i in ids), *marks)
+        # WATCH the bytes' hash rather than the entries: ingest goes on touching those, and would starve this
+        self._transaction_waiting_for_blobs(txn, self.k_images(gallery), *marks)
         return result
 
     # ------------------------------------------------------------------ re-embedding (model activation)
@@ -1170,7 +1260,7 @@ class RedisStore:
         return _s(self.r.get(self.k_active_bundle()))
 
     def vector_ids(self, gallery: str) -> set[int]:
-        return {int(x) for x in self.r.hkeys(self.k_vectors(gallery))}
+        return {int(x) for x in self.r.hkeys(self.k_entries(gallery))}
 
     def staged_ids(self, gallery: str) -> set[int]:
         return {int(x) for x in self.r.hkeys(self.k_staged(gallery))}
@@ -1190,47 +1280,101 @@ class RedisStore:
         if ids:
             self.r.hdel(self.k_staged(gallery), *ids)
 
-    def commit_staged(self, galleries: Mapping[str, int], model: str, bundle_id: str,
-                      watch: Sequence[str] = (), precondition: Callable[[Any], None] | None = None) -> None:
-        """Replace every gallery's vectors by its staged ones (and its vector_dtype by this store's, in which
-        :meth:`stage_vectors` wrote them) and record ``bundle_id`` as active, in ONE transaction. ``galleries`` maps
-        each gallery to its new vector dimension.
+    def commit_staged(self, galleries: Iterable[str], model: str, bundle_id: str,
+                      watch: Sequence[str] = (), precondition: Callable[[Any], None] | None = None,
+                      committed: set[str] | None = None) -> None:
+        """Put every gallery's staged vectors into its entries (and its vector_dtype to this store's, in which
+        :meth:`stage_vectors` wrote them, its model to ``model``) and record ``bundle_id`` as active. Its time grows
+        with the images (each entry is rewritten in place, :data:`_SWAP_STAGED`): about a second per million on one
+        core, while Redis serves nothing else.
 
-        Raises :class:`StagingStale` (nothing written) unless the galleries are exactly the store's and
+        Raises :class:`StagingStale` (nothing more written) unless the galleries are exactly the store's and
         each one's staged ids are exactly its images. ``precondition(pipe)`` may read the ``watch`` keys
-        and raise to abort; a change to any of them before EXEC makes the check run again.
+        and raise to abort; a change to any of them before the switch makes the check run again.
 
-        One transaction over every gallery's slot: Redis Cluster cannot run it (:class:`ClusterUnsupported`).
+        On one server all of it is ONE transaction. Redis Cluster cannot run a transaction over several slots, so
+        there (:meth:`_commit_per_gallery`) each gallery switches in a transaction of its own and is added to
+        ``committed``; pass the same set again after a :class:`StagingStale` (those are done).
         """
-        if self.cluster:
-            raise ClusterUnsupported("activating another model on Redis Cluster is not supported yet: its switch is "
-                                     "one transaction over every gallery, and a cluster spreads them over nodes")
         names = sorted(galleries)
-        keys = [self.k_galleries(), *watch, *(self.k_vectors(g) for g in names), *(self.k_staged(g) for g in names),
+        if self.cluster:
+            self._commit_per_gallery(names, model, bundle_id, watch, precondition,
+                                     set() if committed is None else committed)
+            return
+        keys = [self.k_galleries(), *watch, *(self.k_entries(g) for g in names), *(self.k_staged(g) for g in names),
                 *(self.k_gallery(g) for g in names)]
 
         def txn(pipe: redis.client.Pipeline) -> None:
-            current = sorted(_s(x) for x in pipe.smembers(self.k_galleries()))
-            if current != names:
-                raise StagingStale(f"galleries changed: staged {names}, store has {current}")
-            ids: dict[str, list[bytes]] = {}
+            self._check_listing(pipe, names)
             for g in names:
-                ids[g] = pipe.hkeys(self.k_staged(g))
-                if set(ids[g]) != set(pipe.hkeys(self.k_vectors(g))):
-                    raise StagingStale(f"gallery {g}: images changed since they were staged")
+                self._check_staged(pipe, g)
             if precondition is not None:
                 precondition(pipe)
             pipe.multi()
             for g in names:
-                if ids[g]:
-                    pipe.rename(self.k_staged(g), self.k_vectors(g))
-                pipe.hset(self.k_gallery(g), "vector_dtype", self.codec.name)
-                for i in ids[g]:
-                    pipe.hset(self.k_image(g, int(i)), mapping={"model": model, "dim": str(galleries[g])})
-            pipe.set(self.k_active_bundle(), bundle_id)
-            self._global_event(pipe, "activate", "", bundle_id)  # replicas switch models too (service.follower)
+                self._queue_switch(pipe, g, model)
+            self._queue_activation(pipe, bundle_id)
 
         self._transaction(txn, *keys)
+
+    def _commit_per_gallery(self, names: list[str], model: str, bundle_id: str, watch: Sequence[str],
+                            precondition: Callable[[Any], None] | None, committed: set[str]) -> None:
+        """:meth:`commit_staged` on Redis Cluster. First, while the job still runs (``precondition``, in the global
+        slot with its ``watch`` keys), the intent is recorded (``reid:{global}:activation``); then each gallery
+        switches in its own slot; then, if the listing is still ``names``, the bundle is recorded active and the
+        intent cleared, in one transaction of the global slot. Once one gallery has switched there is no way back
+        (its old vectors are gone): a cancel is no longer honoured, and a crash leaves the intent, which the next
+        start reports (:meth:`interrupted_activation`) until the activation runs again."""
+        if not committed:
+            def intend(pipe: redis.client.Pipeline) -> None:
+                self._check_listing(pipe, names)
+                if precondition is not None:
+                    precondition(pipe)
+                pipe.multi()
+                pipe.set(self.k_activation(), bundle_id)
+
+            self._transaction(intend, self.k_galleries(), *watch)
+        for g in names:
+            if g in committed:
+                continue
+
+            def switch(pipe: redis.client.Pipeline, g: str = g) -> None:
+                self._check_staged(pipe, g)
+                pipe.multi()
+                self._queue_switch(pipe, g, model)
+
+            self._transaction(switch, self.k_entries(g), self.k_staged(g), self.k_gallery(g))
+            committed.add(g)
+
+        def activate(pipe: redis.client.Pipeline) -> None:
+            self._check_listing(pipe, names)
+            pipe.multi()
+            self._queue_activation(pipe, bundle_id)
+            pipe.delete(self.k_activation())
+
+        self._transaction(activate, self.k_galleries())
+
+    def interrupted_activation(self) -> str | None:
+        """The bundle whose activation switched some galleries on Redis Cluster and did not finish (a crash), if
+        any: those galleries hold its vectors while the store's active bundle is another."""
+        return _s(self.r.get(self.k_activation()))
+
+    def _check_listing(self, pipe: redis.client.Pipeline, names: list[str]) -> None:
+        current = sorted(_s(x) for x in pipe.smembers(self.k_galleries()))
+        if current != names:
+            raise StagingStale(f"galleries changed: staged {names}, store has {current}")
+
+    def _check_staged(self, pipe: redis.client.Pipeline, g: str) -> None:
+        if set(pipe.hkeys(self.k_staged(g))) != set(pipe.hkeys(self.k_entries(g))):
+            raise StagingStale(f"gallery {g}: images changed since they were staged")
+
+    def _queue_switch(self, pipe: redis.client.Pipeline, g: str, model: str) -> None:
+        pipe.execute_command("EVAL", _SWAP_STAGED, 2, self.k_entries(g), self.k_staged(g))
+        pipe.hset(self.k_gallery(g), mapping={"vector_dtype": self.codec.name, "model": model})
+
+    def _queue_activation(self, pipe: redis.client.Pipeline, bundle_id: str) -> None:
+        pipe.set(self.k_active_bundle(), bundle_id)
+        self._global_event(pipe, "activate", "", bundle_id)  # replicas switch models too (service.follower)
 
 
 def _gallery_info(gallery: str, count: Any, fields: Sequence[Any]) -> dict[str, Any]:

@@ -461,13 +461,16 @@ def _maintenance_settings(args):
 
 
 def cmd_migrate_store(args) -> int:
+    from index.store import LAYOUT
+    from index.store_layout import migrate_layout
     from service.store_maintenance import migrate_bytes_to_disk, open_store
 
-    if not args.blobs:
-        print("nothing to do: say what to migrate (--blobs)")
-        return 1
     settings = _maintenance_settings(args)
-    with open_store(settings) as store:
+    with open_store(settings, migrate=False) as store:
+        done = migrate_layout(store)
+        print(f"key layout {LAYOUT}: " + ("already" if done is None else json.dumps(done.as_dict())))
+        if not args.blobs:
+            return 0
         problem = store.check_blob_dir()
         if problem:
             print(f"reid migrate-store: {problem}", file=sys.stderr)
@@ -963,8 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--redis-url", help="an external Redis (default: $REID_REDIS_URL)")
         p.add_argument("--blob-dir", help="the blob store (default: $REID_BLOB_DIR, else DATA_DIR/blobs)")
 
-    p = sub.add_parser("migrate-store", help="move what an older store layout keeps to the current one (safe while "
-                                             "the service runs)")
+    p = sub.add_parser("migrate-store", help="bring a store of an older key layout to the current one (the service "
+                                             "does it at start too); --blobs: also move kept bytes out of Redis (safe "
+                                             "while the service runs)")
     add_store_arguments(p)
     p.add_argument("--blobs", action="store_true", help="move kept image bytes from Redis to the blob store")
     p.set_defaults(func=cmd_migrate_store)

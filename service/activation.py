@@ -5,7 +5,9 @@ gallery (``reid:gallery:{g}:vectors:staged``) and into fresh FAISS indexes that 
 holding the model lock exclusively (searches and writes wait a moment), it catches up with images
 added or deleted meanwhile, replaces every gallery's vectors by the staged ones and records the new
 bundle as active in ONE Redis transaction, and swaps this process's encoder, refiner and indexes.
-A crash before that transaction changes nothing; after it, a restart serves the new model.
+A crash before that transaction changes nothing; after it, a restart serves the new model. On Redis Cluster the
+galleries switch one transaction each (:meth:`index.store.RedisStore.commit_staged`): a crash part-way leaves
+some galleries switched, which the service reports at start and in ``/readyz`` until the activation is run again.
 
 The commit also logs an ``activate`` entry in the global change log: every other replica's follower
 (:mod:`service.follower`) then loads the bundle from its own ``{data_dir}/bundles/<id>`` (or its
@@ -46,6 +48,8 @@ class _Reembed:
     def __init__(self, state: ServiceState, embedder):
         self.state, self.store, self.embedder = state, state.store, embedder
         self.indexes: dict[str, VectorIndex] = {}
+        #: galleries already switched to the new vectors (Redis Cluster switches them one at a time)
+        self.committed: set[str] = set()
 
     def _embed(self, gallery: str, ids: list[int], blobs: list[bytes]) -> None:
         images = []
@@ -75,7 +79,7 @@ class _Reembed:
         for g in set(self.indexes) - current:
             self.store.clear_staged(g)
             del self.indexes[g]
-        for g in sorted(current):
+        for g in sorted(current - self.committed):
             if g not in self.indexes:
                 self.start(g)
             have, staged = self.store.vector_ids(g), self.store.staged_ids(g)
@@ -92,7 +96,7 @@ class _Reembed:
                 self._embed(g, added, blobs)
 
     def discard(self) -> None:
-        for g in self.indexes:
+        for g in set(self.indexes) - self.committed:
             self.store.clear_staged(g)
 
 
@@ -119,10 +123,9 @@ def run_activation(ctx: JobContext, state: ServiceState, bundle_id: str) -> dict
             for attempt in range(COMMIT_ATTEMPTS):
                 ctx.check()
                 work.catch_up()
-                dims = {g: embedder.dim for g in work.indexes}
                 try:
-                    store.commit_staged(dims, bundle.model_id, bundle_id, watch=watch,
-                                        precondition=still_running)
+                    store.commit_staged(list(work.indexes), bundle.model_id, bundle_id, watch=watch,
+                                        precondition=still_running, committed=work.committed)
                     committed = True
                     break
                 except StagingStale as e:  # another replica wrote meanwhile: catch up again

@@ -274,6 +274,11 @@ class ServiceState:
             problems.append(self.model_problem)
         if self.storage_problem:
             problems.append(self.storage_problem)
+        interrupted = self.store.interrupted_activation() if self.store is not None else None
+        if interrupted and not any(j["kind"] == "activate" for j in self.jobs.store.active()):
+            problems.append(f"an activation of model bundle {interrupted!r} stopped part-way (Redis Cluster switches "
+                            "galleries one at a time): some galleries hold its vectors while another bundle is "
+                            f"active; activate {interrupted!r} again to finish")
         if self.follower is not None:
             if not self.follower.alive:
                 problems.append("the change-log follower thread has stopped")

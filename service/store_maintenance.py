@@ -22,8 +22,9 @@ log = logging.getLogger("reid.service")
 
 
 @contextmanager
-def open_store(settings: Settings) -> Iterator[RedisStore]:
-    """The settings' store, with kept bytes going to disk (the blob directory)."""
+def open_store(settings: Settings, migrate: bool = True) -> Iterator[RedisStore]:
+    """The settings' store, with kept bytes going to disk (the blob directory); its key layout migrated unless
+    ``migrate`` is False (the caller does it)."""
     server, url = None, settings.redis_url
     if not url:
         embedded = EmbeddedRedis(settings.redis_data_dir, appendfsync=settings.redis_appendfsync)
@@ -33,7 +34,8 @@ def open_store(settings: Settings) -> Iterator[RedisStore]:
             url = server.url
     store = RedisStore(url, **{**settings.store_options(), "image_storage": "disk"})
     try:
-        migrate_layout(store)  # as the service does at start: this code reads layout 2 only
+        if migrate:
+            migrate_layout(store)  # as the service does at start: this code reads layout 3 only
         yield store
     finally:
         store.close()

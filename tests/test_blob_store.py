@@ -17,6 +17,8 @@ import pytest
 
 from index.blob_gc import sweep_orphan_blobs
 from index.blob_store import BlobCorrupt, BlobMissing, BlobStore, blob_key
+from index import store as store_module
+from index.image_record import METADATA_FIELDS, pack_entry, unpack_entry
 from index.store import RedisStore, image_id
 
 
@@ -137,8 +139,9 @@ def test_kept_bytes_go_to_disk_not_redis_and_read_back(store, blob_dir, gallery_
     got = {i: (data, cam) for batch in store.iter_images(g, batch=2) for i, data, cam in batch}
     assert got == {i: (photo(n), "c1") for i, n in zip(ids, range(5))}
     assert store.images_without_bytes() == {}
-    # the record does not repeat what its key says
-    assert set(store.r.hgetall(store.k_image(g, ids[0]))) == {b"camera_id", b"created_at", b"dim"}
+    # the entry holds the record and the vector, nothing else: no bytes, no id or gallery (the hash says both)
+    created, meta, vector = unpack_entry(store.r.hget(store.k_entries(g), str(ids[0])))
+    assert meta == {f: ("c1" if f == "camera_id" else None) for f in METADATA_FIELDS} and len(vector) == 4 * 8
     with pytest.raises(ValueError, match="content id"):  # a blob is one image's: its id must be the content id
         store.put_many(g, [(7, vec(7), None)], images=[photo(7)])
 
@@ -167,15 +170,15 @@ def test_delete_many_and_delete_gallery_remove_their_blobs(store, blob_dir, gall
 
 
 class _FailingStore(RedisStore):
-    """A store whose next write transaction fails after its blobs are written and before EXEC (as a crash or a
+    """A store whose next write fails after its blobs are written and before its script runs (as a crash or a
     lost connection there would)."""
 
     fail = True
 
-    def _event(self, pipe, op, gallery, ref):
-        if self.fail and op == "put":
-            raise ConnectionError("connection lost before EXEC")
-        super()._event(pipe, op, gallery, ref)
+    def _script(self, source, keys, args):
+        if self.fail and source == store_module._PUT:
+            raise ConnectionError("connection lost before the write")
+        return super()._script(source, keys, args)
 
 
 def test_a_failure_between_blob_write_and_redis_write_leaves_an_orphan_never_a_dangling_record(
@@ -209,8 +212,7 @@ def test_a_writer_waits_while_its_blob_is_being_removed_then_writes_it_again(sto
     key = blob_key(photo(1))
     blobs = BlobStore(blob_dir / g)
     # a remover in the middle of its work: the record is deleted, the mark set, the file in its trash
-    store.r.delete(store.k_image(g, i))
-    store.r.hdel(store.k_vectors(g), str(i))
+    store.r.hdel(store.k_entries(g), str(i))
     store.r.hdel(store.k_blobs(g), str(i))
     store.r.set(store.k_blob_mark(g, key), "remover", px=30_000)
     trash = blobs.move_to_trash(key, "remover")
@@ -279,22 +281,18 @@ def test_the_sweep_never_removes_a_blob_that_a_record_references(store, blob_dir
 
 
 def write_previous_layout(store, gallery: str, seeds, dim: int = 8, odd_id: int | None = None) -> list[int]:
-    """What the store wrote before the blob store (under today's key names: the key layout has its own migration,
-    tests/test_store_layout.py): float32 vectors, records with id and gallery, bytes in ``…:images``, no
-    vector_dtype record."""
+    """What the store wrote before the blob store (under today's key layout: the layout has its own migration,
+    tests/test_store_layout.py): float32 vectors, bytes in ``…:images``, no vector_dtype record."""
     r, ids = store.r, []
     for n in seeds:
         i = image_id(gallery, photo(n))
         ids.append(i)
-        r.hset(store.k_image(gallery, i), mapping={
-            "id": str(i), "gallery": gallery, "camera_id": f"c{n}", "created_at": "2024-01-01T00:00:00.000Z",
-            "dim": str(dim), "model": "old@1"})
-        r.hset(store.k_vectors(gallery), str(i), vec(n, dim).astype("<f4").tobytes())
+        entry = pack_entry(0, {"camera_id": f"c{n}"}, vec(n, dim).astype("<f4").tobytes())
+        r.hset(store.k_entries(gallery), str(i), entry)
         r.hset(store.k_images(gallery), str(i), photo(n))
         r.xadd(store.k_gallery_events(gallery), {"op": "put", "id": str(i)})
     if odd_id is not None:  # bytes kept under an id that is not their content id (a hand-made record)
-        r.hset(store.k_image(gallery, odd_id), mapping={"id": str(odd_id), "created_at": "x"})
-        r.hset(store.k_vectors(gallery), str(odd_id), vec(99, dim).astype("<f4").tobytes())
+        r.hset(store.k_entries(gallery), str(odd_id), pack_entry(0, {}, vec(99, dim).astype("<f4").tobytes()))
         r.hset(store.k_images(gallery), str(odd_id), b"odd bytes")
     r.sadd(store.k_galleries(), gallery)
     r.hset(store.k_gallery(gallery), mapping={"name": gallery, "created_at": "2024-01-01T00:00:00.000Z"})
@@ -312,7 +310,7 @@ def test_a_store_of_the_previous_layout_is_read_then_migrated(redis_url, blob_di
     assert store.count_images(g) == 5 and store.image_bytes_in_redis() == {g: 5}
     # a new image in the old gallery keeps its dtype: no mixed content
     (new,) = put_images(store, g, [7])
-    assert store.vector_dtype(g) == "float32" and len(store.r.hget(store.k_vectors(g), str(new))) == 4 * 8
+    assert store.vector_dtype(g) == "float32" and len(store.get_raw_vectors(g, [new])[1][0]) == 4 * 8
     np.testing.assert_array_equal(store.get_vector(g, new), vec(7))
     assert store.get_image_bytes(g, [new]) == [photo(7)] and blob_path(blob_dir, g, photo(7)).is_file()
 
@@ -336,7 +334,7 @@ def test_migration_drops_bytes_of_images_deleted_meanwhile(redis_url, blob_dir, 
     g = gallery_name
     store = RedisStore(redis_url, blob_dir=blob_dir)
     ids = write_previous_layout(store, g, range(3))
-    store.r.delete(store.k_image(g, ids[0]))  # a record gone but its bytes left behind
+    store.r.hdel(store.k_entries(g), str(ids[0]))  # an entry gone but its bytes left behind
     result = store.migrate_image_bytes(g)
     assert (result.moved, result.dropped) == (2, 1)
     assert not blob_path(blob_dir, g, photo(0)).exists() and not store.r.exists(store.k_images(g))
@@ -367,7 +365,7 @@ def test_float16_round_trip_and_the_per_gallery_dtype_record(redis_url, gallery_
     v = np.stack([vec(n, 256) for n in range(5)])
     s16.put_many(g16, [(n + 1, v[n], None) for n in range(5)])
     assert s16.vector_dtype(g16) == "float16" and s16.r.hget(s16.k_gallery(g16), "vector_dtype") == b"float16"
-    raw = s16.r.hget(s16.k_vectors(g16), "1")
+    raw = s16.get_raw_vectors(g16, [1])[1][0]
     assert len(raw) == 2 * 256  # half the bytes
     expect = v.astype(np.float16).astype(np.float32)
     for store in (s16, s32):  # read correctly whatever the reader's own setting
@@ -382,7 +380,7 @@ def test_float16_round_trip_and_the_per_gallery_dtype_record(redis_url, gallery_
     # the float32 store adds to the float16 gallery in float16; its own new gallery is float32
     s32.put_many(g16, [(9, vec(9, 256), None)])
     s32.put_many(g32, [(1, vec(1, 256), None)])
-    assert len(s32.r.hget(s32.k_vectors(g16), "9")) == 512 and len(s32.r.hget(s32.k_vectors(g32), "1")) == 1024
+    assert len(s32.get_raw_vectors(g16, [9])[1][0]) == 512 and len(s32.get_raw_vectors(g32, [1])[1][0]) == 1024
     assert s16.vector_dtype(g32) == "float32"
     np.testing.assert_array_equal(s16.get_vector(g32, 1), vec(1, 256))
     # a model activation restages every gallery in the activating store's dtype and records it
@@ -390,7 +388,7 @@ def test_float16_round_trip_and_the_per_gallery_dtype_record(redis_url, gallery_
         s32.clear_staged(g)
         ids = sorted(s32.vector_ids(g))
         s32.stage_vectors(g, ids, np.stack([vec(100 + i, 4) for i in ids]))
-    s32.commit_staged({g16: 4, g32: 4}, "new@1", "bundle-2")
+    s32.commit_staged([g16, g32], "new@1", "bundle-2")
     assert s16.vector_dtype(g16) == "float32"
     np.testing.assert_array_equal(s16.get_vector(g16, 9), vec(109, 4))
     s16.close(), s32.close()
@@ -411,7 +409,7 @@ def test_a_gallery_that_two_writers_with_different_dtypes_start_at_once_gets_one
     for t in threads:
         t.join()
     dtype = stores[0].vector_dtype(g)
-    sizes = {len(v) for v in stores[0].r.hvals(stores[0].k_vectors(g))}
+    sizes = {len(v) for v in stores[0].get_raw_vectors(g, range(1, len(stores) + 1))[1]}
     assert sizes == {16 * (2 if dtype == "float16" else 4)} and stores[0].count(g) == len(stores)
     for s in stores:
         s.close()
@@ -456,10 +454,11 @@ def test_the_memory_benchmark_measures_what_the_layouts_cost(tmp_path):
         rows = {(dtype, storage): measure(srv.url, tmp_path / f"blobs-{dtype}-{storage}", 300, 64, dtype, storage,
                                           "realistic")
                 for dtype in ("float32", "float16") for storage in ("none", "disk", "redis")}
-    v32, v16 = rows["float32", "none"]["parts"]["vectors"], rows["float16", "none"]["parts"]["vectors"]
-    assert 4 * 64 <= v32 < 4 * 64 + 150 and 2 * 64 <= v16 < 2 * 64 + 150 and v32 - v16 > 100
+    # an entry: the vector, the record's ~100 bytes of metadata, and less than 100 of bookkeeping
+    v32, v16 = rows["float32", "none"]["parts"]["entries"], rows["float16", "none"]["parts"]["entries"]
+    assert 4 * 64 + 100 <= v32 < 4 * 64 + 200 and 2 * 64 + 100 <= v16 < 2 * 64 + 200 and v32 - v16 > 100
     on_disk, in_redis = rows["float32", "disk"]["parts"]["kept_bytes_hash"], rows["float32", "redis"]["parts"][
         "kept_bytes_hash"]
     assert 32 <= on_disk < 200 and in_redis >= IMAGE_BYTES
     for row in rows.values():
-        assert row["bytes_per_image"] > row["parts"]["vectors"] + row["parts"]["record"]
+        assert row["bytes_per_image"] > row["parts"]["entries"]

@@ -166,7 +166,7 @@ def test_float16_vectors_serve_searches_and_outlive_a_change_of_the_setting(serv
     srv = server_factory(settings)
     ids = upload(srv.url, g, data)
     assert store.vector_dtype(g) == "float16"
-    assert {len(v) for v in store.r.hvals(store.k_vectors(g))} == {2 * 64}  # the tiny bundle's dim 64
+    assert {len(v) for v in store.get_raw_vectors(g, ids)[1]} == {2 * 64}  # the tiny bundle's dim 64
     for i, d in zip(ids, data):
         hit = top1(srv.url, g, d)
         assert hit["id"] == i and hit["score"] == pytest.approx(1.0, abs=2e-3)
@@ -176,7 +176,7 @@ def test_float16_vectors_serve_searches_and_outlive_a_change_of_the_setting(serv
     for i, d in zip(ids, data):
         assert top1(srv.url, g, d)["id"] == i
     (new,) = upload(srv.url, g, [image_bytes(20)])  # the gallery keeps its dtype: no mixed content
-    assert len(store.r.hget(store.k_vectors(g), str(new))) == 2 * 64 and top1(srv.url, g, image_bytes(20))["id"] == new
+    assert len(store.get_raw_vectors(g, [new])[1][0]) == 2 * 64 and top1(srv.url, g, image_bytes(20))["id"] == new
     assert new == image_id(g, image_bytes(20))
 
 

@@ -1,6 +1,6 @@
 """The service on a real Redis Cluster (3 masters, 1 replica each, :class:`index.redis_cluster.LocalRedisCluster`):
 two real API processes (``reid serve`` with REID_REDIS_CLUSTER=true) ingest and search galleries whose hash slots
-live on different masters; then a master is SIGKILLed while four clients ingest, and every image acknowledged
+live on different masters, and switch to another model; then a master is SIGKILLed while four clients ingest, and every image acknowledged
 before, during and after the failover is still there once its replica took over. Acknowledged means after
 ``WAIT 1``: the replica held the write when the client got its 2xx. During the failover clients get 503 with
 Retry-After, never a 500.
@@ -15,7 +15,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from conftest import redis_cluster_binary, within
+from conftest import redis_cluster_binary, within, write_tiny_bundle
 from index.redis_cluster import LocalRedisCluster
 from index.store import RedisStore
 from service.api_process import ApiProcess, noise_images, top1, upload
@@ -47,6 +47,8 @@ def cluster(tmp_path):
 def replicas(tmp_path, tiny_bundle, cluster):
     env = {"REID_REDIS_CLUSTER": "true", "REID_BLOB_DIR": str(tmp_path / "blobs"), "REID_REDIS_WAIT_MS": "1000"}
     procs = [ApiProcess(tmp_path / name, tiny_bundle, redis_url=cluster.url, env=env) for name in ("a", "b")]
+    for p in procs:  # a second model to activate
+        write_tiny_bundle(p.data_dir / "bundles" / "alt", seed=7, name="tiny-alt", version="0.0.2")
     try:
         yield procs
     finally:
@@ -78,8 +80,24 @@ def test_galleries_on_different_masters_are_ingested_searched_and_followed_acros
     within(5.0, lambda: ids[g][0] not in top1(a.url, g, [imgs[0]]))
     assert httpx.delete(f"{a.url}/v1/galleries/{galleries[1]}").status_code == 200
     within(5.0, lambda: httpx.get(f"{b.url}/v1/galleries/{galleries[1]}").status_code == 404)
-    r = httpx.post(f"{a.url}/v1/models/default/activate")
-    assert r.status_code == 409 and r.json()["error"]["code"] in ("already_active", "unsupported_on_cluster")
+
+    # another model activated through A: the galleries on both remaining masters switch (one transaction each),
+    # B follows and answers with it
+    r = httpx.post(f"{a.url}/v1/models/alt/activate", timeout=60)
+    assert r.status_code == 202, r.text
+    job = r.json()["id"]
+    within(60, lambda: httpx.get(f"{a.url}/v1/jobs/{job}").json()["status"] in ("succeeded", "failed"))
+    assert httpx.get(f"{a.url}/v1/jobs/{job}").json()["status"] == "succeeded"
+    within(10, lambda: httpx.get(f"{b.url}/v1/models").json()["active"]["bundle_id"] == "alt")
+    for k, g in enumerate(galleries):
+        if g == galleries[1]:
+            continue  # deleted above
+        res = httpx.post(f"{b.url}/v1/galleries/{g}/search", data={"top_k": "1"},
+                         files={"file": ("q.png", imgs[3 * k + 2], "image/png")}).json()
+        assert res["model"] == "tiny-alt:0.0.2" and res["results"][0]["id"] == ids[g][2]
+        assert res["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    for api in (a, b):
+        assert httpx.get(f"{api.url}/readyz").status_code == 200
 
 
 def test_a_master_killed_during_ingest_loses_no_acknowledged_image(cluster, replicas):

@@ -45,11 +45,6 @@ async def activate(bundle_id: str, state: StateDep) -> Job:
         raise ApiError(422, "invalid_bundle", f"model bundle {bundle_id!r} is not usable: {e}") from None
     if bundle_id == state.bundle_id:
         raise ApiError(409, "already_active", f"model bundle {bundle_id!r} is already active")
-    if state.store.cluster:
-        raise ApiError(409, "unsupported_on_cluster",
-                       "activating another model is not supported on Redis Cluster yet (REID_REDIS_CLUSTER=true): "
-                       "its switch is one transaction over every gallery, and a cluster spreads galleries over "
-                       "nodes; activate it on a single-server store")
     missing = await run_in_threadpool(galleries_without_bytes, state)
     if missing:
         raise ApiError(409, "images_without_bytes",
