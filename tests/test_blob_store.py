@@ -454,9 +454,10 @@ def test_the_memory_benchmark_measures_what_the_layouts_cost(tmp_path):
         rows = {(dtype, storage): measure(srv.url, tmp_path / f"blobs-{dtype}-{storage}", 300, 64, dtype, storage,
                                           "realistic")
                 for dtype in ("float32", "float16") for storage in ("none", "disk", "redis")}
-    # an entry: the vector, the record's ~100 bytes of metadata, and less than 100 of bookkeeping
+    # an entry: the vector, the record's ~100 bytes of metadata, and bookkeeping (less than 100 bytes with libc's
+    # malloc; jemalloc's size classes, Redis 7's, round a value up by as much again)
     v32, v16 = rows["float32", "none"]["parts"]["entries"], rows["float16", "none"]["parts"]["entries"]
-    assert 4 * 64 + 100 <= v32 < 4 * 64 + 200 and 2 * 64 + 100 <= v16 < 2 * 64 + 200 and v32 - v16 > 100
+    assert 4 * 64 + 100 <= v32 < 4 * 64 + 300 and 2 * 64 + 100 <= v16 < 2 * 64 + 300 and v32 - v16 > 100
     on_disk, in_redis = rows["float32", "disk"]["parts"]["kept_bytes_hash"], rows["float32", "redis"]["parts"][
         "kept_bytes_hash"]
     assert 32 <= on_disk < 200 and in_redis >= IMAGE_BYTES
