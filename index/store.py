@@ -150,6 +150,8 @@ LEGACY_DTYPE = "float32"
 # and its change-log entry. Refused as a whole (nothing written) while the gallery is not set up for writes, its
 # vector dtype is not the one the entries were encoded in, or a blob it references is being removed or may have
 # been since the caller read the gallery's count of blob removals (before it wrote the blobs).
+# The gallery's model is recorded by its first write (later ones leave it: only an activation, which re-embeds
+# every image, changes it), so a gallery written under another model than the service's stays visible as such.
 # KEYS: settings, entries, blobs, images, events, blob removals, removal marks...
 # ARGV: dtype, events maxlen, model ('' none), blob removals as read ('' no blobs), then per image: id, entry,
 # blob reference ('' none), bytes ('' none)
@@ -180,7 +182,7 @@ for i = 5, #ARGV, 4 do
     existed[#existed + 1] = 1
   end
 end
-if wrote and ARGV[3] ~= '' then redis.call('HSET', s, 'model', ARGV[3]) end
+if wrote and ARGV[3] ~= '' then redis.call('HSETNX', s, 'model', ARGV[3]) end
 return {'ok', existed}
 """
 
@@ -642,6 +644,15 @@ class RedisStore:
         res = pipe.execute()
         return [_gallery_info(g, n, fields) for g, n, fields in zip(names, res[::2], res[1::2])]
 
+    def gallery_models(self, galleries: Iterable[str] | None = None) -> dict[str, str | None]:
+        """Gallery -> the model its vectors were embedded with (None: not recorded, a gallery of an older layout),
+        for ``galleries`` (default: every one), in one round trip."""
+        names = self.list_galleries() if galleries is None else list(galleries)
+        pipe = self.r.pipeline(transaction=False)
+        for g in names:
+            pipe.hget(self.k_gallery(g), "model")
+        return {g: _s(m) for g, m in zip(names, pipe.execute())}
+
     def set_gallery_field(self, gallery: str, field: str, value: str) -> None:
         """Keep ``value`` under ``field`` in the gallery's settings hash: every replica reads it, and it goes with the
         gallery. Not for the fields the store manages itself (:data:`GALLERY_OWN_FIELDS`)."""
@@ -736,7 +747,7 @@ class RedisStore:
         ``images``, aligned with ``records``, are the original bytes to keep (None: keep none); on disk (the
         blob store, fsynced before the script) or in Redis, by ``image_storage``. On disk an image's id must be its
         content id, ``image_id(gallery, bytes)`` (what makes a blob one image's: see the module docstring).
-        ``model``: the bundle that embedded the vectors (recorded as the gallery's).
+        ``model``: the model that embedded the vectors (recorded as the gallery's by its first write).
         Returns, per record, whether it already existed (existing images are left untouched). The script writes
         an entry only where there is none, so of concurrent writers of the same id exactly one reports it
         ``created``. One step means one AOF fsync for the whole batch.

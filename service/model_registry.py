@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,24 @@ def resolve_active(store: RedisStore, settings: Settings) -> tuple[str, Bundle]:
     return DEFAULT_BUNDLE_ID, load_bundle(settings.model_dir)
 
 
-def new_bundle_id(settings: Settings, gallery: str) -> str:
-    """A fresh id ``<gallery>-adapted-<UTC time>`` (suffixed if taken)."""
+def new_bundle_id(settings: Settings, stem: str, kind: str = "adapted") -> str:
+    """A fresh id ``<stem>-<kind>-<UTC time>`` (suffixed if taken)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = f"{re.sub(r'[.]{2,}', '.', gallery)}-adapted-{stamp}"[:120]  # gallery names may hold '..'
+    base = f"{re.sub(r'[.]{2,}', '.', stem)}-{kind}-{stamp}"[:120]  # gallery names may hold '..'
     bundle_id, n = base, 1
     while (settings.bundles_dir / bundle_id).exists():
         n += 1
         bundle_id = f"{base}-{n}"
     return bundle_id
+
+
+def copy_for_reembedding(settings: Settings, bundle_id: str) -> str:
+    """Copy the bundle ``bundle_id`` to a fresh id under ``bundles_dir`` and return that id.
+
+    Re-embedding galleries with the model already served (after an upgrade replaced the default bundle under
+    them) is an activation like any other, but of a new id: every replica then sees a model change to follow,
+    and no snapshot of the old vectors passes for the new ones."""
+    new_id = new_bundle_id(settings, bundle_id, "reembed")
+    settings.bundles_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(bundle_dir(settings, bundle_id), settings.bundles_dir / new_id)
+    return new_id

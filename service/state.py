@@ -267,6 +267,13 @@ class ServiceState:
         """The gallery's index; built from the store if the gallery exists there but not here."""
         return self.index_cache.index_for(gallery, create)
 
+    def galleries_of_another_model(self) -> dict[str, str]:
+        """Gallery -> the model its stored vectors are of, for the galleries whose recorded model is not the one
+        served here (galleries without a record are not counted)."""
+        if self.store is None or self.bundle is None:
+            return {}
+        return {g: m for g, m in self.store.gallery_models().items() if m and m != self.bundle.model_id}
+
     def sync_status(self) -> tuple[bool, list[str]]:
         """Follower connected and caught up, every index's count equal to the store's. Returns (in_sync, problems)."""
         problems: list[str] = []
@@ -274,6 +281,13 @@ class ServiceState:
             problems.append(self.model_problem)
         if self.storage_problem:
             problems.append(self.storage_problem)
+        stale = self.galleries_of_another_model()
+        if stale:
+            named = ", ".join(f"{g} ({m})" for g, m in sorted(stale.items())[:5]) + (" …" if len(stale) > 5 else "")
+            problems.append(f"{len(stale)} gallery(ies) hold vectors of another model than the one served "
+                            f"({self.bundle.model_id}): {named}; their searches would compare features of two "
+                            f"models (was the default bundle replaced by an upgrade?). POST "
+                            f"/v1/models/{self.bundle_id}/activate re-embeds them from their kept images")
         interrupted = self.store.interrupted_activation() if self.store is not None else None
         if interrupted and not any(j["kind"] == "activate" for j in self.jobs.store.active()):
             problems.append(f"an activation of model bundle {interrupted!r} stopped part-way (Redis Cluster switches "

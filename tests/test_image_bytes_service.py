@@ -125,6 +125,34 @@ def test_adaptation_export_and_activation_read_the_blobs(server_factory, make_se
     assert httpx.get(f"{srv.url}/v1/galleries/{g}/images/{ids[0]}").json()["model"] == "tiny-other:0.0.1"
 
 
+def test_galleries_of_a_replaced_default_model_are_reported_then_re_embedded(server_factory, make_settings, store,
+                                                                              gallery_name, image_bytes):
+    """An upgrade replaces the default bundle under stored vectors: the service says so (readyz 503) instead of
+    comparing features of two models, and activating the default again re-embeds them (under a copy's new id)."""
+    srv = server_factory(make_settings())
+    g = gallery_name
+    data = [image_bytes(n) for n in range(4)]
+    ids = upload(srv.url, g, data)
+    served = httpx.get(f"{srv.url}/v1/model").json()
+    model_id = f"{served['name']}:{served['version']}"
+    assert store.gallery_models([g]) == {g: model_id}
+    assert_error(httpx.post(f"{srv.url}/v1/models/default/activate"), 409, "already_active")
+    # as if these vectors were written under the previous default model
+    store.r.hset(store.k_gallery(g), "model", "reid-default:old")
+    upload(srv.url, g, [image_bytes(9)])  # a later write does not hide it
+    body = assert_error(httpx.get(f"{srv.url}/readyz"), 503, "not_ready")
+    assert f"{g} (reid-default:old)" in body["error"]["message"] and "/v1/models/default/activate" in body["error"][
+        "message"]
+    job = wait_job(srv.url, httpx.post(f"{srv.url}/v1/models/default/activate").json()["id"])
+    assert job["status"] == "succeeded", job
+    active = httpx.get(f"{srv.url}/v1/models").json()["active"]["bundle_id"]
+    assert active.startswith("default-reembed-") and store.active_bundle() == active
+    assert store.gallery_models([g]) == {g: model_id} and httpx.get(f"{srv.url}/readyz").status_code == 200
+    for i, d in zip(ids, data):
+        assert top1(srv.url, g, d)["id"] == i
+    assert_error(httpx.post(f"{srv.url}/v1/models/{active}/activate"), 409, "already_active")
+
+
 def test_bytes_of_the_previous_layout_are_served_then_migrated_and_orphans_swept(
         server_factory, make_settings, store, redis_url, gallery_name, image_bytes):
     settings = make_settings()

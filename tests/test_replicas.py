@@ -91,7 +91,7 @@ def test_follower_behind_a_trim_rebuilds_from_redis(server_factory, redis_url, g
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(3000, 64)).astype(np.float32)
     for start in range(0, 3000, 500):
-        store.put_many(g, [(i, vecs[i], None) for i in range(start, start + 500)], model="x")
+        store.put_many(g, [(i, vecs[i], None) for i in range(start, start + 500)], model=state.bundle.model_id)
     for i in range(10):
         store.delete(g, i)
     assert store.r.xlen(store.k_gallery_events(g)) < 2000  # trimmed past the follower's position
