@@ -626,12 +626,12 @@ class RedisStore:
         return {g: n for g, n in missing.items() if n > 0}
 
     def gallery_info(self, gallery: str) -> dict[str, Any] | None:
-        """``{"name", "count", "created_at", "retention_days"}`` or None if the gallery does not exist."""
+        """``{"name", "count", "created_at", "retention_days", "model"}`` or None if the gallery does not exist."""
         if not self.gallery_exists(gallery):
             return None
         pipe = self.r.pipeline(transaction=True)
         pipe.hlen(self.k_entries(gallery))
-        pipe.hmget(self.k_gallery(gallery), "created_at", "retention_days")
+        pipe.hmget(self.k_gallery(gallery), "created_at", "retention_days", "model")
         return _gallery_info(gallery, *pipe.execute())
 
     def list_gallery_info(self) -> list[dict[str, Any]]:
@@ -640,7 +640,7 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=False)
         for g in names:
             pipe.hlen(self.k_entries(g))
-            pipe.hmget(self.k_gallery(g), "created_at", "retention_days")
+            pipe.hmget(self.k_gallery(g), "created_at", "retention_days", "model")
         res = pipe.execute()
         return [_gallery_info(g, n, fields) for g, n, fields in zip(names, res[::2], res[1::2])]
 
@@ -1389,9 +1389,9 @@ class RedisStore:
 
 
 def _gallery_info(gallery: str, count: Any, fields: Sequence[Any]) -> dict[str, Any]:
-    created, days = fields
+    created, days, model = fields
     return {"name": gallery, "count": int(count), "created_at": _s(created),
-            "retention_days": int(days) if days is not None else None}
+            "retention_days": int(days) if days is not None else None, "model": _s(model)}
 
 
 def _pack(codec: VectorCodec, ids: list[int], vecs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

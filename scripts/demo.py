@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.data.datasets import ReIDDataset, load_dataset, market1501, shared_data_dir
-from service.client import ReidClient, SearchAnswer, metadata_for_samples
+from service.client import ReidClient, SearchAnswer, ServiceError, metadata_for_samples
 
 from scripts.demo_quality import gallery_quality, match_mark, true_match_rank
 from scripts.local_service import local_service
@@ -41,13 +41,30 @@ def format_results(answer: SearchAnswer, truth: str | None = None, camera: str |
     return "\n".join(lines)
 
 
+def forget_other_models_gallery(client: ReidClient, model_id: str) -> None:
+    """The demo's gallery from an earlier run under another default model (an upgrade): its vectors cannot be
+    compared with this model's queries, and it is only the sample, so it is deleted and ingested again."""
+    try:
+        held = client.gallery(GALLERY).model
+    except ServiceError as e:
+        if e.status == 404:
+            return
+        raise
+    if held and held != model_id:
+        print(f"gallery {GALLERY!r} holds vectors of model {held} from an earlier run; this one serves {model_id}: "
+              "ingesting it again")
+        client.delete_gallery(GALLERY)
+
+
 def run_demo(port: int = 8000, once: bool = False, data_dir: str | Path = "data/demo") -> int:
     data_dir = Path(data_dir).resolve()
     dataset = demo_dataset(data_dir)
     try:
         with local_service(data_dir / "service", port) as (url, server), ReidClient(url) as client:
-            client.wait_ready(timeout=180, process=server)
+            client.wait_live(timeout=180, process=server)
             card = client.model()
+            forget_other_models_gallery(client, f"{card.name}:{card.version}")
+            client.wait_ready(timeout=180, process=server)
             print(f"service ready at {url} with model {card.name} {card.version}")
             result = client.ingest(GALLERY, [s.path for s in dataset.gallery], metadata_for_samples(dataset.gallery),
                                    progress=True)

@@ -291,18 +291,29 @@ class ReidClient:
     # ------------------------------------------------------------------ service and model
 
     def wait_ready(self, timeout: float = 120.0, process=None) -> None:
-        """Poll /readyz until 200; fail early if the server process (when given) has exited."""
+        """Poll /readyz until 200; fail early if the server process (when given) has exited. The failure says what
+        /readyz last reported."""
+        self._wait_for("/readyz", "ready", timeout, process)
+
+    def wait_live(self, timeout: float = 120.0, process=None) -> None:
+        """Poll /healthz until 200 (the process answers; its model or store may not be ready)."""
+        self._wait_for("/healthz", "up", timeout, process)
+
+    def _wait_for(self, path: str, what: str, timeout: float, process) -> None:
         deadline = time.monotonic() + timeout
+        last = "no answer"
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
-                raise ClientError(f"the server exited with code {process.returncode} before it was ready")
+                raise ClientError(f"the server exited with code {process.returncode} before it was {what}")
             try:
-                if self.http.get("/readyz").status_code == 200:
+                r = self.http.get(path)
+                if r.status_code == 200:
                     return
-            except httpx.TransportError:
-                pass
+                last = f"{r.status_code}: {r.text[:500]}"
+            except httpx.TransportError as e:
+                last = str(e) or type(e).__name__
             time.sleep(0.25)
-        raise ServiceUnreachable(f"service at {self.base_url} not ready after {timeout:.0f}s")
+        raise ServiceUnreachable(f"service at {self.base_url} not {what} after {timeout:.0f}s (last answer {last})")
 
     def model(self) -> ModelCard:
         card = self._call("GET", "/v1/model")

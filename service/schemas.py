@@ -128,7 +128,9 @@ class GalleryInfo(OmitsAbsent):
 
 class GalleryDetail(GalleryInfo):
     cameras: dict[str, int] = Field(description="images per camera id ('' for images without one)")
-    model: str = Field(description="the model (bundle name:version) that made the served vectors")
+    model: str = Field(description="the model (bundle name:version) whose vectors the gallery holds: recorded by "
+                                   "its first write and by each activation; another than the served model's after "
+                                   "an upgrade replaced the default bundle (see /readyz)")
     index: str | None = Field(None, description="FAISS index family in use now (flat, ivf_flat, hnsw, ivf_pq)")
     indexed: int = Field(description="vectors in this process's index (equals count when in sync)")
     refine_auto: dict[str, Any] = Field(description="what refine=auto applies to this gallery now (mode), the rule, "

@@ -7,17 +7,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-from index.redis_server import free_port
+from index.redis_server import EmbeddedRedis, free_port
+from index.store import RedisStore
+from scripts.demo import GALLERY
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_once_prints_a_ranked_answer_and_the_url(tmp_path):
+def run_demo(data_dir: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
     done = subprocess.run([sys.executable, "-m", "scripts.cli", "demo", "--once", "--port", str(free_port()),
-                           "--data-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           "--data-dir", str(data_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def test_demo_once_prints_a_ranked_answer_and_the_url(tmp_path):
+    done = run_demo(tmp_path)
     out = done.stdout
     assert "service ready at http://127.0.0.1:" in out
     assert "top 10:" in out and out.count("\n") > 12
@@ -34,3 +41,10 @@ def test_demo_once_prints_a_ranked_answer_and_the_url(tmp_path):
     # the server and its redis-server are gone
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert left.stdout.strip() == ""
+
+    # run again after an upgrade that replaced the default model: the sample gallery is ingested again rather
+    # than searched with another model's features (or the demo waiting on a service that is not ready)
+    with EmbeddedRedis(tmp_path / "service" / "redis") as srv:
+        RedisStore(srv.url).r.hset(RedisStore.k_gallery(GALLERY), "model", "reid-default:old")
+    again = run_demo(tmp_path).stdout
+    assert "holds vectors of model reid-default:old from an earlier run" in again and "top 10:" in again

@@ -55,7 +55,8 @@ async def get_gallery(gallery: GalleryDep, state: StateDep) -> GalleryDetail:
         with state.model_lock.shared():
             return state.index_for(gallery), state.bundle.model_id, state.auto_refine(gallery).to_dict()
 
-    idx, model, auto = await run_in_threadpool(current)
+    idx, served, auto = await run_in_threadpool(current)
+    model = info["model"] or served  # a gallery of an older layout has no record: it is the served model's
     return GalleryDetail(name=info["name"], count=info["count"], retention_days=info["retention_days"],
                          cameras=dict(sorted(cameras.items())), model=model,
                          index=idx.kind if idx is not None else None, indexed=len(idx) if idx is not None else 0,
