@@ -807,7 +807,7 @@ class RedisStore:
                     check.exists(m)
                 count, *busy = check.execute()
                 if any(busy):
-                    deadline = self._wait_for_marks(deadline, marks)
+                    self._wait_for_marks(deadline, ", ".join(marks))
                     continue
                 removals = _s(count) or "0"
             # Durable before the references to them are: a crash leaves orphans at worst. One at a time: concurrent
@@ -832,7 +832,7 @@ class RedisStore:
             elif verdict == "dtype":  # another replica's first write chose the gallery's dtype
                 codec = VectorCodec.named(_s(rest[0]))
             elif verdict == "busy":  # a blob is or was being removed: wait for its mark to go, then write it again
-                deadline = self._wait_for_marks(deadline, [_s(rest[0])])
+                self._wait_for_marks(deadline, _s(rest[0]))
             else:  # pragma: no cover - the script answers nothing else
                 raise RuntimeError(f"unexpected answer from the write script: {verdict!r}")
 
@@ -1209,13 +1209,12 @@ class RedisStore:
         return MigrationResult(moved, dropped, skipped)
 
     @staticmethod
-    def _wait_for_marks(deadline: float, what: Sequence[str]) -> float:
+    def _wait_for_marks(deadline: float, what: object) -> None:
         """A short pause before a write tries again while blobs are being removed; raises past ``deadline`` (a removal
         mark expires by itself, so the wait is bounded)."""
         if time.monotonic() > deadline:
-            raise BlobError(f"blobs still being removed after {BLOB_MARK_TTL_MS} ms: {', '.join(what)}")
+            raise BlobError(f"blobs still being removed after {BLOB_MARK_TTL_MS} ms: {what}")
         time.sleep(0.02)
-        return deadline
 
     def _transaction_waiting_for_blobs(self, func: Callable[[redis.client.Pipeline], None], *watches: str) -> list:
         """:meth:`_transaction`, again after a short wait while a blob it writes is being removed (the removal
@@ -1225,9 +1224,7 @@ class RedisStore:
             try:
                 return self._transaction(func, *watches)
             except _BlobBusy as e:
-                if time.monotonic() > deadline:
-                    raise BlobError(f"blobs still being removed after {BLOB_MARK_TTL_MS} ms: {e}") from None
-                time.sleep(0.02)
+                self._wait_for_marks(deadline, e)
 
     def _migrate_batch(self, gallery: str, chunk: list[tuple[int, bytes]]) -> tuple[int, int, int]:
         # A blob is one image's only under its content id; bytes kept under another id stay in Redis.
