@@ -12,6 +12,7 @@ import os
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -463,3 +464,24 @@ def test_the_memory_benchmark_measures_what_the_layouts_cost(tmp_path):
     assert 32 <= on_disk < 200 and in_redis >= IMAGE_BYTES
     for row in rows.values():
         assert row["bytes_per_image"] > row["parts"]["entries"]
+
+
+@pytest.mark.parametrize("captured", ["2024-05-01T12:34:56.789Z", "2024-05-01T12:34:56Z", "2024-05-01T12:34:56.789+00:00",
+                                      "1969-12-31T23:59:59.999Z", "2024-05-01T12:34:56.7890Z", "9999-12-31T23:59:59.999Z"])
+def test_captured_at_reads_back_as_written_and_the_services_own_form_packs_small(captured):
+    entry = pack_entry(5, {"captured_at": captured}, b"")
+    assert unpack_entry(entry)[1]["captured_at"] == captured
+    as_text = 2 + len(msgpack.packb([5, "", "", "", captured, ""]))
+    # the service's form (ms, Z) is kept as an integer: 9 bytes instead of 25 (where the float seconds of
+    # datetime.fromtimestamp cannot give the same ms back, as at year 9999, the text is kept)
+    assert (len(entry) < as_text) == (captured == "2024-05-01T12:34:56.789Z")
+
+
+def test_a_patch_keeps_a_compact_captured_at_and_can_replace_it(store, gallery_name):
+    g = gallery_name
+    store.put_many(g, [(1, vec(1), {"captured_at": "2024-05-01T12:34:56.789Z", "camera_id": "c1"})])
+    assert store.patch_metadata(g, 1, {"person_id": "p7"})  # Lua unpacks and repacks the record
+    assert store.get(g, 1).metadata["captured_at"] == "2024-05-01T12:34:56.789Z"
+    assert store.patch_metadata(g, 1, {"captured_at": "2024-05-02T00:00:00+02:00"})
+    meta = store.get(g, 1).metadata
+    assert (meta["captured_at"], meta["person_id"], meta["camera_id"]) == ("2024-05-02T00:00:00+02:00", "p7", "c1")
