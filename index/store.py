@@ -118,6 +118,7 @@ __all__ = [
     "GALLERY_NAME_RE",
     "IMAGE_STORAGES",
     "METADATA_FIELDS",
+    "GalleryModelMismatch",
     "InvalidGalleryName",
     "MigrationResult",
     "RedisStore",
@@ -151,7 +152,9 @@ LEGACY_DTYPE = "float32"
 # vector dtype is not the one the entries were encoded in, or a blob it references is being removed or may have
 # been since the caller read the gallery's count of blob removals (before it wrote the blobs).
 # The gallery's model is recorded by its first write (later ones leave it: only an activation, which re-embeds
-# every image, changes it), so a gallery written under another model than the service's stays visible as such.
+# every image, changes it), so a gallery written under another model than the service's stays visible as such;
+# a write of another model's vectors is refused (one gallery never mixes two models' features: a replica that has
+# not yet followed an activation, or a service upgraded to a new bundle before re-embedding).
 # KEYS: settings, entries, blobs, images, events, blob removals, removal marks...
 # ARGV: dtype, events maxlen, model ('' none), blob removals as read ('' no blobs), then per image: id, entry,
 # blob reference ('' none), bytes ('' none)
@@ -165,6 +168,8 @@ if not dtype then
   else dtype = 'float32' end
 end
 if dtype ~= ARGV[1] then return {'dtype', dtype} end
+local model = redis.call('HGET', s, 'model')
+if model and ARGV[3] ~= '' and model ~= ARGV[3] then return {'model', model} end
 if ARGV[4] ~= '' and (redis.call('GET', KEYS[6]) or '0') ~= ARGV[4] then return {'busy', KEYS[6]} end
 for i = 7, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 1 then return {'busy', KEYS[i]} end
@@ -272,6 +277,14 @@ class InvalidGalleryName(ValueError):
 
 class StagingStale(RuntimeError):
     """The staged vectors no longer cover exactly the gallery's images (a write happened meanwhile)."""
+
+
+class GalleryModelMismatch(RuntimeError):
+    """A write of vectors of one model into a gallery whose vectors are of another (nothing was written)."""
+
+    def __init__(self, gallery: str, stored: str, writer: str | None):
+        super().__init__(f"gallery {gallery!r} holds vectors of model {stored}; these are of model {writer}")
+        self.gallery, self.stored, self.writer = gallery, stored, writer
 
 
 class _BlobBusy(Exception):
@@ -833,6 +846,8 @@ class RedisStore:
                 codec = VectorCodec.named(_s(rest[0]))
             elif verdict == "busy":  # a blob is or was being removed: wait for its mark to go, then write it again
                 self._wait_for_marks(deadline, _s(rest[0]))
+            elif verdict == "model":
+                raise GalleryModelMismatch(gallery, _s(rest[0]), model)
             else:  # pragma: no cover - the script answers nothing else
                 raise RuntimeError(f"unexpected answer from the write script: {verdict!r}")
 

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from index.durability import NotDurable
+from index.store import GalleryModelMismatch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -139,6 +140,21 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_class in (redis.exceptions.ClusterError, redis.exceptions.TryAgainError, redis.exceptions.AskError,
                       redis.exceptions.RedisClusterException, redis.exceptions.ReadOnlyError):
         app.add_exception_handler(exc_class, _store_down)
+
+    @app.exception_handler(GalleryModelMismatch)
+    async def _model_mismatch(request: Request, exc: GalleryModelMismatch):
+        # Nothing was written. A replica that has not yet followed another's activation catches up within seconds
+        # (service.follower): retry. Otherwise the gallery is of an earlier model (an upgraded default bundle).
+        state = request.app.state.reid
+        if state.behind_activation():
+            count_error(request.app.state, "model_switching")
+            return error_response(503, "model_switching", f"{exc}: another replica has activated model bundle "
+                                  f"{state.store.active_bundle()!r} and this one is switching to it; retry",
+                                  headers={"Retry-After": str(RETRY_AFTER_S)})
+        count_error(request.app.state, "gallery_model_mismatch")
+        return error_response(409, "gallery_model_mismatch", f"{exc}; nothing was written, so that its searches never "
+                              f"compare two models' features. POST /v1/models/{state.bundle_id}/activate re-embeds "
+                              "the galleries from their kept images (or delete the gallery and ingest it again)")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

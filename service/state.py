@@ -195,6 +195,11 @@ class ServiceState:
         self.refiner, self.refine_default = refiner, refine_default
         self.sync.install(IndexedModel(bundle_id, bundle.model_id, embedder.dim), indexes)
 
+    def behind_activation(self) -> bool:
+        """Whether the bundle recorded as active in Redis is not the one served here (another replica activated it
+        and this one has not followed yet, or cannot load it)."""
+        return (self.store.active_bundle() or DEFAULT_BUNDLE_ID) != self.bundle_id
+
     def follow_activation(self) -> bool:
         """Serve the bundle recorded as active in Redis if it is not the one served here (another replica activated
         it). Its vectors are already in the store: the indexes are rebuilt from them, nothing is re-embedded.

@@ -139,7 +139,18 @@ def test_galleries_of_a_replaced_default_model_are_reported_then_re_embedded(ser
     assert_error(httpx.post(f"{srv.url}/v1/models/default/activate"), 409, "already_active")
     # as if these vectors were written under the previous default model
     store.r.hset(store.k_gallery(g), "model", "reid-default:old")
-    upload(srv.url, g, [image_bytes(9)])  # a later write does not hide it
+    # a write of this model's vectors into it is refused, whole: one gallery never mixes two models' features
+    files = [("files", ("a.png", image_bytes(9), "image/png")), ("files", ("b.png", image_bytes(10), "image/png"))]
+    body = assert_error(httpx.post(f"{srv.url}/v1/galleries/{g}/images", files=files), 409, "gallery_model_mismatch")
+    assert "reid-default:old" in body["error"]["message"] and "/v1/models/default/activate" in body["error"]["message"]
+    assert store.count(g) == len(data)
+    # ... and answered 503 + Retry-After while another replica's activation is not followed here yet (the follower
+    # tries to load the bundle recorded as active; this one does not exist, so the replica stays behind)
+    store.r.set(store.k_active_bundle(), "bundle-of-another-replica")
+    response = httpx.post(f"{srv.url}/v1/galleries/{g}/images", files=files)
+    assert_error(response, 503, "model_switching")
+    assert int(response.headers["Retry-After"]) > 0 and store.count(g) == len(data)
+    store.r.delete(store.k_active_bundle())
     body = assert_error(httpx.get(f"{srv.url}/readyz"), 503, "not_ready")
     assert f"{g} (reid-default:old)" in body["error"]["message"] and "/v1/models/default/activate" in body["error"][
         "message"]
@@ -150,6 +161,8 @@ def test_galleries_of_a_replaced_default_model_are_reported_then_re_embedded(ser
     assert store.gallery_models([g]) == {g: model_id} and httpx.get(f"{srv.url}/readyz").status_code == 200
     for i, d in zip(ids, data):
         assert top1(srv.url, g, d)["id"] == i
+    (new,) = upload(srv.url, g, [image_bytes(9)])  # re-embedded: writes are the served model's again
+    assert top1(srv.url, g, image_bytes(9))["id"] == new
     assert_error(httpx.post(f"{srv.url}/v1/models/{active}/activate"), 409, "already_active")
 
 

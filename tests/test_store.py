@@ -4,7 +4,8 @@ import time
 import numpy as np
 import pytest
 
-from index.store import InvalidGalleryName, RedisStore, StagingStale, image_id, validate_gallery_name
+from index.store import (GalleryModelMismatch, InvalidGalleryName, RedisStore, StagingStale, image_id,
+                         validate_gallery_name)
 
 
 @pytest.fixture
@@ -312,3 +313,15 @@ def test_the_leftovers_of_a_gallery_delete_that_crashed_half_way_never_come_back
         assert store.gallery_exists(g) and not store.exists(g, 1) and not store.exists(g, 2)
         assert store.count(g) == (0 if first == "create" else 1)
         assert store.get_gallery_field(g, "deleting") is None
+
+
+def test_a_write_of_another_models_vectors_is_refused_whole(store, gallery_name):
+    g = gallery_name
+    store.put_many(g, [(1, vec(1), None)], model="old:1")
+    with pytest.raises(GalleryModelMismatch, match="holds vectors of model old:1; these are of model new:1") as e:
+        store.put_many(g, [(2, vec(2), None), (3, vec(3), None)], model="new:1")
+    assert (e.value.gallery, e.value.stored, e.value.writer) == (g, "old:1", "new:1")
+    assert store.count(g) == 1 and store.gallery_models([g]) == {g: "old:1"}
+    # the same model writes; a write that names no model (tools, migrations) is not checked
+    assert store.put_many(g, [(2, vec(2), None)], model="old:1") == [False]
+    assert store.put_many(g, [(3, vec(3), None)]) == [False] and store.count(g) == 3
