@@ -146,10 +146,11 @@ def install_error_handlers(app: FastAPI) -> None:
         # Nothing was written. A replica that has not yet followed another's activation catches up within seconds
         # (service.follower): retry. Otherwise the gallery is of an earlier model (an upgraded default bundle).
         state = request.app.state.reid
-        if state.behind_activation():
+        active = state.recorded_active_bundle()
+        if active != state.bundle_id:
             count_error(request.app.state, "model_switching")
             return error_response(503, "model_switching", f"{exc}: another replica has activated model bundle "
-                                  f"{state.store.active_bundle()!r} and this one is switching to it; retry",
+                                  f"{active!r} and this one is switching to it; retry",
                                   headers={"Retry-After": str(RETRY_AFTER_S)})
         count_error(request.app.state, "gallery_model_mismatch")
         return error_response(409, "gallery_model_mismatch", f"{exc}; nothing was written, so that its searches never "

@@ -124,7 +124,7 @@ class ServiceState:
             log.error("%s", self.storage_problem)
         self._note_bytes_in_redis()
         self.bundle_id, self.bundle = resolve_active(self.store, s)
-        recorded = self.store.active_bundle() or DEFAULT_BUNDLE_ID
+        recorded = self.recorded_active_bundle()
         if recorded != self.bundle_id:  # resolve_active fell back: the stored vectors are of another model
             self.model_problem = (f"the active model bundle {recorded!r} (recorded in Redis) cannot be loaded here; "
                                   f"serving {self.bundle_id!r}, whose features do not match the stored vectors")
@@ -195,16 +195,16 @@ class ServiceState:
         self.refiner, self.refine_default = refiner, refine_default
         self.sync.install(IndexedModel(bundle_id, bundle.model_id, embedder.dim), indexes)
 
-    def behind_activation(self) -> bool:
-        """Whether the bundle recorded as active in Redis is not the one served here (another replica activated it
-        and this one has not followed yet, or cannot load it)."""
-        return (self.store.active_bundle() or DEFAULT_BUNDLE_ID) != self.bundle_id
+    def recorded_active_bundle(self) -> str:
+        """The bundle recorded as active in Redis: the one whose vectors the store holds. When it is not the one
+        served here, another replica activated it (and this one has not followed yet, or cannot load it)."""
+        return self.store.active_bundle() or DEFAULT_BUNDLE_ID
 
     def follow_activation(self) -> bool:
         """Serve the bundle recorded as active in Redis if it is not the one served here (another replica activated
         it). Its vectors are already in the store: the indexes are rebuilt from them, nothing is re-embedded.
         Returns True if the model was switched."""
-        target = self.store.active_bundle() or DEFAULT_BUNDLE_ID
+        target = self.recorded_active_bundle()
         with self.model_lock.shared():  # an activation of this very process holds it until it has switched
             if target == self.bundle_id:
                 self.model_problem = None
