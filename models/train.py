@@ -6,6 +6,7 @@ process draws the same global batch list and trains on its own share of it."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -20,10 +21,17 @@ from .data.batch_augment import Augmentation, BatchAugment, DecodedImages
 from .data.datasets import ReIDDataset, Sample, combine_for_training, load_dataset
 from .data.sampler import PKBatchSampler
 from .data.transforms import InputSpec, load_rgb
+from index.files import atomic_write
+
 from .features import evaluate_model
 from .losses import BatchHardTripletLoss, CenterLoss, CrossEntropyLabelSmooth
 from .reid_model import NormalizedEncoder, ReIDModel
-from .trainer import Checkpoint, Evaluation, JsonlLog, Trainer, TrainerConfig, resume_state
+from .trainer import Checkpoint, Evaluation, Hook, JsonlLog, Trainer, TrainerConfig, resume_state
+from .weight_average import WeightAverage, reestimate_batchnorm
+
+# Batches of training images on which an averaged model's BN statistics are re-estimated (3,200 images:
+# the statistics settle well before that, and it costs well under a minute)
+AVERAGE_BN_BATCHES = 100
 
 
 @dataclass
@@ -69,6 +77,10 @@ class TrainConfig(TrainerConfig):
     # Warm restart: start from a checkpoint's weights (`last.pt`, or a bundle's `weights.pt`) with a fresh
     # optimiser and schedule. The classifier is kept when the identities are the same, else trained anew.
     init: str = ""
+    # Weight averaging (SWA): the epoch-end weights from this (1-based) epoch to the last are averaged, and
+    # the average, with BN statistics re-estimated, is saved as `averaged.pt`, evaluated and returned as the
+    # run's result (`last.pt` stays the last epoch's). 0 = off. Meant for a constant learning rate.
+    average_from: int = 0
 
     def input_spec(self, backbone_module) -> InputSpec:
         return InputSpec(self.height, self.width, tuple(backbone_module.input_mean), tuple(backbone_module.input_std))
@@ -173,7 +185,8 @@ def cycle_record(cfg: dict, epochs_done: int | None, seconds: float | None) -> d
     return {"init": cfg.get("init") or ("imagenet" if cfg.get("pretrained") else "scratch"),
             "data": cfg.get("train_data"), "split": cfg.get("split"), "backbone": cfg.get("backbone"),
             "epochs": epochs_done, "input": [cfg.get("height"), cfg.get("width")],
-            "minutes": None if seconds is None else round(seconds / 60, 1)}
+            "minutes": None if seconds is None else round(seconds / 60, 1),
+            **({"averaged_from": cfg["average_from"]} if cfg.get("average_from") else {})}
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> dict:
@@ -218,6 +231,7 @@ class SupervisedTrainer(Trainer):
         self.center_optimizer = torch.optim.SGD(center.parameters(), lr=cfg.center_lr)
 
         start_epoch, self.train_seconds = 0, 0.0
+        self.average = WeightAverage() if cfg.average_from else None
         checkpoint_path = run_dir / "last.pt"
         state = resume_state(checkpoint_path, resume, map_location=ctx.device)
         if state is not None:
@@ -227,6 +241,8 @@ class SupervisedTrainer(Trainer):
             self.center_optimizer.load_state_dict(state["center_optimizer"])
             start_epoch, self.train_seconds = state["epoch"], state.get("train_seconds", 0.0)
             self.parent_lineage = state.get("lineage", [])[:-1]
+            if self.average is not None and state.get("average"):
+                self.average.load_state_dict(state["average"])
             if ctx.is_main:
                 print(f"resumed from {checkpoint_path} at epoch {start_epoch}")
 
@@ -241,6 +257,7 @@ class SupervisedTrainer(Trainer):
         self.net, self.net_frozen = None, None
         hooks = [Evaluation(lambda: evaluate_all(model, cfg, self.spec, ctx.device)),
                  JsonlLog(run_dir / "log.jsonl", describe_evaluation),
+                 *([Averaging(run_dir)] if self.average is not None else []),
                  Checkpoint(checkpoint_path)] if ctx.is_main else []
         super().__init__(cfg, start_epoch, hooks, show_progress=ctx.is_main)
 
@@ -280,11 +297,57 @@ class SupervisedTrainer(Trainer):
 
     def state_dict(self) -> dict:
         lineage = self.parent_lineage + [cycle_record(asdict(self.cfg), self.epoch + 1, self.train_seconds)]
-        return {"model": self.model.state_dict(), "center": self.center.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "center_optimizer": self.center_optimizer.state_dict(),
-                "epoch": self.epoch + 1, "config": asdict(self.cfg), "input": self.spec.card(),
-                "num_classes": len(self.label_names), "label_names": self.label_names,
-                "lineage": lineage, "train_seconds": self.train_seconds}
+        state = {"model": self.model.state_dict(), "center": self.center.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "center_optimizer": self.center_optimizer.state_dict(),
+                 "epoch": self.epoch + 1, "config": asdict(self.cfg), "input": self.spec.card(),
+                 "num_classes": len(self.label_names), "label_names": self.label_names,
+                 "lineage": lineage, "train_seconds": self.train_seconds}
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
+        return state
+
+    def averaged_model(self) -> ReIDModel:
+        """A copy of the model with the averaged weights and BN statistics re-estimated on training batches."""
+        model = copy.deepcopy(self.model)
+        self.average.copy_into(model)
+        self.augment.generator.manual_seed(self.cfg.seed * 1000 + 7919 * self.cfg.epochs)
+        batches = (self.augment(self.images.images[indices]).to(self.ctx.device)
+                   for indices in epoch_batches(self.sampler, self.cfg.epochs, AVERAGE_BN_BATCHES))
+        reestimate_batchnorm(model, batches, AVERAGE_BN_BATCHES)
+        return model
+
+
+class Averaging(Hook):
+    """Adds every epoch's weights from `average_from` on to the trainer's average (before `Checkpoint`
+    saves it, so a resumed run keeps it); after the last epoch saves the averaged model as `averaged.pt`
+    (a checkpoint like `last.pt`: it exports and warm-starts alike), evaluates it and logs the evaluation."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        if t.epoch + 1 >= t.cfg.average_from:
+            t.average.update(t.model)
+
+    def after_train(self) -> None:
+        t, cfg = self.trainer, self.trainer.cfg
+        if t.average.count == 0:
+            return
+        model = t.averaged_model()
+        state = t.state_dict()
+        state.pop("average")
+        state["model"] = model.state_dict()
+        with atomic_write(self.run_dir / "averaged.pt") as tmp:
+            torch.save(state, tmp)
+        record = {"averaged_epochs": [cfg.epochs - t.average.count + 1, cfg.epochs],
+                  "eval": evaluate_all(model, cfg, t.spec, t.ctx.device)}
+        t.evaluation = record["eval"]
+        print(json.dumps({"averaged_epochs": record["averaged_epochs"], "saved": str(self.run_dir / "averaged.pt")}))
+        for line in describe_evaluation(record["eval"]):
+            print(line)
+        with open(self.run_dir / "log.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
 
 
 def describe_evaluation(evaluation: dict) -> list[str]:

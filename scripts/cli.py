@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
     for key in ("epochs", "backbone", "height", "width", "p", "k", "lr", "seed", "split", "last_stride",
                 "eval_every", "threads", "max_batches_per_epoch", "freeze_backbone_epochs",
                 "backbone_lr_factor", "warmup_epochs", "embedding_dim", "init", "frozen_stages", "pooling",
-                "random_erasing", "color_jitter", "flip_average"):
+                "random_erasing", "color_jitter", "flip_average", "average_from"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -682,7 +682,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
             ("warmup-epochs", float, "linear learning-rate warm-up, in epochs (default 1)"),
             ("frozen-stages", int, "stem + this many backbone stages kept at ImageNet weights (default 0)"),
             ("random-erasing", float, "random-erasing probability per image (default 0.5)"),
-            ("color-jitter", float, "brightness / contrast / saturation jitter strength (default 0: off)")):
+            ("color-jitter", float, "brightness / contrast / saturation jitter strength (default 0: off)"),
+            ("average-from", int, "average the weights of every epoch from this one on (SWA; meant for a "
+                                  "constant --lr): saved as averaged.pt with BN statistics re-estimated "
+                                  "(default 0: off)")):
         p.add_argument(f"--{name}", type=typ, help=text)
 
 

@@ -188,3 +188,60 @@ def test_init_accepts_a_bundle_directory(tmp_path):
     assert init_checkpoint("runs/x/last.pt") == "runs/x/last.pt"
     with pytest.raises(SystemExit, match="no weights.pt"):
         init_checkpoint(str(tmp_path))
+
+
+def test_weight_average_is_the_mean_of_the_epoch_weights():
+    from models.weight_average import WeightAverage
+
+    torch.manual_seed(0)
+    model, average, seen = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)), WeightAverage(), []
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(5, 3))  # moves the BN statistics too
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        average.update(model)
+    target = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average.copy_into(target)
+    for key, value in target.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, sum(s[key] for s in seen) / 3, atol=1e-6), key
+    restored = WeightAverage()
+    restored.load_state_dict(average.state_dict())
+    assert restored.count == 3
+
+
+def test_batchnorm_reestimation_leaves_the_frozen_front_alone():
+    from models.weight_average import reestimate_batchnorm
+
+    model = ReIDModel("efficientnet_lite0", 10, pretrained=True, embedding_dim=32)
+    model.freeze_front(2)
+    front_before = model.backbone._bn0.running_mean.clone()
+    batches = [torch.randn(4, 3, 64, 32) + 3.0 for _ in range(3)]  # far from ImageNet's statistics
+    reestimate_batchnorm(model, iter(batches), 3)
+    assert torch.equal(model.backbone._bn0.running_mean, front_before)
+    # the BNNeck's statistics are now the plain mean over every batch it saw, not an exponential one
+    seen = []
+    model.bottleneck.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
+    reestimate_batchnorm(model, iter(batches), 3)
+    assert len(seen) == 3
+    assert torch.allclose(model.bottleneck.running_mean, torch.cat(seen).mean(0), atol=1e-5)
+    assert not model.training and model.bottleneck.momentum == 0.1
+
+
+def test_weight_averaging_run_saves_and_evaluates_the_average(synthetic, tmp_path):
+    """--average-from: epochs 2..3 averaged; averaged.pt is a checkpoint like last.pt with other weights,
+    logged with its evaluation, and a resumed finished run keeps it."""
+    cfg = tiny(synthetic, epochs=3, eval_data=[str(synthetic)], average_from=2, frozen_stages=2)
+    result = train(cfg, tmp_path / "run", resume=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["averaged_epochs"] == [2, 3] and result == log[-1]["eval"]
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    averaged = load_trained_model(tmp_path / "run" / "averaged.pt")[2]
+    assert last["average"]["count"] == 2 and "average" not in averaged
+    key = "backbone._blocks.10._project_conv.weight"
+    assert not torch.equal(last["model"][key], averaged["model"][key])
+    assert averaged["lineage"][-1]["averaged_from"] == 2
+    images = [s.path for s in market1501(synthetic).train[:8]]
+    assert export_bundle(tmp_path / "run" / "averaged.pt", tmp_path / "bundle", images)["lineage"][-1]["averaged_from"] == 2
