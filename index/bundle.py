@@ -17,7 +17,9 @@ Optional files, used only when the card lists them (and then verified like the o
 graph) and ``weights.pt`` (the encoder's torch weights, which ``reid adapt`` fine-tunes; serving never
 reads it).
 
-Pixels are scaled to [0, 1] then normalised as ``(x - mean) / std``. Other fields (``backbone``, ``recipe``,
+Pixels are scaled to [0, 1] then normalised as ``(x - mean) / std``. ``query_flip`` (bool, optional, default
+false): a query image is embedded as the L2-normalised mean of its embedding and its mirror image's (two
+encoder runs per query; gallery images, and so the stored vectors, stay one run each). Other fields (``backbone``, ``recipe``,
 ``training_data``, ``evaluation`` ...) are free-form and passed through by ``GET /v1/model``. The card itself
 is not hashed, so evaluation figures can be added after export.
 """
@@ -158,6 +160,11 @@ class Bundle:
         return bool(self.card.get("normalized", False))
 
     @property
+    def query_flip(self) -> bool:
+        """Whether queries are embedded flip-averaged (see the module's docstring)."""
+        return bool(self.card.get("query_flip", False))
+
+    @property
     def encoder_path(self) -> Path:
         return self.path / ENCODER_FILE
 
@@ -193,6 +200,7 @@ def validate_card(card: Any, where: str = CARD_FILE) -> None:
                  and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v),
                  f"{where}: input.{key} must be a list of 3 numbers, got {v!r}")
     _require(all(x > 0 for x in inp["std"]), f"{where}: input.std values must be > 0")
+    _require(isinstance(card.get("query_flip", False), bool), f"{where}: 'query_flip' must be true or false")
     files = card["files"]
     _require(isinstance(files, dict) and ENCODER_FILE in files,
              f"{where}: 'files' must be an object listing at least {ENCODER_FILE!r} with its sha256")

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 from tqdm import tqdm
 
 from index.bundle import load_bundle
 from index.metrics import JUNK_PID, RetrievalMetrics, evaluate_features
+from index.vector_index import l2_normalize
 
 from .data.datasets import ReIDDataset, Sample
 from .data.transforms import TestTransform, load_rgb
@@ -26,19 +28,31 @@ class BundleEncoder:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(bundle.encoder_path), options, providers=["CPUExecutionProvider"])
         self.transform, self.batch_size, self.card = TestTransform(self.spec), batch_size, bundle.card
+        self.query_flip = bundle.query_flip
 
-    def embed(self, samples: list[Sample], desc: str = "embedding") -> np.ndarray:
+    def embed(self, samples: list[Sample], desc: str = "embedding", mirrored: bool = False) -> np.ndarray:
+        """Gallery-side features (as stored); `mirrored`: of the mirror images."""
         chunks = []
         for start in tqdm(range(0, len(samples), self.batch_size), desc=desc, unit="batch", leave=False):
-            batch = np.stack([self.transform(load_rgb(s.path)) for s in samples[start:start + self.batch_size]])
+            images = [load_rgb(s.path) for s in samples[start:start + self.batch_size]]
+            if mirrored:
+                images = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
+            batch = np.stack([self.transform(im) for im in images])
             chunks.append(self.session.run(["features"], {"images": batch})[0])
         return np.concatenate(chunks)
+
+    def embed_queries(self, samples: list[Sample], desc: str = "embedding queries") -> np.ndarray:
+        """Query features as the service computes them: flip-averaged when the card sets `query_flip`."""
+        features = self.embed(samples, desc)
+        if not self.query_flip:
+            return features
+        return l2_normalize(features + self.embed(samples, f"{desc} (mirrored)", mirrored=True))
 
 
 def embed_protocol(encoder: BundleEncoder, dataset: ReIDDataset) -> tuple[np.ndarray, np.ndarray]:
     if not dataset.query or not dataset.gallery:
         raise ValueError(f"{dataset.name} has no query/gallery split to evaluate")
-    return (encoder.embed(dataset.query, f"{dataset.name} query"),
+    return (encoder.embed_queries(dataset.query, f"{dataset.name} query"),
             encoder.embed(dataset.gallery, f"{dataset.name} gallery"))
 
 

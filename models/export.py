@@ -137,8 +137,10 @@ def write_training_weights(state: dict, path: Path) -> None:
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: list[str], name: str = "reid-model",
                   version: str | None = None, extra_card: dict | None = None,
-                  nformer_checkpoint: str | Path | None = None, include_weights: bool = True) -> dict:
-    """Write the bundle to `out_dir` (replacing it only once everything checked out). Returns the card."""
+                  nformer_checkpoint: str | Path | None = None, include_weights: bool = True,
+                  query_flip: bool = False) -> dict:
+    """Write the bundle to `out_dir` (replacing it only once everything checked out). Returns the card.
+    `query_flip`: the card tells the service and the evaluator to embed queries flip-averaged."""
     if not check_images:
         raise ValueError("export needs real images to check ONNX Runtime against torch")
     model, spec, state = load_trained_model(checkpoint)
@@ -162,6 +164,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, check_images: lis
             "input": spec.card(),
             "embedding_dim": int(model.embedding_dim),
             "normalized": True,
+            "query_flip": bool(query_flip),
             "outputs": {ENCODER_FILE: "features [B, D], L2-normalised BNNeck feature"},
             "recipe": cfg,
             "training_data": {"datasets": cfg["train_data"], "split": cfg["split"],

@@ -279,7 +279,7 @@ def cmd_export(args) -> int:
     dataset = load_dataset(args.check_data)
     check_images = [s.path for s in (dataset.query + dataset.gallery + dataset.train)[:8]]
     card = export_bundle(args.checkpoint, args.out, check_images, name=args.name, version=args.version,
-                         nformer_checkpoint=args.nformer)
+                         nformer_checkpoint=args.nformer, query_flip=args.query_flip)
     print(f"wrote {args.out}: {card['name']} {card['version']}, dim {card['embedding_dim']}, "
           f"check {card['export_check']}")
     return 0
@@ -874,6 +874,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="model version in the card (default: the export time, YYYYMMDD.HHMMSS)")
     p.add_argument("--check-data", default="prid2011", help="dataset whose real images check the export")
     p.add_argument("--nformer", help="NFormer stage-2 checkpoint (nformer.pt) to export as nformer.onnx")
+    p.add_argument("--query-flip", action="store_true",
+                   help="the card's query_flip: queries are embedded as the mean of the image and its mirror image "
+                        "(two encoder runs per query; gallery images stay one)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("attach-nformer", help="export an NFormer checkpoint into an existing bundle (replacing "

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .embedder import l2_normalize, mirror
+
 
 class MicroBatcher:
     def __init__(self, max_size: int, max_delay_ms: float, observe: Callable[[int], None] | None = None,
@@ -95,3 +97,13 @@ def embed_images(state, images: Sequence) -> np.ndarray:
     if batcher is None:
         return state.embedder.embed(images)
     return batcher.embed(state.embedder, images)
+
+
+def embed_queries(state, images: Sequence) -> np.ndarray:
+    """Query images as the bundle's card says: with `query_flip`, each image and its mirror image in one
+    encoder run, their embeddings averaged and L2-normalised; else as gallery images are."""
+    images = list(images)
+    if not state.embedder.query_flip or not images:
+        return embed_images(state, images)
+    both = embed_images(state, images + [mirror(im) for im in images])
+    return l2_normalize(both[:len(images)] + both[len(images):])

@@ -19,7 +19,14 @@ from index.bundle import Bundle, BundleError, load_bundle
 from index.vector_index import l2_normalize
 
 
-__all__ = ["Embedder", "preprocess", "preprocess_batch", "l2_normalize"]
+__all__ = ["Embedder", "mirror", "preprocess", "preprocess_batch", "l2_normalize"]
+
+
+def mirror(image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+    """The image flipped left to right (a PIL image, or a uint8 array (H, W[, 3]))."""
+    if isinstance(image, np.ndarray):
+        return np.ascontiguousarray(image[:, ::-1])
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
 def _resized_rgb(image: Image.Image | np.ndarray, w: int, h: int) -> np.ndarray:
@@ -77,6 +84,7 @@ class Embedder:
         self.bundle = bundle
         self.card_input = dict(bundle.input)
         self.dim = bundle.embedding_dim
+        self.query_flip = bundle.query_flip
         self.batch_size = max(1, int(batch_size))
         opts = ort.SessionOptions()
         if threads:

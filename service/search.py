@@ -22,7 +22,7 @@ import numpy as np
 from index.vector_index import l2_normalize
 
 from . import calibration
-from .batcher import embed_images
+from .batcher import embed_queries
 from .images import ImageError, decode_image
 from .ranking import Gallery, Ranking, SearchError, SearchPlan, SearchRequest, plan_search, rank
 from .schemas import SearchResult, SearchTiming
@@ -60,7 +60,7 @@ def run_search(state: ServiceState, gallery: str, blobs: list[tuple[str | None, 
     with state.model_lock.shared():
         plan = plan_search(state, request, gallery)  # again: the model may have changed since the request came
         t1 = time.perf_counter()
-        queries = embed_images(state, images)
+        queries = embed_queries(state, images)
         if kind is QueryKind.tracklet:
             queries = aggregate(queries)
         t2 = time.perf_counter()

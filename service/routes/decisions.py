@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from .. import calibration
-from ..batcher import embed_images
+from ..batcher import embed_queries
 from ..calibration import CalibrationError, calibrate, labeled_vectors
 from ..deps import READ_ONLY, GalleryDep, StateDep
 from ..errors import ApiError
@@ -96,7 +96,7 @@ async def evaluate(
                     raise ApiError(e.status_code, e.code, f"file #{i} ({name!r}): {e.message}") from None
         with state.model_lock.shared():
             if blobs:
-                queries = embed_images(state, images)
+                queries = embed_queries(state, images)
             return evaluate_gallery(state.store, gallery, s.evaluate_max_images, queries, pids, cams)
 
     try:
