@@ -331,6 +331,20 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_flip_study(args) -> int:
+    import torch
+
+    from models.flip_study import flip_study, study_markdown
+
+    torch.set_num_threads(args.threads)
+    results = {Path(c).parent.name + "/" + Path(c).name: flip_study(c, args.data, args.split) for c in args.encoder}
+    table = study_markdown(results)
+    print(table)
+    if args.markdown:
+        _write(args.markdown, table)
+    return 0
+
+
 def metrics_summary(m) -> dict:
     return {"mAP": m.mAP, "mINP": m.mINP, **m.ranks, "queries": m.evaluated_queries,
             "skipped_queries": m.skipped_queries}
@@ -751,6 +765,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--plot", help="with --report-only: CUHK03 mAP against encoder img/s (PNG)")
     p.set_defaults(func=cmd_lever_study)
+
+    p = sub.add_parser("flip-study", help="flip averaging on neither side, the queries only (a bundle's query_flip) "
+                                          "or both sides, for encoder checkpoints")
+    p.add_argument("--encoder", nargs="+", required=True, help="encoder checkpoints (last.pt), e.g. trained on split 1")
+    p.add_argument("--data", nargs="+", default=["cuhk03", "prid450s", "prid2011"],
+                   help="protocols (default: cuhk03 prid450s prid2011)")
+    p.add_argument("--split", type=int, default=1, help="protocol split (default 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--markdown", help="write the table here")
+    p.set_defaults(func=cmd_flip_study)
 
     p = sub.add_parser("refine-auto-study", help="refine=auto's rule: the label-free gallery statistic beside "
                                                  "each mode's mAP gain, per protocol and gallery size")

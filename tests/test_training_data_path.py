@@ -245,3 +245,20 @@ def test_weight_averaging_run_saves_and_evaluates_the_average(synthetic, tmp_pat
     assert averaged["lineage"][-1]["averaged_from"] == 2
     images = [s.path for s in market1501(synthetic).train[:8]]
     assert export_bundle(tmp_path / "run" / "averaged.pt", tmp_path / "bundle", images)["lineage"][-1]["averaged_from"] == 2
+
+
+def test_flip_study_evaluates_each_side(synthetic, tmp_path):
+    from models.features import evaluate_model
+    from models.flip_study import flip_study, study_markdown
+
+    train(tiny(synthetic, epochs=1), tmp_path / "run", resume=False)
+    results = flip_study(tmp_path / "run" / "last.pt", [str(synthetic)], 0)
+    (name, sides), = results.items()
+    model, spec, _ = load_trained_model(tmp_path / "run" / "last.pt")
+    dataset = market1501(synthetic)
+    for side, flip in (("none", False), ("both", True)):
+        expected = evaluate_model(NormalizedEncoder(model, flip_average=flip), dataset, spec)
+        assert abs(sides[side].mAP - expected.mAP) < 1e-6, side
+    assert sides["query"].mAP not in (sides["none"].mAP, sides["both"].mAP)  # a ranking of its own
+    table = study_markdown({"tiny": results})
+    assert table.count("| tiny |") == 3 and "+0.00 |" in table.splitlines()[2]
