@@ -133,6 +133,7 @@ def adapt_bundle(bundle_dir: str | Path, images: str | Path, out_dir: str | Path
         card = export_bundle(
             encoder_checkpoint, out_dir, [s.path for s in samples[:8]], name=name or f"{parent['name']}-adapted",
             nformer_checkpoint=nformer_checkpoint,
+            query_flip=bool(parent.get("query_flip", False)),  # queries are embedded as the parent's were
             extra_card={"parent": {"name": parent["name"], "version": parent["version"], "files": parent["files"]},
                         "adaptation": adaptation,
                         # the labeled data is the parent's; the adaptation images are unlabeled (source above)

@@ -67,6 +67,7 @@ def test_adapt_writes_a_verified_child_bundle(camera_folders, tmp_path):
     adaptation = card["adaptation"]
     assert adaptation["source"] == "gallery:test" and adaptation["images"] == 96 and adaptation["cameras"] == 2
     assert card["training_data"] == {**parent.card["training_data"], "adapted_on": "gallery:test"}
+    assert child.query_flip == parent.query_flip  # queries are embedded as the parent's were
     assert adaptation["images_sha256"] == images_digest(unlabeled_folder(camera_folders))
     assert adaptation["final_clusters"]["clusters"] >= 2 and adaptation["nformer_epochs"] == 1
     assert {"encoder.onnx", "nformer.onnx", "weights.pt"} <= set(card["files"])
