@@ -36,7 +36,10 @@ test: $(DEV_STAMP)
 #   cycle 3: + CUHK01 and PKU-Reid (all identities), 20 epochs, a fresh classifier (the card's recipe; the
 #            shipped run was planned longer and shortened to this schedule after epoch 13);
 #   cycle 4: the same data at 192x96 (the input size chosen at length on split 1), 26 epochs of 300 batches;
-# then NFormer stage 2 on the final encoder, export (each graph checked against ONNX Runtime), evaluation.
+#   cycle 5: 16 epochs at a constant lr 3.5e-5 (the last epoch ships; the average of epochs 2-16 is written
+#            as averaged.pt and evaluated, not shipped: docs/cycle5-levers.md);
+# then NFormer stage 2 on the final encoder, export with flip-averaged queries (each graph checked against
+# ONNX Runtime), evaluation.
 DEFAULT_DATA = cuhk03 prid450s prid2011 viper-all
 train-default: $(DEV_STAMP)
 	$(PY) -m scripts.cli train --run-dir runs/default/cycle1
@@ -48,9 +51,13 @@ train-default: $(DEV_STAMP)
 	$(PY) -m scripts.cli train --init runs/default/cycle3/last.pt --run-dir runs/default/cycle4 \
 		--data $(DEFAULT_DATA) cuhk01-all pku-reid-all --height 192 --width 96 --frozen-stages 2 --epochs 26 \
 		--max-batches-per-epoch 300 --decay-epochs 18 23 --warmup-epochs 1 --freeze-backbone-epochs 0 --eval-every 13
-	$(PY) -m scripts.cli train --method nformer --encoder runs/default/cycle4/last.pt --run-dir runs/default/cycle4
-	$(PY) -m scripts.cli export --checkpoint runs/default/cycle4/last.pt --nformer runs/default/cycle4/nformer.pt \
-		--out service/default_bundle --name reid-default
+	$(PY) -m scripts.cli train --init runs/default/cycle4/last.pt --run-dir runs/default/cycle5 \
+		--data $(DEFAULT_DATA) cuhk01-all pku-reid-all --height 192 --width 96 --frozen-stages 2 --epochs 16 \
+		--max-batches-per-epoch 300 --lr 3.5e-5 --decay-epochs --warmup-epochs 0 --freeze-backbone-epochs 0 \
+		--average-from 2 --eval-every 0
+	$(PY) -m scripts.cli train --method nformer --encoder runs/default/cycle5/last.pt --run-dir runs/default/cycle5
+	$(PY) -m scripts.cli export --checkpoint runs/default/cycle5/last.pt --nformer runs/default/cycle5/nformer.pt \
+		--out service/default_bundle --name reid-default --query-flip
 	$(PY) -m scripts.cli evaluate --bundle service/default_bundle --data cuhk03 prid450s prid2011 \
 		--write-card --json runs/default/evaluation.json --plot docs/cmc-default.png --ranklists docs/ranklists
 	$(MAKE) refinement-report

@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from index.files import atomic_write
+
 from .data.batch_augment import Augmentation, BatchAugment, DecodedImages
 from .data.datasets import ReIDDataset, Sample, combine_for_training, load_dataset
 from .data.sampler import PKBatchSampler
 from .data.transforms import InputSpec, load_rgb
-from index.files import atomic_write
-
 from .features import evaluate_model
 from .losses import BatchHardTripletLoss, CenterLoss, CrossEntropyLabelSmooth
 from .reid_model import NormalizedEncoder, ReIDModel
@@ -332,16 +332,19 @@ class Averaging(Hook):
 
     def after_train(self) -> None:
         t, cfg = self.trainer, self.trainer.cfg
-        if t.average.count == 0:
-            return
+        if t.average.count == 0 or (t.start_epoch >= cfg.epochs and (self.run_dir / "averaged.pt").exists()):
+            return  # nothing averaged, or a finished run started again
+        t.epoch = cfg.epochs - 1  # the last epoch's state, also when a resumed run had no epoch left to train
         model = t.averaged_model()
+        epochs = [cfg.epochs - t.average.count + 1, cfg.epochs]
         state = t.state_dict()
         state.pop("average")
         state["model"] = model.state_dict()
+        # the lineage tells these weights from the run's last epoch (whose entry has `averaged_from` alone)
+        state["lineage"][-1]["averaged_epochs"] = epochs
         with atomic_write(self.run_dir / "averaged.pt") as tmp:
             torch.save(state, tmp)
-        record = {"averaged_epochs": [cfg.epochs - t.average.count + 1, cfg.epochs],
-                  "eval": evaluate_all(model, cfg, t.spec, t.ctx.device)}
+        record = {"averaged_epochs": epochs, "eval": evaluate_all(model, cfg, t.spec, t.ctx.device)}
         t.evaluation = record["eval"]
         print(json.dumps({"averaged_epochs": record["averaged_epochs"], "saved": str(self.run_dir / "averaged.pt")}))
         for line in describe_evaluation(record["eval"]):

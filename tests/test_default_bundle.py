@@ -18,14 +18,18 @@ def test_default_bundle_is_intact_and_documented():
         assert {"mAP", "rank1", "rank5", "rank10"} <= set(figures)
     assert set(card["training_data"]["datasets"]) == {"cuhk03", "prid450s", "prid2011", "viper-all", "cuhk01-all",
                                                       "pku-reid-all"}
-    # the chain of warm restarts that made it (make train-default): ImageNet, then three cycles from the last;
-    # the last at the bundle's input size (192x96), the earlier ones at 128x64
+    # the chain of warm restarts that made it (make train-default): ImageNet, then four cycles from the last;
+    # the last two at the bundle's input size (192x96), the earlier ones at 128x64
     lineage = card["lineage"]
-    assert lineage[0]["init"] == "imagenet" and len(lineage) == 4
-    assert [c["epochs"] for c in lineage] == [12, 66, 20, 26]
+    assert lineage[0]["init"] == "imagenet" and len(lineage) == 5
+    assert [c["epochs"] for c in lineage] == [12, 66, 20, 26, 16]
     assert all(c["split"] == 0 for c in lineage)
-    assert [c["input"] for c in lineage] == [[128, 64]] * 3 + [[card["input"]["height"], card["input"]["width"]]]
+    assert [c["input"] for c in lineage] == [[128, 64]] * 3 + [[card["input"]["height"], card["input"]["width"]]] * 2
     assert card["input"]["height"] == 192 and card["input"]["width"] == 96
+    # cycle 5 ran with weight averaging, but its last epoch ships (split 1 chose it: docs/cycle5-levers.md)
+    assert lineage[-1]["averaged_from"] == 2 and "averaged_epochs" not in lineage[-1]
+    assert card["recipe"]["lr"] == 3.5e-5
+    assert bundle.query_flip  # queries flip-averaged, chosen on split 1 too
 
 
 def test_default_bundle_ships_the_nformer_with_its_refinement_figures():

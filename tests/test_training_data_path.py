@@ -242,9 +242,18 @@ def test_weight_averaging_run_saves_and_evaluates_the_average(synthetic, tmp_pat
     assert last["average"]["count"] == 2 and "average" not in averaged
     key = "backbone._blocks.10._project_conv.weight"
     assert not torch.equal(last["model"][key], averaged["model"][key])
-    assert averaged["lineage"][-1]["averaged_from"] == 2
+    assert averaged["lineage"][-1]["averaged_epochs"] == [2, 3] and "averaged_epochs" not in last["lineage"][-1]
+    assert last["lineage"][-1]["averaged_from"] == averaged["lineage"][-1]["averaged_from"] == 2
     images = [s.path for s in market1501(synthetic).train[:8]]
-    assert export_bundle(tmp_path / "run" / "averaged.pt", tmp_path / "bundle", images)["lineage"][-1]["averaged_from"] == 2
+    card = export_bundle(tmp_path / "run" / "averaged.pt", tmp_path / "bundle", images)
+    assert card["lineage"][-1]["averaged_epochs"] == [2, 3]
+    # a finished run started again trains nothing and averages nothing again
+    assert train(cfg, tmp_path / "run", resume=True) == {}
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == len(log)
+    # a run that stopped after its last epoch but before averaging averages on resume
+    (tmp_path / "run" / "averaged.pt").unlink()
+    assert train(cfg, tmp_path / "run", resume=True) == result
+    assert load_trained_model(tmp_path / "run" / "averaged.pt")[2]["epoch"] == 3
 
 
 def test_flip_study_evaluates_each_side(synthetic, tmp_path):
