@@ -19,9 +19,9 @@ reads it).
 
 Pixels are scaled to [0, 1] then normalised as ``(x - mean) / std``. ``query_flip`` (bool, optional, default
 false): a query image is embedded as the L2-normalised mean of its embedding and its mirror image's (two
-encoder runs per query; gallery images, and so the stored vectors, stay one run each). Other fields (``backbone``, ``recipe``,
-``training_data``, ``evaluation`` ...) are free-form and passed through by ``GET /v1/model``. The card itself
-is not hashed, so evaluation figures can be added after export.
+encoder runs per query; gallery images, and so the stored vectors, stay one run each). Other fields
+(``backbone``, ``recipe``, ``training_data``, ``evaluation`` ...) are free-form and passed through by
+``GET /v1/model``. The card itself is not hashed, so evaluation figures can be added after export.
 """
 
 from __future__ import annotations
