@@ -30,23 +30,25 @@ class BundleEncoder:
         self.transform, self.batch_size, self.card = TestTransform(self.spec), batch_size, bundle.card
         self.query_flip = bundle.query_flip
 
-    def embed(self, samples: list[Sample], desc: str = "embedding", mirrored: bool = False) -> np.ndarray:
-        """Gallery-side features (as stored); `mirrored`: of the mirror images."""
+    def embed(self, samples: list[Sample], desc: str = "embedding", flip_average: bool = False) -> np.ndarray:
+        """Features of the images (gallery-side, as stored); `flip_average`: each image's plus its mirror
+        image's, L2-normalised (each file read once)."""
         chunks = []
         for start in tqdm(range(0, len(samples), self.batch_size), desc=desc, unit="batch", leave=False):
             images = [load_rgb(s.path) for s in samples[start:start + self.batch_size]]
-            if mirrored:
-                images = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
-            batch = np.stack([self.transform(im) for im in images])
-            chunks.append(self.session.run(["features"], {"images": batch})[0])
+            features = self._run(images)
+            if flip_average:
+                features = l2_normalize(features + self._run([im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                                                              for im in images]))
+            chunks.append(features)
         return np.concatenate(chunks)
 
     def embed_queries(self, samples: list[Sample], desc: str = "embedding queries") -> np.ndarray:
         """Query features as the service computes them: flip-averaged when the card sets `query_flip`."""
-        features = self.embed(samples, desc)
-        if not self.query_flip:
-            return features
-        return l2_normalize(features + self.embed(samples, f"{desc} (mirrored)", mirrored=True))
+        return self.embed(samples, desc, flip_average=self.query_flip)
+
+    def _run(self, images: list) -> np.ndarray:
+        return self.session.run(["features"], {"images": np.stack([self.transform(im) for im in images])})[0]
 
 
 def embed_protocol(encoder: BundleEncoder, dataset: ReIDDataset) -> tuple[np.ndarray, np.ndarray]:
