@@ -2,23 +2,28 @@
 
 The FAISS index (:mod:`index.vector_index`) is only a cache of what is written here.
 
-Key layout 3 (all keys prefixed ``reid:``; gallery names match :data:`GALLERY_NAME_RE`, so they never contain
+Key layout 4 (all keys prefixed ``reid:``; gallery names match :data:`GALLERY_NAME_RE`, so they never contain
 ``:`` or braces). Every key of a gallery carries the gallery's name as its Redis Cluster hash tag (``{g}``), so
 all of them live in one hash slot, on one node, and each change to a gallery is one atomic step there (a Lua script
 or a MULTI/EXEC); every key that is no gallery's carries the tag ``{global}``. The same layout serves one Redis server
-and Redis Cluster (``cluster=True``); :func:`index.store_layout.migrate_layout` brings a store of layout 1 or 2 to it.
+and Redis Cluster (``cluster=True``); :func:`index.store_layout.migrate_layout` brings a store of layout 1, 2 or 3 to
+it.
 
     reid:{global}:galleries             SET    names of all galleries
     reid:{global}:events                STREAM the global change log: op=create|drop|activate, gallery, id
-    reid:{global}:layout                STRING "3"
+    reid:{global}:layout                STRING "4"
     reid:gallery:{g}                    HASH   name, created_at (ISO 8601 UTC), retention_days (optional),
-                                               vector_dtype (float32|float16: how the entries hold this gallery's
+                                               vector_dtype (float32|float16: how the pages hold this gallery's
                                                vectors; absent = float32, the layout before it was recorded),
-                                               model (the model bundle that embedded its vectors)
-    reid:gallery:{g}:entries            HASH   {image id (decimal)} -> the image's entry: its record (created_at,
-                                               external_id, camera_id, person_id, captured_at, filename) and its
-                                               vector, little endian, in the gallery's vector_dtype, in ONE value
-                                               (:mod:`index.image_record`: a field costs less than a key)
+                                               model (the model bundle that embedded its vectors),
+                                               vector_bytes, page_slots, next_slot (its vector pages' geometry)
+    reid:gallery:{g}:records            HASH   {image id (8 bytes, big endian)} -> the image's slot and record
+                                               (created_at, external_id, camera_id, person_id, captured_at,
+                                               filename) in ONE value (:mod:`index.image_record`: a field costs
+                                               less than a key)
+    reid:gallery:{g}:page:{n}           STRING the vectors of slots n*P .. n*P+P-1 side by side, little endian, in
+    reid:gallery:{g}:free-slots         LIST   the gallery's vector_dtype; free slots; images per page
+    reid:gallery:{g}:page-used          HASH   (:mod:`index.vector_pages`: no vector pays an allocator's rounding)
     reid:gallery:{g}:blobs              HASH   {image id} -> sha256 (32 raw bytes) of the image's kept bytes,
                                                a blob in ``{blob_dir}/{g}/`` (:mod:`index.blob_store`)
     reid:gallery:{g}:images             HASH   {image id} -> the original image bytes inside Redis: the layout
@@ -30,8 +35,8 @@ and Redis Cluster (``cluster=True``); :func:`index.store_layout.migrate_layout` 
                                                (expires after :data:`BLOB_MARK_TTL_MS`)
     reid:gallery:{g}:blob-removals      STRING how many times a removal mark was set in the gallery (a writer
                                                of blobs compares it before and after writing them)
-    reid:gallery:{g}:vectors:staged     HASH   {image id} -> a vector alone, written by a model activation before
-                                               it replaces the entries' vectors in one step
+    reid:gallery:{g}:vectors:staged     HASH   {image id (8 bytes)} -> a vector, written by a model activation
+                                               before it replaces the gallery's vectors in one step
     reid:gallery:{g}:events             STREAM the gallery's change log (op=put|delete, id), written in the same
                                                step as each change, capped at ~``events_maxlen`` entries
                                                (approximate trimming), for replicas to follow (index.events)
@@ -54,8 +59,8 @@ Image ids are stable: the first 8 bytes of ``sha256(gallery + b"\\0" + image byt
 big-endian with the top bit cleared (a positive signed 63-bit integer). Re-uploading the
 same bytes to the same gallery gives the same id.
 
-Writes of images (entry + kept-bytes reference + change event) happen in one Lua script per batch
-(:meth:`RedisStore.put_many`), which writes an image only if its entry is absent (HSETNX), so a reader never sees
+Writes of images (record + vector + kept-bytes reference + change event) happen in one Lua script per batch
+(:meth:`RedisStore.put_many`), which writes an image only if it has no record, so a reader never sees
 half an image and two concurrent uploads of the same bytes report exactly one ``created``; deletes likewise
 (:meth:`RedisStore.delete_many`). No WATCH: writers of different images of one gallery never make each other retry.
 
@@ -109,7 +114,9 @@ from redis.retry import Retry
 from .blob_store import BlobError, BlobMissing, BlobStore, blob_key, claim_identity, read_identity
 from .durability import Persistence, WriteWait, durable_pipeline, probe
 from .events import GLOBAL, ZERO, EventReader, Positions, StreamInfo, read_range, stream_info
-from .image_record import METADATA_FIELDS, entry_metadata, entry_vector, field_position, iso_from_ms, pack_entry
+from . import vector_pages
+from .image_record import METADATA_FIELDS, field_id, field_position, id_field, iso_from_ms, pack_record, \
+    record_metadata
 from .job_store import JobStore
 from .vector_codec import VectorCodec
 
@@ -135,11 +142,12 @@ PREFIX = "reid:"
 #: the keys that are no gallery's: one hash tag, so one slot, so they may change together in one transaction
 GLOBAL_PREFIX = PREFIX + "{global}:"
 #: the key layout this code reads and writes (:mod:`index.store_layout`)
-LAYOUT = "3"
+LAYOUT = "4"
 GALLERY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 EVENTS_MAXLEN = 100_000
 #: fields of a gallery's settings hash that the store manages itself (others: :meth:`RedisStore.set_gallery_field`)
-GALLERY_OWN_FIELDS = ("name", "created_at", "retention_days", "vector_dtype", "model", "deleting")
+GALLERY_OWN_FIELDS = ("name", "created_at", "retention_days", "vector_dtype", "model", "deleting", "vector_bytes",
+                      "page_slots", "next_slot")
 #: where kept image bytes go: files in the blob directory, or (the layout before it) a hash inside Redis
 IMAGE_STORAGES = ("disk", "redis")
 #: a removal mark outlives any removal (a rename and an unlink); it expires so a crashed remover blocks nobody
@@ -147,18 +155,19 @@ BLOB_MARK_TTL_MS = 60_000
 #: a gallery's vectors without a vector_dtype record were written as float32 (the only layout before it)
 LEGACY_DTYPE = "float32"
 
-# Write a batch of images of one gallery, each only if its entry is absent, with its kept-bytes reference (or bytes)
-# and its change-log entry. Refused as a whole (nothing written) while the gallery is not set up for writes, its
-# vector dtype is not the one the entries were encoded in, or a blob it references is being removed or may have
-# been since the caller read the gallery's count of blob removals (before it wrote the blobs).
+# Write a batch of images of one gallery, each only if it has no record, with its vector (in a slot of the gallery's
+# pages, index.vector_pages), its kept-bytes reference (or bytes) and its change-log entry. Refused as a whole (nothing
+# written) while the gallery is not set up for writes, its vector dtype is not the one the vectors were encoded in,
+# its vectors are of another size, or a blob it references is being removed or may have been since the caller read
+# the gallery's count of blob removals (before it wrote the blobs).
 # The gallery's model is recorded by its first write (later ones leave it: only an activation, which re-embeds
 # every image, changes it), so a gallery written under another model than the service's stays visible as such;
 # a write of another model's vectors is refused (one gallery never mixes two models' features: a replica that has
 # not yet followed an activation, or a service upgraded to a new bundle before re-embedding).
-# KEYS: settings, entries, blobs, images, events, blob removals, removal marks...
-# ARGV: dtype, events maxlen, model ('' none), blob removals as read ('' no blobs), then per image: id, entry,
-# blob reference ('' none), bytes ('' none)
-_PUT = """
+# KEYS: settings, records, blobs, images, events, blob removals, removal marks...
+# ARGV: dtype, events maxlen, model ('' none), blob removals as read ('' no blobs), vector bytes, then per image: id
+# field, id (decimal), record, vector, blob reference ('' none), bytes ('' none)
+_PUT = vector_pages.LUA + """
 local s = KEYS[1]
 if redis.call('HEXISTS', s, 'deleting') == 1 then return {'leftovers'} end
 if redis.call('HEXISTS', s, 'name') == 0 then return {'unlisted'} end
@@ -168,6 +177,15 @@ if not dtype then
   else dtype = 'float32' end
 end
 if dtype ~= ARGV[1] then return {'dtype', dtype} end
+local vb = redis.call('HGET', s, 'vector_bytes')
+if vb ~= ARGV[5] then  -- the first write, or one of another size into a gallery emptied since
+  if vb and redis.call('HLEN', KEYS[2]) > 0 then return {'size', vb} end
+  if vb then drop_pages(s) end
+  vb = ARGV[5]
+  redis.call('HSET', s, 'vector_bytes', vb, 'page_slots', page_slots(tonumber(vb)))
+end
+vb = tonumber(vb)
+local per_page = tonumber(redis.call('HGET', s, 'page_slots'))
 local model = redis.call('HGET', s, 'model')
 if model and ARGV[3] ~= '' and model ~= ARGV[3] then return {'model', model} end
 if ARGV[4] ~= '' and (redis.call('GET', KEYS[6]) or '0') ~= ARGV[4] then return {'busy', KEYS[6]} end
@@ -175,11 +193,14 @@ for i = 7, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 1 then return {'busy', KEYS[i]} end
 end
 local existed, wrote = {}, false
-for i = 5, #ARGV, 4 do
-  local id = ARGV[i]
-  if redis.call('HSETNX', KEYS[2], id, ARGV[i + 1]) == 1 then
-    if ARGV[i + 2] ~= '' then redis.call('HSET', KEYS[3], id, ARGV[i + 2])
-    elseif ARGV[i + 3] ~= '' then redis.call('HSET', KEYS[4], id, ARGV[i + 3]) end
+for i = 6, #ARGV, 6 do
+  local id = ARGV[i + 1]
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    local slot = take_slot(s)
+    put_vector(s, slot, ARGV[i + 3], vb, per_page)
+    redis.call('HSET', KEYS[2], ARGV[i], struct.pack('<I4', slot) .. ARGV[i + 2])
+    if ARGV[i + 4] ~= '' then redis.call('HSET', KEYS[3], id, ARGV[i + 4])
+    elseif ARGV[i + 5] ~= '' then redis.call('HSET', KEYS[4], id, ARGV[i + 5]) end
     redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[2], '*', 'op', 'put', 'id', id)
     existed[#existed + 1] = 0
     wrote = true
@@ -191,62 +212,99 @@ if wrote and ARGV[3] ~= '' then redis.call('HSETNX', s, 'model', ARGV[3]) end
 return {'ok', existed}
 """
 
-# Delete a batch of images of one gallery (entry, kept bytes or reference) with the removal marks of their blobs
-# and their change-log entries. Returns how many existed, or -1 (nothing done) if a reference is not the one the
-# caller read (it reads again).
-# KEYS: entries, images, blobs, events, blob removals, removal marks...   ARGV: token, mark ttl ms, events maxlen,
-# then per image: id, its blob reference as read ('' none)
-_DELETE = """
-for i = 4, #ARGV, 2 do
-  if (redis.call('HGET', KEYS[3], ARGV[i]) or '') ~= ARGV[i + 1] then return -1 end
+# Delete a batch of images of one gallery (record, vector slot, kept bytes or reference) with the removal marks of
+# their blobs and their change-log entries. Returns how many existed, or -1 (nothing done) if a reference is not the
+# one the caller read (it reads again). A gallery left empty starts its pages afresh.
+# KEYS: settings, records, images, blobs, events, blob removals, removal marks...   ARGV: token, mark ttl ms, events
+# maxlen, then per image: id field, id (decimal), its blob reference as read ('' none)
+_DELETE = vector_pages.LUA + """
+local s = KEYS[1]
+for i = 4, #ARGV, 3 do
+  if (redis.call('HGET', KEYS[4], ARGV[i + 1]) or '') ~= ARGV[i + 2] then return -1 end
 end
-if #KEYS > 5 then redis.call('INCR', KEYS[5]) end
-for i = 6, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2]) end
+if #KEYS > 6 then redis.call('INCR', KEYS[6]) end
+for i = 7, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2]) end
+local per_page = tonumber(redis.call('HGET', s, 'page_slots') or '1')
 local n = 0
-for i = 4, #ARGV, 2 do
-  local id = ARGV[i]
-  redis.call('HDEL', KEYS[2], id)
+for i = 4, #ARGV, 3 do
+  local id = ARGV[i + 1]
   redis.call('HDEL', KEYS[3], id)
-  if redis.call('HDEL', KEYS[1], id) == 1 then
+  redis.call('HDEL', KEYS[4], id)
+  local rec = redis.call('HGET', KEYS[2], ARGV[i])
+  if rec then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    free_slot(s, struct.unpack('<I4', rec), per_page)
     n = n + 1
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'op', 'delete', 'id', id)
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[3], '*', 'op', 'delete', 'id', id)
   end
 end
+if n > 0 and redis.call('HLEN', KEYS[2]) == 0 then drop_pages(s) end
 return n
 """
 
-# Set and clear metadata fields inside an image's entry if it exists (no entry resurrected by a late PATCH).
-# KEYS: entries.   ARGV: id, the record's width, then pairs: position in the record, value ('' clears it)
+# Set and clear metadata fields inside an image's record if it exists (no record resurrected by a late PATCH).
+# KEYS: records.   ARGV: id field, the record's width, then pairs: position in the record, value ('' clears it)
 _PATCH = """
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return 0 end
-local n = struct.unpack('<H', v)
-local rec = cmsgpack.unpack(string.sub(v, 3, 2 + n))
+local rec = cmsgpack.unpack(string.sub(v, 5))
 for j = #rec + 1, tonumber(ARGV[2]) do rec[j] = '' end
 for i = 3, #ARGV, 2 do rec[tonumber(ARGV[i])] = ARGV[i + 1] end
-local packed = cmsgpack.pack(rec)
-redis.call('HSET', KEYS[1], ARGV[1], struct.pack('<H', #packed) .. packed .. string.sub(v, 3 + n))
+redis.call('HSET', KEYS[1], ARGV[1], string.sub(v, 1, 4) .. cmsgpack.pack(rec))
 return 1
 """
 
-# Put each staged vector into its image's entry, in place of the vector there, and drop the staged hash.
-# KEYS: entries, staged.   Returns how many entries changed.
-_SWAP_STAGED = """
+# The vectors of images (by id field), and the gallery's vector dtype, in one atomic read: a slot freed and taken by
+# another image in between cannot mix one image's record with another's vector.
+# KEYS: settings, records.   ARGV: id fields.   Returns {dtype or false, vector or false per id}
+_READ_VECTORS = vector_pages.LUA + """
+local s = KEYS[1]
+local vb = tonumber(redis.call('HGET', s, 'vector_bytes') or '0')
+local per_page = tonumber(redis.call('HGET', s, 'page_slots') or '1')
+local out = {redis.call('HGET', s, 'vector_dtype')}
+for i = 1, #ARGV do
+  local rec = redis.call('HGET', KEYS[2], ARGV[i])
+  if rec then out[i + 1] = get_vector(s, struct.unpack('<I4', rec), vb, per_page) else out[i + 1] = false end
+end
+return out
+"""
+
+# Put each staged vector into its image's slot, in place of the vector there, and drop the staged hash. Staged
+# vectors of another size (another dtype or dimension) write the pages anew.
+# KEYS: settings, records, staged.   Returns how many images changed.
+_SWAP_STAGED = vector_pages.LUA + """
+local s = KEYS[1]
+local any = redis.call('HRANDFIELD', KEYS[3], 1, 'WITHVALUES')
+if #any == 0 then return 0 end  -- an empty gallery: its next write sets the size
+local vb = #any[2]
+local resized = tonumber(redis.call('HGET', s, 'vector_bytes') or '0') ~= vb
+if resized then
+  drop_pages(s)
+  redis.call('HSET', s, 'vector_bytes', vb, 'page_slots', page_slots(vb))
+end
+local per_page = tonumber(redis.call('HGET', s, 'page_slots'))
 local n, cursor = 0, '0'
 repeat  -- a scan rather than HGETALL: a million staged vectors would be a gigabyte inside Lua
-  local page = redis.call('HSCAN', KEYS[2], cursor, 'COUNT', 1000)
+  local page = redis.call('HSCAN', KEYS[3], cursor, 'COUNT', 1000)
   cursor = page[1]
   local kv = page[2]
   for i = 1, #kv, 2 do
-    local v = redis.call('HGET', KEYS[1], kv[i])
-    if v then
-      local len = struct.unpack('<H', v)
-      redis.call('HSET', KEYS[1], kv[i], string.sub(v, 1, 2 + len) .. kv[i + 1])
+    local rec = redis.call('HGET', KEYS[2], kv[i])
+    if rec then
+      local slot = struct.unpack('<I4', rec)
+      if resized then
+        slot = take_slot(s)
+        put_vector(s, slot, kv[i + 1], vb, per_page)
+        redis.call('HSET', KEYS[2], kv[i], struct.pack('<I4', slot) .. string.sub(rec, 5))
+      else
+        local at = (slot % per_page) * vb
+        redis.call('SETRANGE', page_key(s, math.floor(slot / per_page)), at, kv[i + 1])
+      end
       n = n + 1
     end
   end
 until cursor == '0'
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[3])
 return n
 """
 
@@ -390,6 +448,7 @@ class RedisStore:
         #: replicas that must hold each write before it is acknowledged (WAIT), and how long to wait for them
         self.wait_replicas, self.wait_replicas_ms = int(wait_replicas), int(wait_replicas_ms)
         self._claim_unreferenced = client.register_script(_CLAIM_UNREFERENCED)
+        self._read_vectors = client.register_script(_READ_VECTORS)
         self._release_marks = client.register_script(_RELEASE_MARKS)
         self.blob_dir = Path(blob_dir) if blob_dir is not None else None
         self.image_storage = image_storage or ("disk" if self.blob_dir is not None else "redis")
@@ -472,8 +531,21 @@ class RedisStore:
         return f"{PREFIX}gallery:{{{g}}}"
 
     @classmethod
-    def k_entries(cls, g: str) -> str:
-        return cls.k_gallery(g) + ":entries"
+    def k_records(cls, g: str) -> str:
+        return cls.k_gallery(g) + ":records"
+
+    @classmethod
+    def k_page(cls, g: str, n: int) -> str:
+        """One page of the gallery's vectors (:mod:`index.vector_pages`, whose Lua derives the same names)."""
+        return f"{cls.k_gallery(g)}:page:{int(n)}"
+
+    @classmethod
+    def k_free_slots(cls, g: str) -> str:
+        return cls.k_gallery(g) + ":free-slots"
+
+    @classmethod
+    def k_page_used(cls, g: str) -> str:
+        return cls.k_gallery(g) + ":page-used"
 
     @classmethod
     def k_images(cls, g: str) -> str:
@@ -596,7 +668,7 @@ class RedisStore:
         return sorted(_s(x) for x in self.r.smembers(self.k_galleries()))
 
     def count(self, gallery: str) -> int:
-        return int(self.r.hlen(self.k_entries(gallery)))
+        return int(self.r.hlen(self.k_records(gallery)))
 
     def counts(self, galleries: Iterable[str] | None = None) -> dict[str, int]:
         """Gallery -> its number of images (stored vectors), for ``galleries`` (default: every one), in one round
@@ -604,7 +676,7 @@ class RedisStore:
         names = self.list_galleries() if galleries is None else list(galleries)
         pipe = self.r.pipeline(transaction=False)
         for g in names:
-            pipe.hlen(self.k_entries(g))
+            pipe.hlen(self.k_records(g))
         return {g: int(n) for g, n in zip(names, pipe.execute())}
 
     def galleries_at_log_position(self) -> tuple[set[str], str]:
@@ -620,7 +692,7 @@ class RedisStore:
         """``(count, last)``: the gallery's number of images and the newest entry of its log (ZERO while empty), read
         in ONE MULTI/EXEC (one slot), so the count is exactly what its log reflects up to ``last``."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.hlen(self.k_entries(gallery))
+        pipe.hlen(self.k_records(gallery))
         pipe.xrevrange(self.k_gallery_events(gallery), count=1)
         n, last = pipe.execute()
         return int(n), (last[0][0].decode() if last else ZERO)
@@ -630,7 +702,7 @@ class RedisStore:
         names = self.list_galleries()
         pipe = self.r.pipeline(transaction=False)
         for g in names:
-            pipe.hlen(self.k_entries(g))
+            pipe.hlen(self.k_records(g))
             pipe.hlen(self.k_images(g))
             pipe.hlen(self.k_blobs(g))
         res = pipe.execute()
@@ -643,7 +715,7 @@ class RedisStore:
         if not self.gallery_exists(gallery):
             return None
         pipe = self.r.pipeline(transaction=True)
-        pipe.hlen(self.k_entries(gallery))
+        pipe.hlen(self.k_records(gallery))
         pipe.hmget(self.k_gallery(gallery), "created_at", "retention_days", "model")
         return _gallery_info(gallery, *pipe.execute())
 
@@ -652,7 +724,7 @@ class RedisStore:
         names = self.list_galleries()
         pipe = self.r.pipeline(transaction=False)
         for g in names:
-            pipe.hlen(self.k_entries(g))
+            pipe.hlen(self.k_records(g))
             pipe.hmget(self.k_gallery(g), "created_at", "retention_days", "model")
         res = pipe.execute()
         return [_gallery_info(g, n, fields) for g, n, fields in zip(names, res[::2], res[1::2])]
@@ -692,11 +764,15 @@ class RedisStore:
 
     def _delete_keys(self, gallery: str, batch: int = 500) -> None:
         """Delete every key of an unlisted gallery (and its blobs); its settings last, so a crash half-way leaves them
-        for :meth:`create_gallery` to find."""
+        (and the page geometry in them) for :meth:`create_gallery` to find."""
         self._drop_all_blobs(gallery, batch)
+        pages = self.page_keys(gallery)
+        for start in range(0, len(pages), batch):
+            self.r.unlink(*pages[start:start + batch])
         # UNLINK: a hash of millions of entries is freed in the background, not while Redis serves nobody
-        self.r.unlink(self.k_entries(gallery), self.k_images(gallery), self.k_blobs(gallery), self.k_staged(gallery),
-                      self.k_blob_removals(gallery), self.k_gallery_events(gallery), self.k_gallery(gallery))
+        self.r.unlink(self.k_records(gallery), self.k_images(gallery), self.k_blobs(gallery), self.k_staged(gallery),
+                      self.k_free_slots(gallery), self.k_page_used(gallery), self.k_blob_removals(gallery),
+                      self.k_gallery_events(gallery), self.k_gallery(gallery))
         if self.blob_dir is not None:
             self._blobs(gallery).prune_empty_dirs()
 
@@ -723,15 +799,20 @@ class RedisStore:
         pipe.execute()
         self._remove_blobs(gallery, keys, token)
 
+    def page_keys(self, gallery: str) -> list[str]:
+        """The keys every page of the gallery's vectors may have (one past another is freed when it empties)."""
+        per_page, next_slot = self.r.hmget(self.k_gallery(gallery), "page_slots", "next_slot")
+        return [self.k_page(gallery, n) for n in range(-(-int(next_slot or 0) // int(per_page or 1)))]
+
     # ------------------------------------------------------------------ images
     def exists(self, gallery: str, id_: int) -> bool:
-        return bool(self.r.hexists(self.k_entries(gallery), str(int(id_))))
+        return bool(self.r.hexists(self.k_records(gallery), id_field(id_)))
 
     def exists_many(self, gallery: str, ids: Iterable[int]) -> list[bool]:
         """Whether each image exists, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         for i in ids:
-            pipe.hexists(self.k_entries(gallery), str(int(i)))
+            pipe.hexists(self.k_records(gallery), id_field(i))
         return [bool(x) for x in pipe.execute()]
 
     def put(
@@ -762,7 +843,7 @@ class RedisStore:
         content id, ``image_id(gallery, bytes)`` (what makes a blob one image's: see the module docstring).
         ``model``: the model that embedded the vectors (recorded as the gallery's by its first write).
         Returns, per record, whether it already existed (existing images are left untouched). The script writes
-        an entry only where there is none, so of concurrent writers of the same id exactly one reports it
+        an image only where it has no record, so of concurrent writers of the same id exactly one reports it
         ``created``. One step means one AOF fsync for the whole batch.
         """
         validate_gallery_name(gallery)
@@ -804,7 +885,7 @@ class RedisStore:
         dtype, a blob's removal waited for) and the batch written again."""
         ids = list(todo)
         marks = sorted({self.k_blob_mark(gallery, p.blob) for p in todo.values() if p.blob is not None})
-        keys = [self.k_gallery(gallery), self.k_entries(gallery), self.k_blobs(gallery), self.k_images(gallery),
+        keys = [self.k_gallery(gallery), self.k_records(gallery), self.k_blobs(gallery), self.k_images(gallery),
                 self.k_gallery_events(gallery), self.k_blob_removals(gallery), *marks]
         codec = self.vector_codec(gallery) if self.gallery_exists(gallery) else self.codec
         deadline = time.monotonic() + BLOB_MARK_TTL_MS / 1000 + 5.0
@@ -826,11 +907,17 @@ class RedisStore:
             # Durable before the references to them are: a crash leaves orphans at worst. One at a time: concurrent
             # writers already overlap their fsyncs (a pool per batch measured no faster with 4 writers).
             blobs = self._blobs(gallery) if marks else None
-            args: list[Any] = [codec.name, self.events_maxlen, model or "", removals]
-            for id_, p in todo.items():
+            vectors = [codec.encode(p.vector) for p in todo.values()]
+            vector_bytes = len(vectors[0])
+            for id_, vector in zip(todo, vectors):
+                if len(vector) != vector_bytes:
+                    raise ValueError(f"image {id_}: a vector of {len(vector) // codec.itemsize} dimensions in a "
+                                     f"batch of {vector_bytes // codec.itemsize}")
+            args: list[Any] = [codec.name, self.events_maxlen, model or "", removals, vector_bytes]
+            for (id_, p), vector in zip(todo.items(), vectors):
                 if p.blob is not None:
                     blobs.put(p.data)
-                args += [str(id_), pack_entry(created_ms, p.meta, codec.encode(p.vector)),
+                args += [id_field(id_), str(id_), pack_record(created_ms, p.meta), vector,
                          bytes.fromhex(p.blob) if p.blob is not None else b"",
                          p.data if p.blob is None and p.data is not None else b""]
             verdict, *rest = self._script(_PUT, keys, args)
@@ -848,6 +935,9 @@ class RedisStore:
                 self._wait_for_marks(deadline, _s(rest[0]))
             elif verdict == "model":
                 raise GalleryModelMismatch(gallery, _s(rest[0]), model)
+            elif verdict == "size":
+                raise ValueError(f"gallery {gallery!r} holds vectors of {int(rest[0]) // codec.itemsize} "
+                                 f"dimensions; these have {vector_bytes // codec.itemsize}")
             else:  # pragma: no cover - the script answers nothing else
                 raise RuntimeError(f"unexpected answer from the write script: {verdict!r}")
 
@@ -859,15 +949,15 @@ class RedisStore:
         if not ids:
             return []
         pipe = self.r.pipeline(transaction=True)
-        pipe.hmget(self.k_entries(gallery), [str(i) for i in ids])
+        pipe.hmget(self.k_records(gallery), [id_field(i) for i in ids])
         pipe.hget(self.k_gallery(gallery), "model")
-        entries, model = pipe.execute()
+        records, model = pipe.execute()
         out: list[StoredImage | None] = []
-        for i, raw in zip(ids, entries):
+        for i, raw in zip(ids, records):
             if raw is None:
                 out.append(None)
                 continue
-            created, meta = entry_metadata(raw)
+            created, meta = record_metadata(raw)
             out.append(StoredImage(id=i, gallery=gallery,
                                    metadata={**meta, "created_at": iso_from_ms(created), "model": _s(model)}))
         return out
@@ -887,39 +977,27 @@ class RedisStore:
     def patch_metadata(self, gallery: str, id_: int, changes: Mapping[str, str | None]) -> bool:
         """Set the metadata fields in ``changes`` (None removes one) if the image exists. Returns False if it does not:
         a late change must not resurrect the record of a deleted image. Only :data:`METADATA_FIELDS`."""
-        args: list[Any] = [str(int(id_)), len(METADATA_FIELDS) + 1]
+        args: list[Any] = [id_field(id_), len(METADATA_FIELDS) + 1]
         for k, v in changes.items():
             if k not in METADATA_FIELDS:
                 raise ValueError(f"{k!r} is not a metadata field ({', '.join(METADATA_FIELDS)})")
             if v == "":
                 raise ValueError(f"{k}: empty value (None removes the field)")
             args += [field_position(k), "" if v is None else str(v)]
-        return bool(self._script(_PATCH, [self.k_entries(gallery)], args))
+        return bool(self._script(_PATCH, [self.k_records(gallery)], args))
 
     def delete(self, gallery: str, id_: int) -> bool:
         """Delete one image (vector, metadata, kept bytes). Returns False if it did not exist."""
         return self.delete_many(gallery, [id_]) == 1
 
     def iter_vectors(self, gallery: str, batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(ids int64 (n,), vectors float32 (n, d))`` batches, via HSCAN (never KEYS).
-
-        Vectors of differing dimension within a batch are split into separate batches.
-        """
-        codec = self.vector_codec(gallery)  # fixed while the gallery exists
-        ids: list[int] = []
-        vecs: list[bytes] = []
-        for field, value in self.r.hscan_iter(self.k_entries(gallery), count=batch):
-            value = entry_vector(value)
-            if vecs and len(value) != len(vecs[0]):
-                yield _pack(codec, ids, vecs)
-                ids, vecs = [], []
-            ids.append(int(field))
-            vecs.append(value)
-            if len(ids) >= batch:
-                yield _pack(codec, ids, vecs)
-                ids, vecs = [], []
-        if ids:
-            yield _pack(codec, ids, vecs)
+        """Yield ``(ids int64 (n,), vectors float32 (n, d))`` batches: the ids by HSCAN (never KEYS), their vectors
+        read with them (an image deleted in between is left out)."""
+        for ids in self.iter_image_ids(gallery, batch):
+            codec, raws = self.get_raw_vectors(gallery, ids)
+            found = [(i, v) for i, v in zip(ids, raws) if v is not None]
+            if found:
+                yield _pack(codec, [i for i, _ in found], [v for _, v in found])
 
     # ------------------------------------------------------------------ bulk deletion and retention
     def get_vectors(self, gallery: str, ids: Iterable[int]) -> list[np.ndarray | None]:
@@ -931,21 +1009,16 @@ class RedisStore:
         """``(codec, the stored vectors of ids as they are kept)`` (None where absent), read together in one
         MULTI/EXEC: for callers that check each length against ``codec.nbytes(dim)`` and decode many at once
         (``codec.decode_many``)."""
-        ids = [str(int(i)) for i in ids]
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hget(self.k_gallery(gallery), "vector_dtype")
-        if ids:
-            pipe.hmget(self.k_entries(gallery), ids)
-        res = pipe.execute()
-        codec = VectorCodec.named(_s(res[0]) or LEGACY_DTYPE)
-        return codec, ([None if raw is None else entry_vector(raw) for raw in res[1]] if ids else [])
+        dtype, *raws = self._read_vectors(keys=[self.k_gallery(gallery), self.k_records(gallery)],
+                                          args=[id_field(i) for i in ids])
+        return VectorCodec.named(_s(dtype) or LEGACY_DTYPE), raws
 
     def iter_image_ids(self, gallery: str, batch: int = 1000) -> Iterator[list[int]]:
-        """Batches of the gallery's image ids (HSCAN of its entries; NOVALUES where Redis >= 7.4 has it)."""
+        """Batches of the gallery's image ids (HSCAN of its records; NOVALUES where Redis >= 7.4 has it)."""
         seen: set[int] = set()  # HSCAN may return a field twice while Redis rehashes
         chunk: list[int] = []
-        for item in self._hscan_fields(self.k_entries(gallery), batch):
-            id_ = int(item)
+        for item in self._hscan_fields(self.k_records(gallery), batch):
+            id_ = field_id(item)
             if id_ not in seen:
                 seen.add(id_)
                 chunk.append(id_)
@@ -975,12 +1048,12 @@ class RedisStore:
         from :data:`METADATA_FIELDS` and ``created_at``."""
         seen: set[int] = set()  # HSCAN may return a field twice while Redis rehashes
         chunk: list[tuple[int, dict[str, str | None]]] = []
-        for field, raw in self.r.hscan_iter(self.k_entries(gallery), count=batch):
-            id_ = int(field)
+        for field, raw in self.r.hscan_iter(self.k_records(gallery), count=batch):
+            id_ = field_id(field)
             if id_ in seen:
                 continue
             seen.add(id_)
-            created, meta = entry_metadata(raw)
+            created, meta = record_metadata(raw)
             meta["created_at"] = iso_from_ms(created)
             chunk.append((id_, {f: meta.get(f) for f in fields}))
             if len(chunk) >= batch:
@@ -990,8 +1063,8 @@ class RedisStore:
             yield chunk
 
     def delete_many(self, gallery: str, ids: Sequence[int]) -> int:
-        """Delete these images (entry, kept bytes) with their ``delete`` change-log entries in ONE atomic step (the
-        script :data:`_DELETE`); the caller batches. Returns how many existed. Their blobs are removed after it (the
+        """Delete these images (record, vector, kept bytes) with their ``delete`` change-log entries in ONE atomic
+        step (the script :data:`_DELETE`); the caller batches. Returns how many existed. Their blobs are removed after it (the
         removal rule of the module docstring)."""
         ids = [int(i) for i in dict.fromkeys(int(i) for i in ids)]
         if not ids:
@@ -1002,12 +1075,12 @@ class RedisStore:
             # the blobs these images reference; the script deletes only if they are still these
             refs = self.r.hmget(self.k_blobs(gallery), fields)
             removing = sorted({raw.hex() for raw in refs if raw is not None})
-            keys = [self.k_entries(gallery), self.k_images(gallery), self.k_blobs(gallery),
+            keys = [self.k_gallery(gallery), self.k_records(gallery), self.k_images(gallery), self.k_blobs(gallery),
                     self.k_gallery_events(gallery), self.k_blob_removals(gallery),
                     *(self.k_blob_mark(gallery, k) for k in removing)]
             args: list[Any] = [token, BLOB_MARK_TTL_MS, self.events_maxlen]
-            for f, raw in zip(fields, refs):
-                args += [f, raw if raw is not None else b""]
+            for id_, f, raw in zip(ids, fields, refs):
+                args += [id_field(id_), f, raw if raw is not None else b""]
             n = int(self._script(_DELETE, keys, args))
             if n >= 0:
                 break
@@ -1169,15 +1242,15 @@ class RedisStore:
 
     def _kept_batch(self, gallery: str, chunk: list[tuple[int, bytes]], on_disk: bool
                     ) -> list[tuple[int, bytes, str | None]]:
-        entries = self.r.hmget(self.k_entries(gallery), [str(id_) for id_, _ in chunk])
+        records = self.r.hmget(self.k_records(gallery), [id_field(id_) for id_, _ in chunk])
         out = []
-        # an image deleted since the scan has no entry any more: leave it out
-        for (id_, value), entry in zip(chunk, entries):
-            if entry is None:
+        # an image deleted since the scan has no record any more: leave it out
+        for (id_, value), record in zip(chunk, records):
+            if record is None:
                 continue
             data = self._read_blob(gallery, id_, value.hex()) if on_disk else value
             if data is not None:
-                out.append((id_, data, entry_metadata(entry)[1]["camera_id"]))
+                out.append((id_, data, record_metadata(record)[1]["camera_id"]))
         return out
 
     def referenced_blobs(self, gallery: str, batch: int = 1000) -> set[str]:
@@ -1257,7 +1330,7 @@ class RedisStore:
             # images HDELs its bytes from the WATCHed hash; a new removal mark is WATCHed itself).
             check = self.r.pipeline(transaction=False)
             for i in ids:
-                check.hexists(self.k_entries(gallery), str(i))
+                check.hexists(self.k_records(gallery), id_field(i))
             for m in marks:
                 check.exists(m)
             res = check.execute()
@@ -1274,7 +1347,7 @@ class RedisStore:
             pipe.hdel(self.k_images(gallery), *(str(i) for i in ids))
             result = (len(present), len(ids) - len(present), len(chunk) - len(ids))
 
-        # WATCH the bytes' hash rather than the entries: ingest goes on touching those, and would starve this
+        # WATCH the bytes' hash rather than the records: ingest goes on touching those, and would starve this
         self._transaction_waiting_for_blobs(txn, self.k_images(gallery), *marks)
         return result
 
@@ -1283,10 +1356,10 @@ class RedisStore:
         return _s(self.r.get(self.k_active_bundle()))
 
     def vector_ids(self, gallery: str) -> set[int]:
-        return {int(x) for x in self.r.hkeys(self.k_entries(gallery))}
+        return {field_id(x) for x in self.r.hkeys(self.k_records(gallery))}
 
     def staged_ids(self, gallery: str) -> set[int]:
-        return {int(x) for x in self.r.hkeys(self.k_staged(gallery))}
+        return {field_id(x) for x in self.r.hkeys(self.k_staged(gallery))}
 
     def clear_staged(self, gallery: str) -> None:
         self.r.delete(self.k_staged(gallery))
@@ -1296,19 +1369,19 @@ class RedisStore:
         how an existing gallery changes dtype)."""
         if len(ids):
             rows = self.codec.encode_rows(np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1))
-            self.r.hset(self.k_staged(gallery), mapping={str(int(i)): v for i, v in zip(ids, rows)})
+            self.r.hset(self.k_staged(gallery), mapping={id_field(i): v for i, v in zip(ids, rows)})
 
     def unstage(self, gallery: str, ids) -> None:
-        ids = [str(int(i)) for i in ids]
+        ids = [id_field(i) for i in ids]
         if ids:
             self.r.hdel(self.k_staged(gallery), *ids)
 
     def commit_staged(self, galleries: Iterable[str], model: str, bundle_id: str,
                       watch: Sequence[str] = (), precondition: Callable[[Any], None] | None = None,
                       committed: set[str] | None = None) -> None:
-        """Put every gallery's staged vectors into its entries (and its vector_dtype to this store's, in which
+        """Put every gallery's staged vectors into its pages (and its vector_dtype to this store's, in which
         :meth:`stage_vectors` wrote them, its model to ``model``) and record ``bundle_id`` as active. Its time grows
-        with the images (each entry is rewritten in place, :data:`_SWAP_STAGED`): about a second per million on one
+        with the images (each vector is rewritten in place, :data:`_SWAP_STAGED`): about a second per million on one
         core, while Redis serves nothing else.
 
         Raises :class:`StagingStale` (nothing more written) unless the galleries are exactly the store's and
@@ -1324,7 +1397,7 @@ class RedisStore:
             self._commit_per_gallery(names, model, bundle_id, watch, precondition,
                                      set() if committed is None else committed)
             return
-        keys = [self.k_galleries(), *watch, *(self.k_entries(g) for g in names), *(self.k_staged(g) for g in names),
+        keys = [self.k_galleries(), *watch, *(self.k_records(g) for g in names), *(self.k_staged(g) for g in names),
                 *(self.k_gallery(g) for g in names)]
 
         def txn(pipe: redis.client.Pipeline) -> None:
@@ -1366,7 +1439,7 @@ class RedisStore:
                 pipe.multi()
                 self._queue_switch(pipe, g, model)
 
-            self._transaction(switch, self.k_entries(g), self.k_staged(g), self.k_gallery(g))
+            self._transaction(switch, self.k_records(g), self.k_staged(g), self.k_gallery(g))
             committed.add(g)
 
         def activate(pipe: redis.client.Pipeline) -> None:
@@ -1388,11 +1461,11 @@ class RedisStore:
             raise StagingStale(f"galleries changed: staged {names}, store has {current}")
 
     def _check_staged(self, pipe: redis.client.Pipeline, g: str) -> None:
-        if set(pipe.hkeys(self.k_staged(g))) != set(pipe.hkeys(self.k_entries(g))):
+        if set(pipe.hkeys(self.k_staged(g))) != set(pipe.hkeys(self.k_records(g))):
             raise StagingStale(f"gallery {g}: images changed since they were staged")
 
     def _queue_switch(self, pipe: redis.client.Pipeline, g: str, model: str) -> None:
-        pipe.execute_command("EVAL", _SWAP_STAGED, 2, self.k_entries(g), self.k_staged(g))
+        pipe.execute_command("EVAL", _SWAP_STAGED, 3, self.k_gallery(g), self.k_records(g), self.k_staged(g))
         pipe.hset(self.k_gallery(g), mapping={"vector_dtype": self.codec.name, "model": model})
 
     def _queue_activation(self, pipe: redis.client.Pipeline, bundle_id: str) -> None:

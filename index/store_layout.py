@@ -1,23 +1,26 @@
-"""The store's key layout: which one a Redis holds, and the migrations from layouts 1 and 2 to layout 3.
+"""The store's key layout: which one a Redis holds, and the migrations from layouts 1, 2 and 3 to layout 4.
 
 Layout 1 (before Redis Cluster): ``reid:galleries``, ``reid:gallery:<g>[:part]``, one change log ``reid:events``,
 ``reid:active_bundle``, ``reid:blob_store``, ``reid:<name>:lock``, ``reid:job:<id>``, ``reid:jobs:*``; a gallery's
 vectors in a hash ``…:vectors`` and each image's record in a hash of its own, ``…:image:<id>``.
 Layout 2: the same names with a Redis Cluster hash tag, ``{g}`` for a gallery's keys and ``{global}`` for the rest,
 a change log per gallery, and ``reid:{global}:layout`` = "2".
-Layout 3 (:mod:`index.store`): as layout 2, but an image's record and vector are one value of the gallery's hash
-``…:entries`` (:mod:`index.image_record`), and the model that embedded a gallery is in its settings.
+Layout 3: as layout 2, but an image's record and vector are one value of the gallery's hash ``…:entries``
+(:mod:`index.image_record`), and the model that embedded a gallery is in its settings.
+Layout 4 (:mod:`index.store`): the records in ``…:records`` (field: the id's 8 bytes; value: the vector's slot and
+the record), the vectors side by side in pages (:mod:`index.vector_pages`).
 
-:func:`migrate_layout` takes a store of layout 1 to 2, then 2 to 3:
+:func:`migrate_layout` takes a store of layout 1 to 2, then 2 or 3 to 4:
 
 * 1 to 2 renames every key to its layout-2 name, one RENAME each (atomic; a key renamed already is skipped), so it
   is safe to run again after a crash and by two processes at once. It runs on one Redis server only: a store of
   layout 1 was never a cluster's. The old change log is dropped rather than split: its entries name positions that
   no replica can hold in layout 2, so every replica rebuilds its indexes from the stored vectors once.
-* 2 to 3 folds each gallery's records into entries, a batch of images per transaction (entries written, the
-  vectors' fields and records deleted), on one server or a cluster (a gallery is one slot). An image already
-  folded is skipped, so this too is safe to run again and twice at once. Ids, vectors and the change logs stay as
-  they were: replicas keep their indexes and snapshots.
+* 2 or 3 to 4 folds each gallery's images into records and pages, a batch of images per Lua script (each image's
+  record written, its vector put in a slot, its old field deleted, in one atomic step), on one server or a cluster
+  (a gallery is one slot). An image already folded is skipped, so this too is safe to run again and twice at once.
+  Ids, vectors and the change logs stay as they were: replicas keep their indexes and snapshots. Staged vectors of
+  an activation that was running are dropped (that activation must run again).
 
 Replicas of the previous version must be stopped first: they would go on writing keys of the old layout.
 """
@@ -29,9 +32,10 @@ from dataclasses import dataclass, field
 
 import redis
 
-from .image_record import METADATA_FIELDS, ms_from_iso, pack_entry
+from . import vector_pages
+from .image_record import METADATA_FIELDS, id_field, ms_from_iso, pack_record, unpack_entry
 from .job_store import JobStore
-from .store import LAYOUT, RedisStore
+from .store import LAYOUT, LEGACY_DTYPE, RedisStore
 
 __all__ = ["LayoutMigration", "layout_of", "migrate_layout"]
 
@@ -58,13 +62,44 @@ class LayoutMigration:
     keys_renamed: int = 0
     events_dropped: int = 0  #: entries of the layout-1 change log
     leases_dropped: int = 0  #: short-lived locks (their holders are gone with the old version)
-    entries_folded: int = 0  #: images whose record and vector became one entry (2 to 3)
-    vectors_dropped: int = 0  #: vectors without a record (none in a healthy store; nothing to serve them with)
+    entries_folded: int = 0  #: images whose record and vector went to records and pages (2 or 3 to 4)
+    vectors_dropped: int = 0  #: vectors without a record, or of another size than the gallery's first (none in a
+    #: healthy store; nothing to serve them with)
 
     def as_dict(self) -> dict:
         return {"galleries": self.galleries, "keys_renamed": self.keys_renamed,
                 "events_dropped": self.events_dropped, "leases_dropped": self.leases_dropped,
                 "entries_folded": self.entries_folded, "vectors_dropped": self.vectors_dropped}
+
+
+# Fold a batch of one gallery's images of layout 2 or 3 into records and pages, each only if it has no record yet
+# (written by a new version meanwhile, or by another migration), and drop its old field.
+# KEYS: settings, records, the old hash (layout 2's vectors, layout 3's entries).   ARGV: per image: id field, id
+# (decimal), record, vector ('' none: the field only goes).   Returns {folded, dropped (a vector of another size
+# than the gallery's)}
+_FOLD = vector_pages.LUA + """
+local s = KEYS[1]
+local folded, dropped = 0, 0
+for i = 1, #ARGV, 4 do
+  if #ARGV[i + 3] > 0 and redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    local vb = redis.call('HGET', s, 'vector_bytes')
+    if not vb then
+      vb = tostring(#ARGV[i + 3])
+      redis.call('HSET', s, 'vector_bytes', vb, 'page_slots', page_slots(#ARGV[i + 3]))
+    end
+    if tonumber(vb) == #ARGV[i + 3] then
+      local slot = take_slot(s)
+      put_vector(s, slot, ARGV[i + 3], tonumber(vb), tonumber(redis.call('HGET', s, 'page_slots')))
+      redis.call('HSET', KEYS[2], ARGV[i], struct.pack('<I4', slot) .. ARGV[i + 2])
+      folded = folded + 1
+    else
+      dropped = dropped + 1
+    end
+  end
+  redis.call('HDEL', KEYS[3], ARGV[i + 1])
+end
+return {folded, dropped}
+"""
 
 
 def _v2_vectors(g: str) -> str:
@@ -75,6 +110,11 @@ def _v2_vectors(g: str) -> str:
 def _v2_image(g: str, id_: int) -> str:
     """Layout 2's record of one image."""
     return f"{RedisStore.k_gallery(g)}:image:{int(id_)}"
+
+
+def _v3_entries(g: str) -> str:
+    """Layout 3's hash of a gallery's entries (record and vector in one value)."""
+    return RedisStore.k_gallery(g) + ":entries"
 
 
 def layout_of(r: redis.Redis) -> str | None:
@@ -99,7 +139,7 @@ def _rename(r: redis.Redis, old: str, new: str) -> int:
 
 
 def migrate_layout(store: RedisStore) -> LayoutMigration | None:
-    """Bring a store of layout 1 or 2 to layout 3 (None: nothing to do). Record the layout on an empty store too, so
+    """Bring a store of layout 1, 2 or 3 to layout 4 (None: nothing to do). Record the layout on an empty store too, so
     a process of a previous version is refused instead of mixing layouts (it would see no galleries)."""
     r = store.r
     layout = layout_of(r)
@@ -108,7 +148,7 @@ def migrate_layout(store: RedisStore) -> LayoutMigration | None:
     if layout is None:
         r.set(RedisStore.k_layout(), LAYOUT, nx=True)
         return None
-    if layout not in ("1", "2"):
+    if layout not in ("1", "2", "3"):
         raise RuntimeError(f"the store has key layout {layout}, which this version does not know (it reads "
                            f"{LAYOUT}): run the version that wrote it")
     done = LayoutMigration()
@@ -116,13 +156,18 @@ def migrate_layout(store: RedisStore) -> LayoutMigration | None:
         _rename_layout1(store, done)
         r.set(RedisStore.k_layout(), "2")
     for g in store.list_galleries():
-        _fold_gallery(store, g, done)
+        r.hsetnx(store.k_gallery(g), "vector_dtype", LEGACY_DTYPE)
+        r.delete(store.k_staged(g))  # of an activation that was running: its fields are of the old layout
+        if layout == "3":
+            _fold_gallery(store, g, done, _v3_entries(g), _fold_v3_batch)
+        else:
+            _fold_gallery(store, g, done, _v2_vectors(g), _fold_batch)
         if g not in done.galleries:
             done.galleries.append(g)
     r.set(RedisStore.k_layout(), LAYOUT)
     log.warning("store migrated from key layout %s to %s: %d galleries, %d keys renamed, %d images folded into "
-                "entries, %d change-log entries dropped%s", layout, LAYOUT, len(done.galleries), done.keys_renamed,
-                done.entries_folded, done.events_dropped,
+                "records and vector pages, %d change-log entries dropped%s", layout, LAYOUT, len(done.galleries),
+                done.keys_renamed, done.entries_folded, done.events_dropped,
                 " (every replica rebuilds its indexes from Redis once)" if layout == "1" else "")
     return done
 
@@ -157,45 +202,63 @@ def _rename_layout1(store: RedisStore, done: LayoutMigration) -> None:
         done.leases_dropped += int(r.delete(key))
 
 
-def _fold_gallery(store: RedisStore, g: str, done: LayoutMigration, batch: int = 500) -> None:
-    """Layout 2 to 3 for one gallery: each image's record and vector become one entry."""
-    r = store.r
+def _fold_gallery(store: RedisStore, g: str, done: LayoutMigration, old: str, fold_batch, batch: int = 500) -> None:
+    """Layout 2 or 3 to 4 for one gallery: a batch of the image ids in its old hash ``old`` at a time."""
     ids: list[int] = []
-    for field_, _ in r.hscan_iter(_v2_vectors(g), count=batch):
+    for field_, _ in store.r.hscan_iter(old, count=batch):
         ids.append(int(field_))
         if len(ids) >= batch:
-            _fold_batch(store, g, ids, done)
+            fold_batch(store, g, ids, done)
             ids = []
     if ids:
-        _fold_batch(store, g, ids, done)
+        fold_batch(store, g, ids, done)
 
 
 def _fold_batch(store: RedisStore, g: str, ids: list[int], done: LayoutMigration) -> None:
+    """Layout 2 to 4: each image's vector (a field of ``…:vectors``) and record (a hash of its own)."""
     r = store.r
     read = r.pipeline(transaction=False)
     read.hmget(_v2_vectors(g), [str(i) for i in ids])
     for i in ids:
         read.hgetall(_v2_image(g, i))
     vectors, *records = read.execute()
-    entries: dict[str, bytes] = {}
+    args: list = []
     model = None
     for id_, vector, record in zip(ids, vectors, records):
         if vector is None:  # folded meanwhile by another process
             continue
         if not record:
             done.vectors_dropped += 1
+            args += [id_field(id_), str(id_), b"", b""]  # nothing to serve it with: its vector field goes
             continue
         rec = {k.decode(): v.decode() for k, v in record.items()}
         model = rec.get("model") or model
         meta = {f: rec.get(f) for f in METADATA_FIELDS}
-        entries[str(id_)] = pack_entry(ms_from_iso(rec["created_at"]) if rec.get("created_at") else 0, meta, vector)
+        args += [id_field(id_), str(id_), pack_record(ms_from_iso(rec["created_at"]) if rec.get("created_at") else 0,
+                                                      meta), vector]
     pipe = r.pipeline(transaction=True)  # one gallery: one slot
-    if entries:
-        for id_, entry in entries.items():
-            pipe.hsetnx(store.k_entries(g), id_, entry)  # an entry written since (a new upload) stays
-        done.entries_folded += len(entries)
+    if args:
+        pipe.execute_command("EVAL", _FOLD, 3, store.k_gallery(g), store.k_records(g), _v2_vectors(g), *args)
     if model is not None:
         pipe.hset(store.k_gallery(g), "model", model)
-    pipe.hdel(_v2_vectors(g), *(str(i) for i in ids))
     pipe.delete(*(_v2_image(g, i) for i in ids))
-    pipe.execute()
+    res = pipe.execute()
+    if args:
+        _count(done, res[0])
+
+
+def _fold_v3_batch(store: RedisStore, g: str, ids: list[int], done: LayoutMigration) -> None:
+    """Layout 3 to 4: each image's entry (record and vector in one value) split into a record and a slot."""
+    args: list = []
+    for id_, entry in zip(ids, store.r.hmget(_v3_entries(g), [str(i) for i in ids])):
+        if entry is not None:  # else folded meanwhile by another process
+            record, vector = unpack_entry(entry)
+            args += [id_field(id_), str(id_), record, vector]
+    if args:
+        _count(done, store.r.eval(_FOLD, 3, store.k_gallery(g), store.k_records(g), _v3_entries(g), *args))
+
+
+def _count(done: LayoutMigration, result) -> None:
+    folded, dropped = (int(x) for x in result)
+    done.entries_folded += folded
+    done.vectors_dropped += dropped

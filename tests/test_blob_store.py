@@ -19,8 +19,9 @@ import pytest
 from index.blob_gc import sweep_orphan_blobs
 from index.blob_store import BlobCorrupt, BlobMissing, BlobStore, blob_key
 from index import store as store_module
-from index.image_record import METADATA_FIELDS, pack_entry, unpack_entry
+from index.image_record import METADATA_FIELDS, id_field, pack_record, record_metadata
 from index.store import RedisStore, image_id
+from tests.store_writes import slotted, write_image_unlogged
 
 
 def vec(seed: int, d: int = 8) -> np.ndarray:
@@ -140,9 +141,10 @@ def test_kept_bytes_go_to_disk_not_redis_and_read_back(store, blob_dir, gallery_
     got = {i: (data, cam) for batch in store.iter_images(g, batch=2) for i, data, cam in batch}
     assert got == {i: (photo(n), "c1") for i, n in zip(ids, range(5))}
     assert store.images_without_bytes() == {}
-    # the entry holds the record and the vector, nothing else: no bytes, no id or gallery (the hash says both)
-    created, meta, vector = unpack_entry(store.r.hget(store.k_entries(g), str(ids[0])))
-    assert meta == {f: ("c1" if f == "camera_id" else None) for f in METADATA_FIELDS} and len(vector) == 4 * 8
+    # the record holds the vector's slot and the metadata, nothing else: no bytes, no id or gallery (the hash says both)
+    created, meta = record_metadata(store.r.hget(store.k_records(g), id_field(ids[0])))
+    assert meta == {f: ("c1" if f == "camera_id" else None) for f in METADATA_FIELDS}
+    assert len(store.get_raw_vectors(g, ids[:1])[1][0]) == 4 * 8
     with pytest.raises(ValueError, match="content id"):  # a blob is one image's: its id must be the content id
         store.put_many(g, [(7, vec(7), None)], images=[photo(7)])
 
@@ -213,7 +215,7 @@ def test_a_writer_waits_while_its_blob_is_being_removed_then_writes_it_again(sto
     key = blob_key(photo(1))
     blobs = BlobStore(blob_dir / g)
     # a remover in the middle of its work: the record is deleted, the mark set, the file in its trash
-    store.r.hdel(store.k_entries(g), str(i))
+    store.r.hdel(store.k_records(g), id_field(i))
     store.r.hdel(store.k_blobs(g), str(i))
     store.r.set(store.k_blob_mark(g, key), "remover", px=30_000)
     trash = blobs.move_to_trash(key, "remover")
@@ -288,12 +290,11 @@ def write_previous_layout(store, gallery: str, seeds, dim: int = 8, odd_id: int 
     for n in seeds:
         i = image_id(gallery, photo(n))
         ids.append(i)
-        entry = pack_entry(0, {"camera_id": f"c{n}"}, vec(n, dim).astype("<f4").tobytes())
-        r.hset(store.k_entries(gallery), str(i), entry)
+        write_image_unlogged(store, gallery, i, vec(n, dim).astype("<f4").tobytes(), {"camera_id": f"c{n}"})
         r.hset(store.k_images(gallery), str(i), photo(n))
         r.xadd(store.k_gallery_events(gallery), {"op": "put", "id": str(i)})
     if odd_id is not None:  # bytes kept under an id that is not their content id (a hand-made record)
-        r.hset(store.k_entries(gallery), str(odd_id), pack_entry(0, {}, vec(99, dim).astype("<f4").tobytes()))
+        write_image_unlogged(store, gallery, odd_id, vec(99, dim).astype("<f4").tobytes())
         r.hset(store.k_images(gallery), str(odd_id), b"odd bytes")
     r.sadd(store.k_galleries(), gallery)
     r.hset(store.k_gallery(gallery), mapping={"name": gallery, "created_at": "2024-01-01T00:00:00.000Z"})
@@ -335,7 +336,7 @@ def test_migration_drops_bytes_of_images_deleted_meanwhile(redis_url, blob_dir, 
     g = gallery_name
     store = RedisStore(redis_url, blob_dir=blob_dir)
     ids = write_previous_layout(store, g, range(3))
-    store.r.hdel(store.k_entries(g), str(ids[0]))  # an entry gone but its bytes left behind
+    store.r.hdel(store.k_records(g), id_field(ids[0]))  # a record gone but its bytes left behind
     result = store.migrate_image_bytes(g)
     assert (result.moved, result.dropped) == (2, 1)
     assert not blob_path(blob_dir, g, photo(0)).exists() and not store.r.exists(store.k_images(g))
@@ -455,26 +456,28 @@ def test_the_memory_benchmark_measures_what_the_layouts_cost(tmp_path):
         rows = {(dtype, storage): measure(srv.url, tmp_path / f"blobs-{dtype}-{storage}", 300, 64, dtype, storage,
                                           "realistic")
                 for dtype in ("float32", "float16") for storage in ("none", "disk", "redis")}
-    # an entry: the vector, the record's ~100 bytes of metadata, and bookkeeping (less than 100 bytes with libc's
-    # malloc; jemalloc's size classes, Redis 7's, round a value up by as much again)
-    v32, v16 = rows["float32", "none"]["parts"]["entries"], rows["float16", "none"]["parts"]["entries"]
-    assert 4 * 64 + 100 <= v32 < 4 * 64 + 300 and 2 * 64 + 100 <= v16 < 2 * 64 + 300 and v32 - v16 > 100
+    # a record: the slot, ~100 bytes of metadata, and the hash's bookkeeping; whatever the dtype
+    for dtype in ("float32", "float16"):
+        assert 100 <= rows[dtype, "none"]["parts"]["records"] < 250
+    # the vectors, side by side in pages: a page grows in steps that double, so its last one is at most half empty
+    v32, v16 = rows["float32", "none"]["parts"]["vectors"], rows["float16", "none"]["parts"]["vectors"]
+    assert 4 * 64 <= v32 < 2 * 4 * 64 and 2 * 64 <= v16 < 2 * 2 * 64 and v32 - v16 > 100
     on_disk, in_redis = rows["float32", "disk"]["parts"]["kept_bytes_hash"], rows["float32", "redis"]["parts"][
         "kept_bytes_hash"]
     assert 32 <= on_disk < 200 and in_redis >= IMAGE_BYTES
     for row in rows.values():
-        assert row["bytes_per_image"] > row["parts"]["entries"]
+        assert row["bytes_per_image"] > row["parts"]["records"] + row["parts"]["vectors"]
 
 
 @pytest.mark.parametrize("captured", ["2024-05-01T12:34:56.789Z", "2024-05-01T12:34:56Z", "2024-05-01T12:34:56.789+00:00",
                                       "1969-12-31T23:59:59.999Z", "2024-05-01T12:34:56.7890Z", "9999-12-31T23:59:59.999Z"])
 def test_captured_at_reads_back_as_written_and_the_services_own_form_packs_small(captured):
-    entry = pack_entry(5, {"captured_at": captured}, b"")
-    assert unpack_entry(entry)[1]["captured_at"] == captured
-    as_text = 2 + len(msgpack.packb([5, "", "", "", captured, ""]))
+    record = pack_record(5, {"captured_at": captured})
+    assert record_metadata(slotted(record))[1]["captured_at"] == captured
+    as_text = len(msgpack.packb([5, "", "", "", captured, ""]))
     # the service's form (ms, Z) is kept as an integer: 9 bytes instead of 25 (where the float seconds of
     # datetime.fromtimestamp cannot give the same ms back, as at year 9999, the text is kept)
-    assert (len(entry) < as_text) == (captured == "2024-05-01T12:34:56.789Z")
+    assert (len(record) < as_text) == (captured == "2024-05-01T12:34:56.789Z")
 
 
 def test_a_patch_keeps_a_compact_captured_at_and_can_replace_it(store, gallery_name):

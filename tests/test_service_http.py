@@ -228,8 +228,8 @@ def test_readyz_reports_index_out_of_sync_and_reupload_reconciles(live_server, r
     applies (tests/test_replicas.py); one that bypasses the change log (here: raw HSETs) stays unindexed."""
     import numpy as np
 
-    from index.image_record import pack_entry
     from index.store import RedisStore
+    from tests.store_writes import write_image_unlogged
 
     base, g = live_server, gallery_name
     assert upload(base, g, [("a.png", image_bytes(1))]).status_code == 201
@@ -237,8 +237,7 @@ def test_readyz_reports_index_out_of_sync_and_reupload_reconciles(live_server, r
     store = RedisStore(redis_url)
     vec = np.random.default_rng(0).normal(size=64).astype(np.float32)
     i = image_id(g, data)
-    entry = pack_entry(0, {"camera_id": "9"}, (vec / np.linalg.norm(vec)).astype("<f4").tobytes())
-    store.r.hset(store.k_entries(g), str(i), entry)
+    write_image_unlogged(store, g, i, (vec / np.linalg.norm(vec)).astype("<f4").tobytes(), {"camera_id": "9"})
     store.close()
     r = httpx.get(f"{base}/readyz")
     body = assert_error(r, 503, "not_ready")

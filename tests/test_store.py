@@ -210,13 +210,27 @@ def test_counts_and_listings_are_read_at_a_position_of_their_log(store):
 
 def test_existence_and_raw_vectors(store, gallery_name):
     g = gallery_name
-    store.put_many(g, [(1, vec(1), None), (2, vec(2, d=4), None)])
+    store.put_many(g, [(1, vec(1), None), (2, vec(2), None)])
     assert store.exists_many(g, [2, 5, 1]) == [True, False, True]
     assert store.exists_many(g, []) == []
     codec, raw = store.get_raw_vectors(g, [1, 5, 2])
-    assert codec.name == "float32" and codec.nbytes(4) == 16
-    assert raw[0] == vec(1).astype("<f4").tobytes() and raw[1] is None and len(raw[2]) == 4 * 4
+    assert codec.name == "float32" and codec.nbytes(8) == 32
+    assert raw[0] == vec(1).astype("<f4").tobytes() and raw[1] is None and raw[2] == vec(2).astype("<f4").tobytes()
     assert store.get_raw_vectors(g, [])[1] == []
+
+
+def test_a_gallery_holds_vectors_of_one_size(store, gallery_name):
+    g = gallery_name
+    with pytest.raises(ValueError, match="4 dimensions in a batch of 8"):
+        store.put_many(g, [(1, vec(1), None), (2, vec(2, d=4), None)])
+    assert store.count(g) == 0  # nothing of the batch written
+    store.put(g, 1, vec(1))
+    with pytest.raises(ValueError, match="holds vectors of 8 dimensions; these have 4"):
+        store.put(g, 2, vec(2, d=4))
+    assert store.count(g) == 1 and store.get_vector(g, 2) is None
+    store.delete(g, 1)  # emptied, a gallery takes vectors of another size
+    store.put(g, 3, vec(3, d=4))
+    np.testing.assert_array_equal(store.get_vector(g, 3), vec(3, d=4))
 
 
 def test_patch_metadata_changes_only_existing_images(store, gallery_name):
