@@ -22,8 +22,10 @@ it.
                                                filename) in ONE value (:mod:`index.image_record`: a field costs
                                                less than a key)
     reid:gallery:{g}:page:{n}           STRING the vectors of slots n*P .. n*P+P-1 side by side, little endian, in
-    reid:gallery:{g}:free-slots         LIST   the gallery's vector_dtype; free slots; images per page
-    reid:gallery:{g}:page-used          HASH   (:mod:`index.vector_pages`: no vector pays an allocator's rounding)
+                                               the gallery's vector_dtype; P = page_slots (:mod:`index.vector_pages`:
+                                               no vector pays an allocator's rounding)
+    reid:gallery:{g}:free-slots         LIST   slots freed by deletes, taken again before new ones
+    reid:gallery:{g}:page-used          HASH   {page number} -> images in it (a page is freed when none is left)
     reid:gallery:{g}:blobs              HASH   {image id} -> sha256 (32 raw bytes) of the image's kept bytes,
                                                a blob in ``{blob_dir}/{g}/`` (:mod:`index.blob_store`)
     reid:gallery:{g}:images             HASH   {image id} -> the original image bytes inside Redis: the layout
@@ -178,20 +180,20 @@ if not dtype then
 end
 if dtype ~= ARGV[1] then return {'dtype', dtype} end
 local vb = redis.call('HGET', s, 'vector_bytes')
-if vb ~= ARGV[5] then  -- the first write, or one of another size into a gallery emptied since
-  if vb and redis.call('HLEN', KEYS[2]) > 0 then return {'size', vb} end
-  if vb then drop_pages(s) end
-  vb = ARGV[5]
-  redis.call('HSET', s, 'vector_bytes', vb, 'page_slots', page_slots(tonumber(vb)))
-end
-vb = tonumber(vb)
-local per_page = tonumber(redis.call('HGET', s, 'page_slots'))
+if vb and vb ~= ARGV[5] and redis.call('HLEN', KEYS[2]) > 0 then return {'size', vb} end
 local model = redis.call('HGET', s, 'model')
 if model and ARGV[3] ~= '' and model ~= ARGV[3] then return {'model', model} end
 if ARGV[4] ~= '' and (redis.call('GET', KEYS[6]) or '0') ~= ARGV[4] then return {'busy', KEYS[6]} end
 for i = 7, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 1 then return {'busy', KEYS[i]} end
 end
+if vb ~= ARGV[5] then  -- the first write, or one of another size into a gallery emptied since
+  if vb then drop_pages(s) end
+  vb = ARGV[5]
+  redis.call('HSET', s, 'vector_bytes', vb, 'page_slots', page_slots(tonumber(vb)))
+end
+vb = tonumber(vb)
+local per_page = tonumber(redis.call('HGET', s, 'page_slots'))
 local existed, wrote = {}, false
 for i = 6, #ARGV, 6 do
   local id = ARGV[i + 1]

@@ -35,7 +35,7 @@ def open_store(settings: Settings, migrate: bool = True) -> Iterator[RedisStore]
     store = RedisStore(url, **{**settings.store_options(), "image_storage": "disk"})
     try:
         if migrate:
-            migrate_layout(store)  # as the service does at start: this code reads layout 3 only
+            migrate_layout(store)  # as the service does at start: this code reads the current layout only
         yield store
     finally:
         store.close()
