@@ -6,11 +6,11 @@ disk (the blob store) vs inside Redis vs not kept.
 
 For each configuration it empties the server, writes N images through :meth:`RedisStore.put_many` (batches of
 100, as uploads arrive) with metadata like the service's (``realistic``: external id, camera, person, capture
-time, file name; ``minimal``: file name and camera), and reports the ``used_memory`` delta per image after the first batch, split by
-``MEMORY USAGE`` into the gallery's records (each image's slot and metadata, key layout 4), its vector pages, its
-kept-bytes hash (references to blobs, or the bytes themselves) and the gallery's change log. Each change log is capped at
-REID_EVENTS_MAXLEN entries, so at large N its share per image fades: ``without log`` is what each further
-image costs once the cap is reached.
+time, file name; ``minimal``: file name and camera), and reports the ``used_memory`` delta per image after the
+first batch, split by ``MEMORY USAGE`` into the gallery's records (each image's slot and metadata, key layout 4),
+its vector pages, its kept-bytes hash (references to blobs, or the bytes themselves) and the gallery's change
+log. Each change log is capped at REID_EVENTS_MAXLEN entries, so at large N its share per image fades:
+``without log`` is what each further image costs once the cap is reached.
 """
 
 from __future__ import annotations

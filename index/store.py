@@ -266,9 +266,29 @@ local per_page = tonumber(redis.call('HGET', s, 'page_slots') or '1')
 local out = {redis.call('HGET', s, 'vector_dtype')}
 for i = 1, #ARGV do
   local rec = redis.call('HGET', KEYS[2], ARGV[i])
-  if rec then out[i + 1] = get_vector(s, struct.unpack('<I4', rec), vb, per_page) else out[i + 1] = false end
+  out[i + 1] = false
+  if rec then
+    local v = get_vector(s, struct.unpack('<I4', rec), vb, per_page)
+    if #v == vb then out[i + 1] = v end
+  end
 end
 return out
+"""
+
+# One step of a scan of a gallery's vectors: the records of one HSCAN call and their vectors, read together (so a
+# slot taken again since the records were read cannot happen), joined into two strings for a quick decode.
+# KEYS: settings, records.   ARGV: cursor, count.   Returns {next cursor, dtype or false, id fields, vectors}
+_SCAN_VECTORS = vector_pages.LUA + """
+local s = KEYS[1]
+local vb = tonumber(redis.call('HGET', s, 'vector_bytes') or '0')
+local per_page = tonumber(redis.call('HGET', s, 'page_slots') or '1')
+local page = redis.call('HSCAN', KEYS[2], ARGV[1], 'COUNT', ARGV[2])
+local kv, ids, vectors = page[2], {}, {}
+for i = 1, #kv, 2 do
+  local v = get_vector(s, struct.unpack('<I4', kv[i + 1]), vb, per_page)
+  if #v == vb then ids[#ids + 1] = kv[i]; vectors[#vectors + 1] = v end
+end
+return {page[1], redis.call('HGET', s, 'vector_dtype'), table.concat(ids), table.concat(vectors)}
 """
 
 # Put each staged vector into its image's slot, in place of the vector there, and drop the staged hash. Staged
@@ -451,6 +471,7 @@ class RedisStore:
         self.wait_replicas, self.wait_replicas_ms = int(wait_replicas), int(wait_replicas_ms)
         self._claim_unreferenced = client.register_script(_CLAIM_UNREFERENCED)
         self._read_vectors = client.register_script(_READ_VECTORS)
+        self._scan_vectors = client.register_script(_SCAN_VECTORS)
         self._release_marks = client.register_script(_RELEASE_MARKS)
         self.blob_dir = Path(blob_dir) if blob_dir is not None else None
         self.image_storage = image_storage or ("disk" if self.blob_dir is not None else "redis")
@@ -993,13 +1014,18 @@ class RedisStore:
         return self.delete_many(gallery, [id_]) == 1
 
     def iter_vectors(self, gallery: str, batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(ids int64 (n,), vectors float32 (n, d))`` batches: the ids by HSCAN (never KEYS), their vectors
-        read with them (an image deleted in between is left out)."""
-        for ids in self.iter_image_ids(gallery, batch):
-            codec, raws = self.get_raw_vectors(gallery, ids)
-            found = [(i, v) for i, v in zip(ids, raws) if v is not None]
-            if found:
-                yield _pack(codec, [i for i, _ in found], [v for _, v in found])
+        """Yield ``(ids int64 (n,), vectors float32 (n, d))`` batches, by HSCAN (never KEYS) inside a script that
+        reads each batch's vectors with its records. HSCAN may yield an image twice (while Redis rehashes)."""
+        cursor = b"0"
+        while True:
+            cursor, dtype, ids, vectors = self._scan_vectors(keys=[self.k_gallery(gallery), self.k_records(gallery)],
+                                                             args=[cursor, batch])
+            if ids:
+                codec = VectorCodec.named(_s(dtype) or LEGACY_DTYPE)
+                ids = np.frombuffer(ids, dtype=">i8").astype(np.int64)
+                yield ids, codec.decode(vectors, codec.dim_of(vectors) // len(ids))
+            if cursor in (b"0", 0, "0"):
+                return
 
     # ------------------------------------------------------------------ bulk deletion and retention
     def get_vectors(self, gallery: str, ids: Iterable[int]) -> list[np.ndarray | None]:
@@ -1066,8 +1092,8 @@ class RedisStore:
 
     def delete_many(self, gallery: str, ids: Sequence[int]) -> int:
         """Delete these images (record, vector, kept bytes) with their ``delete`` change-log entries in ONE atomic
-        step (the script :data:`_DELETE`); the caller batches. Returns how many existed. Their blobs are removed after it (the
-        removal rule of the module docstring)."""
+        step (the script :data:`_DELETE`); the caller batches. Returns how many existed. Their blobs are removed
+        after it (the removal rule of the module docstring)."""
         ids = [int(i) for i in dict.fromkeys(int(i) for i in ids)]
         if not ids:
             return 0
@@ -1479,8 +1505,3 @@ def _gallery_info(gallery: str, count: Any, fields: Sequence[Any]) -> dict[str, 
     created, days, model = fields
     return {"name": gallery, "count": int(count), "created_at": _s(created),
             "retention_days": int(days) if days is not None else None, "model": _s(model)}
-
-
-def _pack(codec: VectorCodec, ids: list[int], vecs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(ids, dtype=np.int64), codec.decode_many(vecs, codec.dim_of(vecs[0]))
-

@@ -67,8 +67,10 @@ def test_put_get_exists_delete(store, gallery_name):
 def test_iter_vectors_batches_everything(store, gallery_name):
     g = gallery_name
     ids = [image_id(g, str(n).encode()) for n in range(257)]
+    # records past 64 bytes: a real hash table, which HSCAN walks a part at a time (a small one comes whole)
     for n, i in enumerate(ids):
-        store.put(g, i, vec(n))
+        store.put(g, i, vec(n), {"external_id": f"site-7/cam-03/2024-05-01/{n:08d}",
+                                 "filename": f"{n:04d}_c3s1_{n * 7:06d}_00.jpg"})
     seen = {}
     batches = 0
     for bid, bvec in store.iter_vectors(g, batch=50):
