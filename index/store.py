@@ -792,10 +792,13 @@ class RedisStore:
         pages = self.page_keys(gallery)
         for start in range(0, len(pages), batch):
             self.r.unlink(*pages[start:start + batch])
-        # UNLINK: a hash of millions of entries is freed in the background, not while Redis serves nobody
+        # UNLINK: a hash of millions of entries is freed in the background, not while Redis serves nobody. With the
+        # hashes of layouts 2 and 3 (":vectors", ":entries"): a delete that crashed under them left them unlisted,
+        # where no migration finds them
         self.r.unlink(self.k_records(gallery), self.k_images(gallery), self.k_blobs(gallery), self.k_staged(gallery),
                       self.k_free_slots(gallery), self.k_page_used(gallery), self.k_blob_removals(gallery),
-                      self.k_gallery_events(gallery), self.k_gallery(gallery))
+                      self.k_gallery_events(gallery), self.k_gallery(gallery) + ":vectors",
+                      self.k_gallery(gallery) + ":entries", self.k_gallery(gallery))
         if self.blob_dir is not None:
             self._blobs(gallery).prune_empty_dirs()
 

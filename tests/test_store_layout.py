@@ -249,3 +249,15 @@ def test_a_fold_of_layout_3_interrupted_half_way_finishes_when_run_again(layout3
     assert done.entries_folded == 3 + 4 + 7 and layout_of(store.r) == LAYOUT
     assert store.count("cam-c") == 11 and store.get_raw_vectors("cam-c", ids)[1] == [before[i][1] for i in ids]
     assert store.r.hget(store.k_gallery("cam-c"), "next_slot") == b"11"  # each image one slot, none twice
+
+
+def test_leftovers_of_a_delete_that_crashed_under_layout_3_go_when_the_gallery_is_made_again(layout3_store):
+    url, blob_dir = layout3_store
+    store = RedisStore(url, blob_dir=blob_dir)
+    # cam-a's delete crashed under layout 3 after unlisting it: its settings marked, its entries left
+    store.r.hset(store.k_gallery("cam-a"), "deleting", "1")
+    store.r.srem(store.k_galleries(), "cam-a")
+    migrate_layout(store)
+    assert store.r.exists(_v3_entries("cam-a")) and store.list_galleries() == ["cam-b", "cam-c"]
+    assert store.create_gallery("cam-a") and store.count("cam-a") == 0
+    assert not store.r.exists(_v3_entries("cam-a"))
