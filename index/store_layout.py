@@ -28,6 +28,7 @@ Replicas of the previous version must be stopped first: they would go on writing
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import redis
@@ -63,29 +64,34 @@ class LayoutMigration:
     events_dropped: int = 0  #: entries of the layout-1 change log
     leases_dropped: int = 0  #: short-lived locks (their holders are gone with the old version)
     entries_folded: int = 0  #: images whose record and vector went to records and pages (2 or 3 to 4)
-    vectors_dropped: int = 0  #: vectors without a record, or of another size than the gallery's first (none in a
-    #: healthy store; nothing to serve them with)
+    vectors_dropped: int = 0  #: vectors without a record (none in a healthy store; nothing to serve them with)
+    #: vectors of another size than the gallery's first (a gallery holds one size now): left in the old hash, which
+    #: a delete of the gallery removes (none in a store written by one model)
+    vectors_left: int = 0
 
     def as_dict(self) -> dict:
         return {"galleries": self.galleries, "keys_renamed": self.keys_renamed,
                 "events_dropped": self.events_dropped, "leases_dropped": self.leases_dropped,
-                "entries_folded": self.entries_folded, "vectors_dropped": self.vectors_dropped}
+                "entries_folded": self.entries_folded, "vectors_dropped": self.vectors_dropped,
+                "vectors_left": self.vectors_left}
 
 
 # Fold a batch of one gallery's images of layout 2 or 3 into records and pages, each only if it has no record yet
-# (written by a new version meanwhile, or by another migration), and drop its old field.
-# KEYS: settings, records, the old hash (layout 2's vectors, layout 3's entries).   ARGV: per image: id field, id
-# (decimal), record, vector ('' none: the field only goes).   Returns {folded, dropped (a vector of another size
-# than the gallery's)}
+# (written by a new version meanwhile, or by another migration), and drop its old field; a vector of another size
+# than the gallery's stays where it is. The gallery's size is the one its first batch holds most of.
+# KEYS: settings, records, the old hash (layout 2's vectors, layout 3's entries).   ARGV: the batch's commonest
+# vector size, then per image: id field, id (decimal), record, vector ('' none: the field only goes).
+# Returns {folded, left}
 _FOLD = vector_pages.LUA + """
 local s = KEYS[1]
-local folded, dropped = 0, 0
-for i = 1, #ARGV, 4 do
+local folded, left = 0, 0
+for i = 2, #ARGV, 4 do
+  local keep = false
   if #ARGV[i + 3] > 0 and redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
     local vb = redis.call('HGET', s, 'vector_bytes')
     if not vb then
-      vb = tostring(#ARGV[i + 3])
-      redis.call('HSET', s, 'vector_bytes', vb, 'page_slots', page_slots(#ARGV[i + 3]))
+      vb = ARGV[1]
+      redis.call('HSET', s, 'vector_bytes', vb, 'page_slots', page_slots(tonumber(vb)))
     end
     if tonumber(vb) == #ARGV[i + 3] then
       local slot = take_slot(s)
@@ -93,12 +99,13 @@ for i = 1, #ARGV, 4 do
       redis.call('HSET', KEYS[2], ARGV[i], struct.pack('<I4', slot) .. ARGV[i + 2])
       folded = folded + 1
     else
-      dropped = dropped + 1
+      left = left + 1
+      keep = true
     end
   end
-  redis.call('HDEL', KEYS[3], ARGV[i + 1])
+  if not keep then redis.call('HDEL', KEYS[3], ARGV[i + 1]) end
 end
-return {folded, dropped}
+return {folded, left}
 """
 
 
@@ -169,6 +176,10 @@ def migrate_layout(store: RedisStore) -> LayoutMigration | None:
                 "records and vector pages, %d change-log entries dropped%s", layout, LAYOUT, len(done.galleries),
                 done.keys_renamed, done.entries_folded, done.events_dropped,
                 " (every replica rebuilds its indexes from Redis once)" if layout == "1" else "")
+    if done.vectors_left:
+        log.warning("%d vector(s) of another size than the rest of their gallery were left in the gallery's hash of "
+                    "layout %s (…:entries or …:vectors): not searchable before either; re-ingest those images",
+                    done.vectors_left, layout)
     return done
 
 
@@ -238,7 +249,8 @@ def _fold_batch(store: RedisStore, g: str, ids: list[int], done: LayoutMigration
                                                       meta), vector]
     pipe = r.pipeline(transaction=True)  # one gallery: one slot
     if args:
-        pipe.execute_command("EVAL", _FOLD, 3, store.k_gallery(g), store.k_records(g), _v2_vectors(g), *args)
+        pipe.execute_command("EVAL", _FOLD, 3, store.k_gallery(g), store.k_records(g), _v2_vectors(g),
+                             _commonest_size(args), *args)
     if model is not None:
         pipe.hset(store.k_gallery(g), "model", model)
     pipe.delete(*(_v2_image(g, i) for i in ids))
@@ -255,10 +267,17 @@ def _fold_v3_batch(store: RedisStore, g: str, ids: list[int], done: LayoutMigrat
             record, vector = unpack_entry(entry)
             args += [id_field(id_), str(id_), record, vector]
     if args:
-        _count(done, store.r.eval(_FOLD, 3, store.k_gallery(g), store.k_records(g), _v3_entries(g), *args))
+        _count(done, store.r.eval(_FOLD, 3, store.k_gallery(g), store.k_records(g), _v3_entries(g),
+                                  _commonest_size(args), *args))
+
+
+def _commonest_size(args: list) -> int:
+    """The vector size most of a batch's images have (``args`` as :data:`_FOLD` takes them)."""
+    sizes = Counter(len(v) for v in args[3::4] if v)
+    return sizes.most_common(1)[0][0] if sizes else 0
 
 
 def _count(done: LayoutMigration, result) -> None:
-    folded, dropped = (int(x) for x in result)
+    folded, left = (int(x) for x in result)
     done.entries_folded += folded
-    done.vectors_dropped += dropped
+    done.vectors_left += left

@@ -24,7 +24,7 @@ import redis
 
 from index.redis_server import EmbeddedRedis
 from index.store import LAYOUT, RedisStore, image_id
-from index.image_record import record_metadata, unpack_entry
+from index.image_record import pack_entry, record_metadata, unpack_entry
 from index.store_layout import LayoutMigration, _fold_batch, _fold_v3_batch, _rename_layout1, _v2_image, _v2_vectors, \
     _v3_entries, layout_of, migrate_layout
 
@@ -261,3 +261,21 @@ def test_leftovers_of_a_delete_that_crashed_under_layout_3_go_when_the_gallery_i
     assert store.r.exists(_v3_entries("cam-a")) and store.list_galleries() == ["cam-b", "cam-c"]
     assert store.create_gallery("cam-a") and store.count("cam-a") == 0
     assert not store.r.exists(_v3_entries("cam-a"))
+
+
+def test_a_vector_of_another_size_than_its_gallery_is_left_in_the_old_hash(layout3_store):
+    """Layout 3 let a gallery hold vectors of two sizes (the odd ones were never searchable); layout 4 holds one size
+    per gallery, so the migration leaves an odd one where it was, says so, and loses nothing else."""
+    url, blob_dir = layout3_store
+    store = RedisStore(url, blob_dir=blob_dir)
+    # the odd one comes first in its gallery's hash: the size is still the one most of its images have
+    entries = store.r.hgetall(_v3_entries("cam-b"))
+    record, vector = unpack_entry(entries[b"99"])
+    store.r.delete(_v3_entries("cam-b"))
+    store.r.hset(_v3_entries("cam-b"), "99", pack_entry(0, {"camera_id": "2"}, vector + vector))
+    store.r.hset(_v3_entries("cam-b"), mapping={k: v for k, v in entries.items() if k != b"99"})
+    assert store.r.hkeys(_v3_entries("cam-b"))[0] == b"99"
+    done = migrate_layout(store)
+    assert done.vectors_left == 1 and done.entries_folded == 17 and store.count("cam-b") == 3
+    assert store.r.hkeys(_v3_entries("cam-b")) == [b"99"] and store.get("cam-b", 99) is None
+    assert store.delete_gallery("cam-b") and not store.r.exists(_v3_entries("cam-b"))
