@@ -126,6 +126,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _storages(profile: str, unkept_only: bool) -> tuple[str, ...]:
+    if unkept_only:
+        return ("none",)
+    return ("none", "disk") + (("redis",) if profile == "realistic" else ())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=10_000)
@@ -133,20 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--cluster", action="store_true", help="also measure on a local Redis Cluster (3 masters + 3 "
                    "replicas; memory summed over the masters)")
+    p.add_argument("--unkept-only", action="store_true", help="only the rows without kept bytes, realistic metadata "
+                   "(a run at a large --n, where the change log's share fades)")
     args = p.parse_args(argv)
+    profiles = ("realistic",) if args.unkept_only else ("realistic", "minimal")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         with EmbeddedRedis(Path(tmp) / "redis", appendfsync="everysec") as srv:
-            for profile in ("realistic", "minimal"):
+            for profile in profiles:
                 for dtype in ("float32", "float16"):
-                    for storage in ("none", "disk") + (("redis",) if profile == "realistic" else ()):
+                    for storage in _storages(profile, args.unkept_only):
                         rows.append(measure(srv.url, Path(tmp) / f"blobs-{len(rows)}", args.n, args.dim, dtype,
                                             storage, profile))
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
         if args.cluster:
             with LocalRedisCluster(Path(tmp) / "cluster", appendfsync="everysec") as cluster:
                 for dtype in ("float32", "float16"):
-                    for storage in ("none", "disk"):
+                    for storage in ("none",) if args.unkept_only else ("none", "disk"):
                         rows.append(measure(cluster.url, Path(tmp) / f"blobs-{len(rows)}", args.n, args.dim, dtype,
                                             storage, "realistic", cluster=True))
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)

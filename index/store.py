@@ -102,6 +102,7 @@ import os
 import re
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -392,6 +393,19 @@ class MigrationResult:
     skipped: int = 0
 
 
+@contextmanager
+def _reshard_retryable() -> Iterator[None]:
+    """A script stopped by a live reshard of its gallery's hash slot (a page key it derives already moved:
+    :mod:`index.vector_pages`) raises Redis Cluster's TryAgainError, as the other passing cluster states do, instead
+    of a plain ResponseError."""
+    try:
+        yield
+    except redis.ResponseError as e:
+        if "non local key" in str(e):
+            raise redis.exceptions.TryAgainError(f"the gallery's hash slot is moving between masters: {e}") from e
+        raise
+
+
 def connect(url: str, cluster: bool = False, socket_timeout: float = 5.0) -> redis.Redis | RedisCluster:
     """A client for ``url``: one server, or (``cluster``) the Redis Cluster that the node at ``url`` belongs to."""
     options = dict(decode_responses=False, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
@@ -507,7 +521,7 @@ class RedisStore:
         """Run a Lua script (its keys all in one slot) as a change: inside MULTI/EXEC on :meth:`_pipeline`, so it
         waits for the AOF fsync or the replicas as every write does. EVAL rather than EVALSHA: no NOSCRIPT to
         recover from inside a transaction, and the source is small beside a batch's vectors."""
-        with self._pipeline() as pipe:
+        with self._pipeline() as pipe, _reshard_retryable():
             pipe.execute_command("EVAL", source, len(keys), *keys, *args)  # (a cluster pipeline has no eval())
             return pipe.execute()[0]
 
@@ -1021,8 +1035,9 @@ class RedisStore:
         reads each batch's vectors with its records. HSCAN may yield an image twice (while Redis rehashes)."""
         cursor = b"0"
         while True:
-            cursor, dtype, ids, vectors = self._scan_vectors(keys=[self.k_gallery(gallery), self.k_records(gallery)],
-                                                             args=[cursor, batch])
+            with _reshard_retryable():
+                cursor, dtype, ids, vectors = self._scan_vectors(
+                    keys=[self.k_gallery(gallery), self.k_records(gallery)], args=[cursor, batch])
             if ids:
                 codec = VectorCodec.named(_s(dtype) or LEGACY_DTYPE)
                 ids = np.frombuffer(ids, dtype=">i8").astype(np.int64)
@@ -1040,8 +1055,9 @@ class RedisStore:
         """``(codec, the stored vectors of ids as they are kept)`` (None where absent), read together in one
         MULTI/EXEC: for callers that check each length against ``codec.nbytes(dim)`` and decode many at once
         (``codec.decode_many``)."""
-        dtype, *raws = self._read_vectors(keys=[self.k_gallery(gallery), self.k_records(gallery)],
-                                          args=[id_field(i) for i in ids])
+        with _reshard_retryable():
+            dtype, *raws = self._read_vectors(keys=[self.k_gallery(gallery), self.k_records(gallery)],
+                                              args=[id_field(i) for i in ids])
         return VectorCodec.named(_s(dtype) or LEGACY_DTYPE), raws
 
     def iter_image_ids(self, gallery: str, batch: int = 1000) -> Iterator[list[int]]:

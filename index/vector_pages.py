@@ -15,7 +15,10 @@ slots it had stay in the free list and make it again if they are taken.
 
 All of it runs inside the store's Lua scripts (:data:`LUA`, put in front of each), one gallery's keys in one hash
 slot: the page keys are derived from the settings key (``KEYS[1]``), not declared, which Redis Cluster allows for
-keys of the script's own hash slot.
+keys of the script's own hash slot. The one case where that shows: while a live reshard is moving a gallery's hash
+slot to another master, a script that reaches a page already moved stops with Redis's "non local key" error (the
+store raises TryAgainError, which the service answers with 503 and Retry-After, as for any redirection). Each image it had written by then is whole, with its
+change-log entry; a slot it had taken for the next image is lost to the gallery (never handed out again).
 """
 
 from __future__ import annotations

@@ -111,3 +111,15 @@ def test_an_activation_switches_gallery_by_gallery_and_a_rerun_finishes_one_that
         assert store.get(g, 2).metadata["model"] == "new:1" and not store.r.exists(store.k_staged(g))
     np.testing.assert_array_equal(store.get_vector(second, 3), vec(203, 4))
     crashing.close()
+
+
+def test_a_script_that_reaches_a_key_of_another_master_is_a_retryable_cluster_error(cluster, store):
+    """What a live reshard does to a script whose derived page key has already moved (index/vector_pages.py):
+    Redis stops it with "non local key"; the store raises TryAgainError, which the service answers with 503 and
+    Retry-After like any passing cluster state, not a 500."""
+    import redis
+
+    g, other = two_galleries(cluster)[:2]
+    source = f"return redis.call('GET', '{RedisStore.k_gallery(other)}')"  # another master's slot
+    with pytest.raises(redis.exceptions.TryAgainError, match="moving between masters"):
+        store._script(source, [store.k_gallery(g)], [])
