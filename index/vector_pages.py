@@ -10,15 +10,17 @@ Why pages: a vector in a Redis value of its own (or in one with the image's reco
 jemalloc, Redis's default allocator, rounds up to its 1,280-byte size class; one page of 255 float32 vectors of 256
 dimensions fills its 256 KiB exactly, so a vector costs 1,028 bytes. A page grows in steps that each fill a size
 class (4 KiB, 8 KiB, ...), so a small gallery does not hold a quarter of a megabyte: growing it with SETRANGE past its
-end would let Redis double the allocation instead. A page whose images are all deleted is freed at once; the
-slots it had stay in the free list and make it again if they are taken.
+end would let Redis double the allocation instead. A page whose images are all deleted is freed at once; its
+slots stay in the free list, and taking one of them makes the page again. There is no compaction: a gallery that
+shrinks keeps each page that still holds an image, until new images fill the free slots.
 
 All of it runs inside the store's Lua scripts (:data:`LUA`, put in front of each), one gallery's keys in one hash
 slot: the page keys are derived from the settings key (``KEYS[1]``), not declared, which Redis Cluster allows for
 keys of the script's own hash slot. The one case where that shows: while a live reshard is moving a gallery's hash
 slot to another master, a script that reaches a page already moved stops with Redis's "non local key" error (the
-store raises TryAgainError, which the service answers with 503 and Retry-After, as for any redirection). Each image it had written by then is whole, with its
-change-log entry; a slot it had taken for the next image is lost to the gallery (never handed out again).
+store raises TryAgainError, which the service answers with 503 and Retry-After, as for any redirection). Each
+image it had written by then is whole, with its change-log entry; a slot it had taken for the next image is lost
+to the gallery (never handed out again).
 """
 
 from __future__ import annotations
