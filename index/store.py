@@ -119,12 +119,13 @@ from .durability import Persistence, WriteWait, durable_pipeline, probe
 from .events import GLOBAL, ZERO, EventReader, Positions, StreamInfo, read_range, stream_info
 from . import vector_pages
 from .image_record import METADATA_FIELDS, field_id, field_position, id_field, iso_from_ms, pack_record, \
-    record_metadata
+    record_metadata, record_slot
 from .job_store import JobStore
 from .vector_codec import VectorCodec
 
 __all__ = [
     "BLOB_MARK_TTL_MS",
+    "Compaction",
     "GALLERY_NAME_RE",
     "IMAGE_STORAGES",
     "METADATA_FIELDS",
@@ -292,6 +293,49 @@ end
 return {page[1], redis.call('HGET', s, 'vector_dtype'), table.concat(ids), table.concat(vectors)}
 """
 
+# One step of a compaction: move images (id field, the slot it was seen in) out of the pages past the first
+# ceil(images / page_slots), each into a free slot of those first pages, so the pages behind empty and are freed.
+# Free slots past them met on the way go to the head of the free list: writers take from its tail, so they fill the
+# first pages too. An image whose record moved meanwhile is skipped; the step stops when no free slot is left in the
+# first pages. Nothing any reader sees changes: ids, vectors and records stay, so no change-log entry.
+# KEYS: settings, records.   ARGV: id field, slot seen, ...   Returns {moved, stopped (1: no free slot left)}
+_COMPACT_STEP = vector_pages.LUA + """
+local s = KEYS[1]
+local vb = tonumber(redis.call('HGET', s, 'vector_bytes') or '0')
+local per_page = tonumber(redis.call('HGET', s, 'page_slots') or '1')
+local keep = math.ceil(redis.call('HLEN', KEYS[2]) / per_page) * per_page  -- slots of the pages kept
+local moved, past = 0, {}
+local function low_free_slot()
+  while true do
+    local f = redis.call('RPOP', s .. ':free-slots')
+    if not f then return nil end
+    f = tonumber(f)
+    if f < keep then return f end
+    past[#past + 1] = f
+  end
+end
+local stopped = 0
+for i = 1, #ARGV, 2 do
+  local rec = redis.call('HGET', KEYS[2], ARGV[i])
+  local from = tonumber(ARGV[i + 1])
+  if rec and from >= keep and struct.unpack('<I4', rec) == from then
+    local to = low_free_slot()
+    if not to then stopped = 1; break end
+    put_vector(s, to, get_vector(s, from, vb, per_page), vb, per_page)
+    redis.call('HSET', KEYS[2], ARGV[i], struct.pack('<I4', to) .. string.sub(rec, 5))
+    local n = math.floor(from / per_page)
+    if redis.call('HINCRBY', s .. ':page-used', n, -1) <= 0 then
+      redis.call('HDEL', s .. ':page-used', n)
+      redis.call('DEL', page_key(s, n))
+    end
+    past[#past + 1] = from
+    moved = moved + 1
+  end
+end
+for _, f in ipairs(past) do redis.call('LPUSH', s .. ':free-slots', f) end
+return {moved, stopped}
+"""
+
 # Put each staged vector into its image's slot, in place of the vector there, and drop the staged hash. Staged
 # vectors of another size (another dtype or dimension) write the pages anew.
 # KEYS: settings, records, staged.   Returns how many images changed.
@@ -381,6 +425,16 @@ class _Pending:
     meta: dict[str, str]
     data: bytes | None
     blob: str | None
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """:meth:`RedisStore.compact_vectors` of one gallery: images moved, and its vector pages before and after."""
+
+    gallery: str
+    moved: int
+    pages_before: int
+    pages_after: int
 
 
 @dataclass(frozen=True)
@@ -843,6 +897,38 @@ class RedisStore:
         """The keys every page of the gallery's vectors may have (one past another is freed when it empties)."""
         per_page, next_slot = self.r.hmget(self.k_gallery(gallery), "page_slots", "next_slot")
         return [self.k_page(gallery, n) for n in range(-(-int(next_slot or 0) // int(per_page or 1)))]
+
+    def freeable_pages(self, gallery: str) -> int:
+        """How many of the gallery's vector pages :meth:`compact_vectors` would free now (one round trip)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hlen(self.k_records(gallery))
+        pipe.hlen(self.k_page_used(gallery))
+        pipe.hget(self.k_gallery(gallery), "page_slots")
+        images, pages, per_page = pipe.execute()
+        return max(0, int(pages) - -(-int(images) // int(per_page or 1)))
+
+    def compact_vectors(self, gallery: str, batch: int = 500) -> "Compaction":
+        """Move the images of the gallery's last pages into free slots of its first ``ceil(images / page_slots)``,
+        :data:`_COMPACT_STEP` by step, so the pages behind empty and are freed: the memory a large delete left in
+        half-empty pages comes back. Safe while the service writes and deletes (each step checks every image where
+        it moves it; what a writer puts in a last page meanwhile stays there, for the next run)."""
+        before = int(self.r.hlen(self.k_page_used(gallery)))
+        per_page = int(self.r.hget(self.k_gallery(gallery), "page_slots") or 1)
+        fields, slots = [], []
+        for field, raw in self.r.hscan_iter(self.k_records(gallery), count=1000):
+            fields.append(field)
+            slots.append(record_slot(raw))
+        keep = -(-len(fields) // per_page) * per_page
+        movers = sorted((slot, field) for field, slot in zip(fields, slots) if slot >= keep)
+        moved = 0
+        for start in range(0, len(movers), batch):
+            args = [x for slot, field in movers[start:start + batch] for x in (field, slot)]
+            step_moved, stopped = self._script(_COMPACT_STEP, [self.k_gallery(gallery), self.k_records(gallery)],
+                                               args)
+            moved += int(step_moved)
+            if int(stopped):
+                break
+        return Compaction(gallery, moved, before, int(self.r.hlen(self.k_page_used(gallery))))
 
     # ------------------------------------------------------------------ images
     def exists(self, gallery: str, id_: int) -> bool:

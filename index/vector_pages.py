@@ -11,8 +11,9 @@ jemalloc, Redis's default allocator, rounds up to its 1,280-byte size class; one
 dimensions fills its 256 KiB exactly, so a vector costs 1,028 bytes. A page grows in steps that each fill a size
 class (4 KiB, 8 KiB, ...), so a small gallery does not hold a quarter of a megabyte: growing it with SETRANGE past its
 end would let Redis double the allocation instead. A page whose images are all deleted is freed at once; its
-slots stay in the free list, and taking one of them makes the page again. There is no compaction: a gallery that
-shrinks keeps each page that still holds an image, until new images fill the free slots.
+slots stay in the free list, and taking one of them makes the page again. Deletes spread over a gallery leave its
+pages half empty: :meth:`index.store.RedisStore.compact_vectors` moves the images of its last pages into free
+slots of the first ones, so the last pages empty and are freed.
 
 All of it runs inside the store's Lua scripts (:data:`LUA`, put in front of each), one gallery's keys in one hash
 slot: the page keys are derived from the settings key (``KEYS[1]``), not declared, which Redis Cluster allows for

@@ -498,6 +498,16 @@ def cmd_migrate_store(args) -> int:
     return 0
 
 
+def cmd_compact_store(args) -> int:
+    from service.store_maintenance import open_store
+
+    with open_store(_maintenance_settings(args)) as store:
+        for gallery in args.gallery or store.list_galleries():
+            done = store.compact_vectors(gallery)
+            print(f"{gallery}: {done.moved} image(s) moved, vector pages {done.pages_before} -> {done.pages_after}")
+    return 0
+
+
 def cmd_gc_blobs(args) -> int:
     from index.blob_gc import sweep_orphan_blobs
     from service.store_maintenance import open_store
@@ -1002,6 +1012,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_arguments(p)
     p.add_argument("--blobs", action="store_true", help="move kept image bytes from Redis to the blob store")
     p.set_defaults(func=cmd_migrate_store)
+
+    p = sub.add_parser("compact-store", help="give back the memory that deletes left in half-empty vector pages: "
+                                             "each gallery's images moved into its first pages, the rest freed "
+                                             "(safe while the service runs)")
+    add_store_arguments(p)
+    p.add_argument("--gallery", action="append", help="only this gallery (repeatable; default: every one)")
+    p.set_defaults(func=cmd_compact_store)
 
     p = sub.add_parser("gc-blobs", help="remove blobs no image references (orphans of crashes) and the leftovers "
                                         "of interrupted writes (safe while the service runs)")

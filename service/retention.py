@@ -3,7 +3,9 @@
 Every ``retention_sweep_interval_s`` it deletes, in each gallery that has ``retention_days``, the images whose
 time (``captured_at``, else ``created_at``: :func:`service.deletion.image_time`) is before now minus that many
 days, exactly as ``DELETE /v1/galleries/{g}/images?before=...`` does (vectors, metadata, kept bytes, index,
-change-log entries). With several replicas, a short Redis lock lets one of them sweep per interval.
+change-log entries). With several replicas, a short Redis lock lets one of them sweep per interval. The same
+sweep then compacts the vector pages of galleries that deletes (its own, or any other) left half empty
+(``vector_compaction_min_pages``, :func:`service.store_maintenance.compact_where_worthwhile`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 
 from .deletion import ImageFilter, delete_matching
 from .state import ServiceState
+from .store_maintenance import compact_where_worthwhile
 
 log = logging.getLogger("reid.service")
 
@@ -64,6 +67,7 @@ class RetentionSweeper:
             out[gallery] = n
             if n:
                 log.info("retention: deleted %d image(s) older than %d day(s) from gallery %s", n, days, gallery)
+        compact_where_worthwhile(store, self.state.settings.vector_compaction_min_pages)
         self.sweeps += 1
         self.deleted += sum(out.values())
         return out

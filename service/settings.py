@@ -222,6 +222,9 @@ class Settings(BaseSettings):
                                                                         "with retention_days are deleted")
     delete_batch_size: int = Field(500, ge=1, le=10_000, description="images per Redis transaction when deleting "
                                                                      "many")
+    vector_compaction_min_pages: int = Field(4, ge=0, description="at each retention sweep, compact the vector "
+                                             "pages of every gallery in which this many pages (256 KiB each) could "
+                                             "be freed (deletes leave pages half empty; 0: never)")
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -1,8 +1,9 @@
-"""Store maintenance that an operator runs from the command line (``reid migrate-store``, ``reid gc-blobs``).
+"""Store maintenance that an operator runs from the command line (``reid migrate-store``, ``reid gc-blobs``,
+``reid compact-store``), and the compaction the retention sweeper runs by itself.
 
-Both work on the store the service's settings name (REID_REDIS_URL, else the embedded server under
+They work on the store the service's settings name (REID_REDIS_URL, else the embedded server under
 REID_DATA_DIR: the running service's if it is up, else one started for the command) and on its blob directory
-(REID_BLOB_DIR). Both are safe while the service runs: they go through the store's transactions and removal
+(REID_BLOB_DIR). All are safe while the service runs: they go through the store's transactions and removal
 marks like any write (index/store.py).
 """
 
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from index.redis_server import EmbeddedRedis
-from index.store import MigrationResult, RedisStore
+from index.store import Compaction, MigrationResult, RedisStore
 from index.store_layout import migrate_layout
 
 from .settings import Settings
@@ -41,6 +42,17 @@ def open_store(settings: Settings, migrate: bool = True) -> Iterator[RedisStore]
         store.close()
         if server is not None:
             server.stop()
+
+
+def compact_where_worthwhile(store: RedisStore, min_pages: int) -> dict[str, Compaction]:
+    """Compact the vector pages of each gallery where at least ``min_pages`` pages could be freed (0: none)."""
+    done = {}
+    for gallery in store.list_galleries() if min_pages > 0 else ():
+        if store.freeable_pages(gallery) >= min_pages:
+            done[gallery] = store.compact_vectors(gallery)
+            log.info("gallery %s: %d image(s) moved, vector pages %d -> %d", gallery, done[gallery].moved,
+                     done[gallery].pages_before, done[gallery].pages_after)
+    return done
 
 
 def migrate_bytes_to_disk(store: RedisStore) -> dict[str, MigrationResult]:

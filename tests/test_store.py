@@ -341,3 +341,84 @@ def test_a_write_of_another_models_vectors_is_refused_whole(store, gallery_name)
     # the same model writes; a write that names no model (tools, migrations) is not checked
     assert store.put_many(g, [(2, vec(2), None)], model="old:1") == [False]
     assert store.put_many(g, [(3, vec(3), None)]) == [False] and store.count(g) == 3
+
+
+def test_compaction_gives_back_the_pages_a_large_delete_left_half_empty(store, gallery_name):
+    g, dim = gallery_name, 2048  # 8 KiB vectors: 31 to a page
+    store.put_many(g, [(i, vec(i, dim), {"camera_id": str(i % 5)}) for i in range(1, 201)])
+    assert store.r.hlen(store.k_page_used(g)) == 7  # 200 images in 7 pages
+    gone = set(np.random.default_rng(0).choice(np.arange(1, 201), 120, replace=False).tolist())
+    store.delete_many(g, sorted(gone))
+    kept = [i for i in range(1, 201) if i not in gone]
+    assert store.r.hlen(store.k_page_used(g)) == 7  # every page still holds an image
+
+    done = store.compact_vectors(g, batch=7)
+    assert (done.pages_before, done.pages_after) == (7, 3) and done.moved > 0  # ceil(80 / 31) pages
+    assert not any(store.r.exists(k) for k in store.page_keys(g)[3:])
+    for i, got in zip(kept, store.get_vectors(g, kept)):
+        np.testing.assert_array_equal(got, vec(i, dim))
+    assert [m.metadata["camera_id"] for m in store.get_many(g, kept)] == [str(i % 5) for i in kept]
+    ids, _ = zip(*store.iter_vectors(g))
+    assert sorted(np.concatenate(ids).tolist()) == kept
+    assert store.compact_vectors(g).moved == 0  # nothing left to move
+    # the next writes fill the kept pages' free slots, not the freed ones
+    store.put_many(g, [(1000 + i, vec(1000 + i, dim), None) for i in range(13)])
+    assert store.r.hlen(store.k_page_used(g)) == 3
+
+
+def test_compaction_while_images_are_written_and_deleted_loses_nothing(store, gallery_name):
+    g, dim = gallery_name, 2048
+    store.put_many(g, [(i, vec(i, dim), None) for i in range(1, 301)])
+    store.delete_many(g, list(range(1, 301, 2)))
+    stop = threading.Event()
+
+    def churn():
+        n = 1000
+        while not stop.is_set():
+            store.put_many(g, [(n, vec(n, dim), None)])
+            store.delete_many(g, [n - 1])
+            n += 1
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(3):
+            store.compact_vectors(g, batch=5)
+    finally:
+        stop.set()
+        t.join()
+    ids = sorted(store.vector_ids(g))
+    for i, got in zip(ids, store.get_vectors(g, ids)):
+        np.testing.assert_array_equal(got, vec(i, dim))
+    assert [i for i in ids if i < 1000] == list(range(2, 301, 2))
+    used = {int(k): int(v) for k, v in store.r.hgetall(store.k_page_used(g)).items()}
+    assert sum(used.values()) == len(ids)  # every page's count is its images
+
+
+def test_reid_compact_store_compacts_and_says_what_it_did(store, redis_url, gallery_name, tmp_path, capsys):
+    from scripts.cli import main as reid
+
+    g, dim = gallery_name, 2048
+    store.put_many(g, [(i, vec(i, dim), None) for i in range(1, 101)])
+    store.delete_many(g, list(range(1, 101, 2)))
+    args = ["compact-store", "--redis-url", redis_url, "--data-dir", str(tmp_path), "--gallery", g]
+    assert reid(args) == 0
+    moved = int(capsys.readouterr().out.split(": ")[1].split()[0])
+    assert moved > 0 and store.r.hlen(store.k_page_used(g)) == 2  # 50 images: 2 pages of 31
+    assert reid(args) == 0 and capsys.readouterr().out == f"{g}: 0 image(s) moved, vector pages 2 -> 2\n"
+    np.testing.assert_array_equal(store.get_vector(g, 100), vec(100, dim))
+
+
+def test_compaction_runs_where_enough_pages_would_be_freed(store, gallery_name):
+    from service.store_maintenance import compact_where_worthwhile
+
+    sparse, dense = gallery_name + "-sparse", gallery_name + "-dense"
+    for g in (sparse, dense):
+        store.put_many(g, [(i, vec(i, 2048), None) for i in range(1, 156)])  # 5 pages of 31
+    store.delete_many(sparse, list(range(1, 156, 2)) + list(range(2, 156, 4)))  # 39 left: 2 pages would do
+    store.delete_many(dense, list(range(1, 31)))  # 125 left: still 5 pages' worth
+    assert (store.freeable_pages(sparse), store.freeable_pages(dense)) == (3, 0)
+    assert sparse not in compact_where_worthwhile(store, min_pages=4)  # (the Redis may hold other tests' galleries)
+    done = compact_where_worthwhile(store, min_pages=3)
+    assert sparse in done and dense not in done and (done[sparse].pages_before, done[sparse].pages_after) == (5, 2)
+    assert store.freeable_pages(sparse) == 0 and compact_where_worthwhile(store, min_pages=0) == {}

@@ -123,3 +123,12 @@ def test_a_script_that_reaches_a_key_of_another_master_is_a_retryable_cluster_er
     source = f"return redis.call('GET', '{RedisStore.k_gallery(other)}')"  # another master's slot
     with pytest.raises(redis.exceptions.TryAgainError, match="moving between masters"):
         store._script(source, [store.k_gallery(g)], [])
+
+
+def test_compaction_runs_on_the_gallerys_master(cluster, store):
+    g = two_galleries(cluster)[0]
+    store.put_many(g, [(i, vec(i, 2048), None) for i in range(1, 71)])  # 8 KiB vectors: 31 to a page, 3 pages
+    store.delete_many(g, list(range(1, 71, 2)))
+    done = store.compact_vectors(g)
+    assert (done.pages_before, done.pages_after) == (3, 2) and store.count(g) == 35
+    np.testing.assert_array_equal(store.get_vector(g, 70), vec(70, 2048))
