@@ -20,38 +20,30 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bench.store_memory import GALLERY, MODEL, metadata, server_version
+from bench.store_memory import GALLERY, MODEL, metadata, server_used_memory, server_version
 from index.redis_server import EmbeddedRedis, find_redis_server
 from index.store import RedisStore
-
-
-def _used(store: RedisStore) -> int:
-    try:
-        store.r.execute_command("MEMORY", "PURGE")  # jemalloc: return freed pages first
-    except Exception:
-        pass
-    return int(store.r.info("memory")["used_memory"])
 
 
 def run(url: str, n: int, dim: int) -> dict:
     store = RedisStore(url)
     store.r.config_set("appendonly", "no")  # what is measured is what the data holds (as bench.store_memory)
     store.r.flushall()
-    empty = _used(store)
+    empty = server_used_memory(store)
     rng = np.random.default_rng(0)
     for start in tqdm(range(0, n, 100), desc="write", unit="batch"):
         vecs = rng.standard_normal((min(100, n - start), dim)).astype(np.float32)
         store.put_many(GALLERY, [(start + k + 1, v, metadata(start + k + 1, "realistic")) for k, v in enumerate(vecs)],
                        model=MODEL)
-    written, pages_written = _used(store), int(store.r.hlen(store.k_page_used(GALLERY)))
+    written, pages_written = server_used_memory(store), int(store.r.hlen(store.k_page_used(GALLERY)))
     gone = rng.choice(np.arange(1, n + 1), n // 2, replace=False)
     for start in tqdm(range(0, len(gone), 500), desc="delete", unit="batch"):
         store.delete_many(GALLERY, gone[start:start + 500].tolist())
-    deleted = _used(store)
+    deleted = server_used_memory(store)
     t0 = time.perf_counter()
     done = store.compact_vectors(GALLERY)
     seconds = time.perf_counter() - t0
-    compacted = _used(store)
+    compacted = server_used_memory(store)
     kept = sorted(set(range(1, n + 1)) - set(gone.tolist()))[::97]
     all_there = all(v is not None for v in store.get_vectors(GALLERY, kept)) and store.count(GALLERY) == n - n // 2
     store.close()

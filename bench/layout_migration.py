@@ -21,19 +21,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bench.store_memory import GALLERY, MODEL, metadata, server_version
+from bench.store_memory import GALLERY, MODEL, metadata, server_used_memory, server_version
 from index.image_record import pack_entry
 from index.redis_server import EmbeddedRedis, find_redis_server
 from index.store import RedisStore
 from index.store_layout import layout_of, migrate_layout
-
-
-def _used(store: RedisStore) -> int:
-    try:
-        store.r.execute_command("MEMORY", "PURGE")  # jemalloc: return freed pages first
-    except Exception:
-        pass
-    return int(store.r.info("memory")["used_memory"])
 
 
 def write_layout3(store: RedisStore, n: int, dim: int, batch: int = 1000) -> dict[int, tuple[bytes, dict]]:
@@ -64,13 +56,13 @@ def run(url: str, n: int, dim: int) -> dict:
     store = RedisStore(url)
     store.r.config_set("appendonly", "no")  # what is measured is what the data holds (as bench.store_memory)
     store.r.flushall()
-    empty = _used(store)
+    empty = server_used_memory(store)
     kept = write_layout3(store, n, dim)
-    before = _used(store)
+    before = server_used_memory(store)
     t0 = time.perf_counter()
     done = migrate_layout(store)
     seconds = time.perf_counter() - t0
-    after = _used(store)
+    after = server_used_memory(store)
     assert layout_of(store.r) == "4" and done.entries_folded == n and store.count(GALLERY) == n
     ids = sorted(kept)
     stored = store.get_raw_vectors(GALLERY, ids)[1]

@@ -108,6 +108,12 @@ def measure(url: str, blob_dir: Path, n: int, dim: int, dtype: str, storage: str
             "bytes_per_image": total, "without_log": total - parts["change_log"], "parts": parts}
 
 
+def server_used_memory(store: RedisStore) -> int:
+    """``used_memory`` of a store on one server, freed pages returned first."""
+    _purge(store.r)
+    return int(store.r.info("memory")["used_memory"])
+
+
 def _purge(r) -> None:
     try:
         r.execute_command("MEMORY", "PURGE")  # jemalloc: return freed pages first
