@@ -323,11 +323,7 @@ for i = 1, #ARGV, 2 do
     if not to then stopped = 1; break end
     put_vector(s, to, get_vector(s, from, vb, per_page), vb, per_page)
     redis.call('HSET', KEYS[2], ARGV[i], struct.pack('<I4', to) .. string.sub(rec, 5))
-    local n = math.floor(from / per_page)
-    if redis.call('HINCRBY', s .. ':page-used', n, -1) <= 0 then
-      redis.call('HDEL', s .. ':page-used', n)
-      redis.call('DEL', page_key(s, n))
-    end
+    vacate(s, from, per_page)
     past[#past + 1] = from
     moved = moved + 1
   end
@@ -364,8 +360,7 @@ repeat  -- a scan rather than HGETALL: a million staged vectors would be a gigab
         put_vector(s, slot, kv[i + 1], vb, per_page)
         redis.call('HSET', KEYS[2], kv[i], struct.pack('<I4', slot) .. string.sub(rec, 5))
       else
-        local at = (slot % per_page) * vb
-        redis.call('SETRANGE', page_key(s, math.floor(slot / per_page)), at, kv[i + 1])
+        set_vector(s, slot, kv[i + 1], vb, per_page)
       end
       n = n + 1
     end

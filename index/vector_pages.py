@@ -67,18 +67,28 @@ local function put_vector(s, slot, v, vb, per_page)
   redis.call('HINCRBY', s .. ':page-used', n, 1)
 end
 
-local function free_slot(s, slot, per_page)
+-- the slot holds no image any more: its page counts one less, and goes when it counts none
+local function vacate(s, slot, per_page)
   local n = math.floor(slot / per_page)
-  redis.call('RPUSH', s .. ':free-slots', slot)
   if redis.call('HINCRBY', s .. ':page-used', n, -1) <= 0 then
     redis.call('HDEL', s .. ':page-used', n)
     redis.call('DEL', page_key(s, n))
   end
 end
 
+local function free_slot(s, slot, per_page)
+  vacate(s, slot, per_page)
+  redis.call('RPUSH', s .. ':free-slots', slot)
+end
+
 local function get_vector(s, slot, vb, per_page)
   local at = (slot % per_page) * vb
   return redis.call('GETRANGE', page_key(s, math.floor(slot / per_page)), at, at + vb - 1)
+end
+
+-- another vector of the same size in a slot that holds an image (its page exists and counts it already)
+local function set_vector(s, slot, v, vb, per_page)
+  redis.call('SETRANGE', page_key(s, math.floor(slot / per_page)), (slot % per_page) * vb, v)
 end
 
 local function drop_pages(s)
